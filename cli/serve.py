@@ -1,0 +1,56 @@
+"""Running Vigil's services: `vigil up` (everything, one process, one address) and
+`vigil liveness serve` (one service, against a shared DATABASE_URL)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from prometheus_client import CollectorRegistry
+
+from liveness_service.app import LivenessApp
+from liveness_service.app import migrations as liveness_migrations
+from vigil_core import migrations
+from vigil_core.clock import SystemClock
+from vigil_core.config import Settings
+from vigil_core.db import open_database, resolve_url
+from vigil_core.server import Service, create_server, start_metrics, wait_for_signal
+
+log = logging.getLogger("vigil")
+
+SERVICES = ("liveness",)
+
+
+async def serve(settings: Settings, services: tuple[str, ...] = SERVICES) -> int:
+    url = await resolve_url(settings.database_url, settings.data_dir)
+    where = (
+        "DATABASE_URL"
+        if settings.database_url
+        else f"embedded PostgreSQL in {settings.data_dir}/pg"
+    )
+    db = await open_database(url, max_size=20)
+    try:
+        await migrations.apply(db.pool, liveness_migrations())
+        registry = CollectorRegistry()
+        apps: list[Service] = []
+        if "liveness" in services:
+            apps.append(LivenessApp(db, settings.timings, SystemClock(), registry))
+        server = await create_server(settings.addr, apps, settings.timings)
+        try:
+            metrics_port = start_metrics(settings.metrics_addr, registry)
+            host = settings.addr.rsplit(":", 1)[0]
+            mhost = settings.metrics_addr.rsplit(":", 1)[0]
+            print(
+                f"vigil: serving {', '.join(services)} on {host}:{server.port} "
+                f"(metrics http://{mhost}:{metrics_port}/metrics, database: {where}, "
+                f"replica {settings.replica_id})",
+                file=sys.stderr,
+                flush=True,
+            )
+            sig = await wait_for_signal()
+            print(f"vigil: signal {sig}: shutting down gracefully", file=sys.stderr, flush=True)
+        finally:
+            await server.stop()
+    finally:
+        await db.close()
+    return 0

@@ -1,0 +1,43 @@
+"""The liveness service as a component a server hosts."""
+
+from __future__ import annotations
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from liveness_service.metrics import LivenessMetrics
+from liveness_service.service import Liveness
+from liveness_service.servicer import SERVICE_NAME, LivenessServicer
+from liveness_service.store import MIGRATIONS, LivenessStore
+from vigil.v1 import liveness_pb2_grpc as pb_grpc
+from vigil_core.clock import Clock
+from vigil_core.db import Database
+from vigil_core.migrations import Migration, discover
+from vigil_core.timings import Timings
+
+
+def migrations() -> list[Migration]:
+    return discover("liveness", MIGRATIONS)
+
+
+class LivenessApp:
+    service_names = [SERVICE_NAME]
+
+    def __init__(
+        self, db: Database, timings: Timings, clock: Clock, registry: CollectorRegistry
+    ) -> None:
+        self.store = LivenessStore(db)
+        self.metrics = LivenessMetrics(registry)
+        self.live = Liveness(self.store, db.url, timings, clock, self.metrics)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_LivenessServicer_to_server(LivenessServicer(self.live), server)
+
+    async def start(self) -> None:
+        await self.live.start()
+
+    async def drain(self) -> None:
+        await self.live.drain()
+
+    async def close(self) -> None:
+        await self.live.close()

@@ -1,0 +1,105 @@
+"""Heartbeats are cheap in memory: their deadlines reach the database in batched,
+bounded writes, one statement per batch instead of one per beat (lesson 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from liveness_service.metrics import LivenessMetrics
+from liveness_service.model import Key
+from liveness_service.store import LivenessStore
+from vigil_core.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 5_000  # rows per statement
+URGENT_COALESCE_S = 0.001  # how long an urgent flush waits for company
+
+Beat = tuple[int, datetime, datetime]  # epoch, ready_until, beat_at
+
+
+class HeartbeatBatcher:
+    def __init__(
+        self,
+        store: LivenessStore,
+        interval_s: float,
+        metrics: LivenessMetrics,
+        on_result: Callable[[Key, int, datetime, bool], None],
+    ) -> None:
+        self._store = store
+        self._interval = interval_s
+        self._metrics = metrics
+        self._on_result = on_result
+        self._pending: dict[Key, Beat] = {}
+        self._waiters: dict[Key, list[asyncio.Future[bool]]] = {}
+        self._urgent = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, key: Key, epoch: int, ready_until: datetime, beat_at: datetime) -> None:
+        """Queue a beat; the latest beat of a participant replaces an unflushed older one."""
+        self._pending[key] = (epoch, ready_until, beat_at)
+
+    async def submit_and_wait(
+        self, key: Key, epoch: int, ready_until: datetime, beat_at: datetime
+    ) -> bool:
+        """Queue a beat and wait until it is written; True if the participant was
+        still live with that epoch (so the beat counted)."""
+        self.submit(key, epoch, ready_until, beat_at)
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(fut)
+        self._urgent.set()
+        return await fut
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="heartbeat-batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._urgent.wait(), timeout=self._interval)
+                await asyncio.sleep(URGENT_COALESCE_S)
+            except TimeoutError:
+                pass
+            self._urgent.clear()
+            try:
+                await self.flush()
+            except StorageError as exc:
+                log.warning("heartbeat flush failed, will retry: %s", exc)
+
+    async def flush(self) -> None:
+        while self._pending:
+            batch_keys = list(self._pending)[:MAX_BATCH]
+            batch = {k: self._pending.pop(k) for k in batch_keys}
+            waiters = {k: self._waiters.pop(k) for k in batch_keys if k in self._waiters}
+            rows = [(k[0], k[1], b[0], b[1], b[2]) for k, b in batch.items()]
+            try:
+                updated = await self._store.flush_heartbeats(rows)
+            except StorageError as exc:
+                # Put the beats back (unless newer ones arrived) and fail the waiters.
+                for k, b in batch.items():
+                    self._pending.setdefault(k, b)
+                for futs in waiters.values():
+                    for f in futs:
+                        if not f.done():
+                            f.set_exception(exc)
+                raise
+            self._metrics.flush_statements.inc()
+            self._metrics.flush_rows.inc(len(rows))
+            for k, (epoch, ready_until, _) in batch.items():
+                ok = (k[0], k[1], epoch) in updated
+                self._on_result(k, epoch, ready_until, ok)
+                for f in waiters.get(k, []):
+                    if not f.done():
+                        f.set_result(ok)

@@ -1,0 +1,424 @@
+"""The liveness service's logic, free of gRPC: joins, heartbeats, leaves, resumes,
+stream drops, expiry and presence watches. The servicer only translates."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from liveness_service.batcher import HeartbeatBatcher
+from liveness_service.events import EventHub
+from liveness_service.metrics import LivenessMetrics
+from liveness_service.model import (
+    CLIENT_LEAVE_REASONS,
+    KINDS,
+    Key,
+    Participant,
+    PresenceEvent,
+)
+from liveness_service.store import LivenessStore
+from liveness_service.sweeper import TtlSweeper
+from vigil_core import validation
+from vigil_core.clock import Clock
+from vigil_core.errors import FailedPrecondition, InvalidArgument, StorageError
+from vigil_core.timings import Timings
+
+log = logging.getLogger(__name__)
+
+OK, REJOIN_REQUIRED, SUPERSEDED = "ok", "rejoin_required", "superseded"
+
+
+@dataclass
+class Push:
+    """A message for a stream: joined | heartbeat | left | reconnect."""
+
+    kind: str
+    participant: Participant | None = None
+    status: str = OK
+    ready_until: datetime | None = None
+    delay_ms: int = 0
+
+
+@dataclass(eq=False)
+class Session:
+    """A participant held by a stream on this replica."""
+
+    participant: Participant
+    ready_until: datetime  # newest deadline, in memory
+    stored_ready_until: datetime  # newest deadline known to be in the database
+    last_beat: float  # monotonic
+    outbox: asyncio.Queue[Push] = field(default_factory=asyncio.Queue)
+    state: str = "live"  # live | lost | ended
+    lost_status: str = REJOIN_REQUIRED
+    detached: bool = False  # handed over (reconnect or drain): its stream's end marks nothing
+
+    @property
+    def key(self) -> Key:
+        return self.participant.key
+
+    @property
+    def epoch(self) -> int:
+        return self.participant.epoch
+
+    def lose(self, status: str) -> None:
+        if self.state == "live":
+            self.state = "lost"
+            self.lost_status = status
+            self.outbox.put_nowait(Push("heartbeat", status=status))
+
+
+class Liveness:
+    def __init__(
+        self,
+        store: LivenessStore,
+        url: str,
+        timings: Timings,
+        clock: Clock,
+        metrics: LivenessMetrics,
+    ) -> None:
+        self.store = store
+        self.timings = timings
+        self.clock = clock
+        self.metrics = metrics
+        self._ttl = timedelta(milliseconds=timings.heartbeat_ttl_ms)
+        # A beat whose stored deadline is nearer than this is written before it is
+        # acknowledged, so a beat that arrived in time can never lose to the sweeper.
+        self._write_through = timedelta(milliseconds=timings.heartbeat_flush_ms * 2)
+        self.sessions: dict[tuple[str, str, int], Session] = {}
+        self.batcher = HeartbeatBatcher(
+            store, timings.heartbeat_flush_ms / 1000, metrics, self._beat_written
+        )
+        self.sweeper = TtlSweeper(store, clock, timings.sweep_max_sleep_ms / 1000, self._expired)
+        self.hub = EventHub(store, url, self._presence_event)
+        self._background: set[asyncio.Task[None]] = set()
+        self._counts_task: asyncio.Task[None] | None = None
+        self.draining = False
+
+    # -- life cycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.hub.start()
+        self.batcher.start()
+        self.sweeper.start()
+        self._counts_task = asyncio.create_task(self._refresh_counts(), name="participant-counts")
+
+    async def drain(self) -> None:
+        """Graceful shutdown: tell every stream to reconnect after a jittered delay and
+        mark nobody offline; write the beats held in memory."""
+        self.draining = True
+        jitter = self.timings.reconnect_jitter_ms
+        for s in list(self.sessions.values()):
+            s.detached = True
+            s.outbox.put_nowait(Push("reconnect", delay_ms=random.randint(0, jitter)))
+        with contextlib.suppress(StorageError):
+            await self.batcher.flush()
+
+    async def close(self) -> None:
+        if self._counts_task:
+            self._counts_task.cancel()
+        await self.sweeper.stop()
+        with contextlib.suppress(StorageError):
+            await self.batcher.stop()
+        if self._background:
+            await asyncio.wait(self._background, timeout=2)
+        await self.hub.stop()
+
+    # -- validation -------------------------------------------------------
+
+    @staticmethod
+    def check_identity(chatroom: str, role: str) -> None:
+        validation.name(chatroom, "chatroom")
+        validation.name(role, "role")
+
+    @staticmethod
+    def check_kind(kind: str) -> str:
+        if kind not in KINDS:
+            raise InvalidArgument(f"kind must be 'remote' or 'custom', got {kind or 'nothing'!r}")
+        return kind
+
+    # -- joins, beats and leaves -----------------------------------------
+
+    async def join(self, chatroom: str, role: str, kind: str, connection_id: str) -> Participant:
+        self.check_identity(chatroom, role)
+        self.check_kind(kind)
+        connection_id = validation.uuid_str(connection_id, "connection_id")
+        now = self.clock.now()
+        participant, _superseded = await self.store.join(
+            chatroom, role, kind, connection_id, now, now + self._ttl
+        )
+        self.sweeper.poke()
+        return participant
+
+    def open_session(self, participant: Participant) -> Session:
+        assert participant.ready_until is not None
+        session = Session(
+            participant=participant,
+            ready_until=participant.ready_until,
+            stored_ready_until=participant.ready_until,
+            last_beat=self.clock.monotonic(),
+        )
+        key = (participant.chatroom, participant.role, participant.epoch)
+        previous = self.sessions.get(key)
+        if previous is not None:
+            previous.detached = True  # the same participant moved to this stream
+            previous.state = "ended"
+        self.sessions[key] = session
+        return session
+
+    def close_session(self, session: Session) -> None:
+        key = (session.participant.chatroom, session.participant.role, session.epoch)
+        if self.sessions.get(key) is session:
+            del self.sessions[key]
+
+    async def resume(
+        self, chatroom: str, role: str, epoch: int, connection_id: str
+    ) -> tuple[str, Participant | None]:
+        """The same participant after a reconnect: (ok, participant), or the reason it
+        cannot be resumed (rejoin_required / superseded)."""
+        self.check_identity(chatroom, role)
+        validation.positive(epoch, "epoch")
+        connection_id = validation.uuid_str(connection_id, "connection_id")
+        now = self.clock.now()
+        p = await self.store.resume(chatroom, role, epoch, connection_id, now, now + self._ttl)
+        if p is not None:
+            return OK, p
+        current = await self.store.get(chatroom, role)
+        if current is not None and current.epoch > epoch:
+            return SUPERSEDED, None
+        return REJOIN_REQUIRED, None
+
+    async def beat(self, session: Session) -> Push:
+        """A heartbeat on a stream."""
+        if session.state != "live":
+            return Push("heartbeat", status=session.lost_status)
+        self.metrics.heartbeats.inc()
+        mono = self.clock.monotonic()
+        self.metrics.lateness.observe(mono - session.last_beat - self.timings.heartbeat_interval)
+        session.last_beat = mono
+        now = self.clock.now()
+        ready_until = now + self._ttl
+        session.ready_until = ready_until
+        p = session.participant
+        if session.stored_ready_until - now <= self._write_through:
+            ok = await self.batcher.submit_and_wait(p.key, p.epoch, ready_until, now)
+            if not ok:
+                session.lose(REJOIN_REQUIRED)
+                return Push("heartbeat", status=session.lost_status)
+        else:
+            self.batcher.submit(p.key, p.epoch, ready_until, now)
+        return Push("heartbeat", status=OK, ready_until=ready_until)
+
+    async def beat_unary(
+        self, chatroom: str, role: str, epoch: int, connection_id: str
+    ) -> tuple[str, datetime | None]:
+        """A heartbeat from a client without a stream; always written before the answer."""
+        self.check_identity(chatroom, role)
+        validation.positive(epoch, "epoch")
+        connection_id = validation.uuid_str(connection_id, "connection_id")
+        current = await self._fenced(chatroom, role, epoch, connection_id, "heartbeat")
+        if not current.live:
+            return REJOIN_REQUIRED, None
+        self.metrics.heartbeats.inc()
+        now = self.clock.now()
+        ready_until = now + self._ttl
+        if await self.batcher.submit_and_wait((chatroom, role), epoch, ready_until, now):
+            return OK, ready_until
+        return REJOIN_REQUIRED, None
+
+    async def _fenced(
+        self, chatroom: str, role: str, epoch: int, connection_id: str, what: str
+    ) -> Participant:
+        """The participant, if (epoch, connection_id) is its current one; otherwise
+        FAILED_PRECONDITION: a stale connection can change nothing."""
+        current = await self.store.get(chatroom, role)
+        if current is None:
+            raise FailedPrecondition(
+                f"{what} before join: no participant for role {role!r} in chatroom "
+                f"{chatroom!r}; join first"
+            )
+        if epoch < current.epoch:
+            raise FailedPrecondition(
+                f"{what} rejected: epoch {epoch} was superseded by epoch {current.epoch} "
+                "(a newer wait-for-task took this role); this connection must exit"
+            )
+        if epoch > current.epoch:
+            raise FailedPrecondition(
+                f"{what} rejected: epoch {epoch} is unknown (current epoch is "
+                f"{current.epoch}); join first"
+            )
+        if connection_id != current.connection_id:
+            raise FailedPrecondition(
+                f"{what} rejected: connection {connection_id} does not hold epoch {epoch}"
+            )
+        return current
+
+    async def leave(
+        self, chatroom: str, role: str, epoch: int, connection_id: str, reason: str
+    ) -> Participant:
+        self.check_identity(chatroom, role)
+        validation.positive(epoch, "epoch")
+        connection_id = validation.uuid_str(connection_id, "connection_id")
+        self._check_leave_reason(reason)
+        current = await self._fenced(chatroom, role, epoch, connection_id, "leave")
+        if not current.live:
+            return current  # leaving twice is harmless
+        p = await self.store.mark_offline(
+            chatroom, role, epoch, connection_id, self.clock.now(), reason
+        )
+        if p is None:  # went offline between the read and the write
+            p = await self._fenced(chatroom, role, epoch, connection_id, "leave")
+        else:
+            self.metrics.offline.labels(reason).inc()
+        return p
+
+    @staticmethod
+    def _check_leave_reason(reason: str) -> None:
+        if reason not in CLIENT_LEAVE_REASONS:
+            raise InvalidArgument(
+                f"leave reason must be one of {', '.join(CLIENT_LEAVE_REASONS)}, "
+                f"got {reason or 'nothing'!r}"
+            )
+
+    async def leave_session(self, session: Session, reason: str) -> Participant:
+        self._check_leave_reason(reason)
+        p = session.participant
+        if session.state != "live":
+            current = await self.store.get(p.chatroom, p.role)
+            return current or p
+        session.state = "ended"
+        left = await self.store.mark_offline(
+            p.chatroom, p.role, p.epoch, p.connection_id, self.clock.now(), reason
+        )
+        if left is None:
+            return await self.store.get(p.chatroom, p.role) or p
+        self.metrics.offline.labels(reason).inc()
+        return left
+
+    def stream_ended(self, session: Session) -> None:
+        """The stream ended without a leave. If the client was heartbeating on time, it
+        died (killed, connection reset): offline now, `stream_dropped`. If its beats
+        were already overdue, the transport was closed by keepalive on an unresponsive
+        (stopped or vanished) peer: its deadline decides, `ttl_expired`."""
+        self.close_session(session)
+        if session.detached or session.state != "live":
+            return
+        session.state = "ended"
+        overdue = self.clock.monotonic() - session.last_beat > self.timings.heartbeat_interval * 1.5
+        if overdue:
+            log.info(
+                "stream of %s/%s closed while unresponsive; leaving it to its TTL", *session.key
+            )
+            return
+        task = asyncio.create_task(self._mark_dropped(session, self.clock.monotonic()))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _mark_dropped(self, session: Session, noticed: float) -> None:
+        p = session.participant
+        try:
+            done = await self.store.mark_offline(
+                p.chatroom, p.role, p.epoch, p.connection_id, self.clock.now(), "stream_dropped"
+            )
+        except StorageError as exc:
+            log.warning("could not record the dropped stream of %s/%s: %s", *p.key, exc)
+            return
+        if done is not None:
+            self.metrics.offline.labels("stream_dropped").inc()
+            self.metrics.detection.labels("stream_dropped").observe(
+                self.clock.monotonic() - noticed
+            )
+
+    # -- what other parts tell us ------------------------------------------
+
+    def _beat_written(self, key: Key, epoch: int, ready_until: datetime, ok: bool) -> None:
+        session = self.sessions.get((key[0], key[1], epoch))
+        if session is None:
+            return
+        if ok:
+            session.stored_ready_until = max(session.stored_ready_until, ready_until)
+        else:
+            session.lose(REJOIN_REQUIRED)
+
+    def _expired(self, participants: list[Participant]) -> None:
+        for p in participants:
+            self.metrics.offline.labels("ttl_expired").inc()
+            if p.ready_until is not None and p.offline_at is not None:
+                lag = (p.offline_at - p.ready_until).total_seconds()
+                self.metrics.detection.labels("ttl_expired").observe(max(0.0, lag))
+
+    def _presence_event(self, ev: PresenceEvent) -> None:
+        """Any replica's change reaches the stream that holds that participant here."""
+        if ev.type != "offline":
+            return
+        p = ev.participant
+        session = self.sessions.get((p.chatroom, p.role, p.epoch))
+        if session is None or session.participant.connection_id != p.connection_id:
+            return
+        session.lose(SUPERSEDED if p.offline_reason == "superseded" else REJOIN_REQUIRED)
+
+    # -- queries ------------------------------------------------------------
+
+    async def list_participants(
+        self, chatroom: str, live_only: bool
+    ) -> tuple[list[Participant], int]:
+        if chatroom:
+            validation.name(chatroom, "chatroom")
+        return await self.store.list_participants(chatroom or None, live_only)
+
+    async def watch(self, from_revision: int, chatroom: str) -> AsyncIterator[PresenceEvent]:
+        """Every event after `from_revision`, then live ones; nothing missed, nothing twice."""
+        if from_revision < 0:
+            raise InvalidArgument(f"from_revision must be 0 or more, got {from_revision}")
+        if chatroom:
+            validation.name(chatroom, "chatroom")
+        current = await self.store.current_revision()
+        if from_revision > current:
+            raise InvalidArgument(
+                f"from_revision {from_revision} is ahead of the newest revision {current}"
+            )
+        last = from_revision
+        while True:
+            sub = self.hub.subscribe()
+            try:
+                # Catch up from the table to at least where the subscription begins.
+                while True:
+                    events = await self.store.events_since(last, chatroom or None)
+                    for ev in events:
+                        last = ev.revision
+                        yield ev
+                    if len(events) < 1000 and last >= sub.start_revision:
+                        break
+                    if not events:
+                        break
+                while not sub.overflowed:
+                    await sub.wake.wait()
+                    sub.wake.clear()
+                    while not sub.queue.empty():
+                        ev = sub.queue.get_nowait()
+                        if ev.revision <= last:
+                            continue
+                        last = ev.revision
+                        if not chatroom or ev.participant.chatroom == chatroom:
+                            yield ev
+            finally:
+                self.hub.unsubscribe(sub)
+            log.info("presence watcher fell behind; re-reading from revision %d", last)
+
+    async def _refresh_counts(self) -> None:
+        while True:
+            try:
+                counts = await self.store.counts()
+                self.metrics.participants.clear()
+                for kind in KINDS:
+                    for status in ("live", "offline"):
+                        self.metrics.participants.labels(kind, status).set(0)
+                for kind, status, n in counts:
+                    self.metrics.participants.labels(kind, status).set(n)
+            except StorageError as exc:
+                log.debug("participant counts: %s", exc)
+            await asyncio.sleep(2)

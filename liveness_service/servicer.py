@@ -1,0 +1,200 @@
+"""gRPC adapter of the liveness service: decode, call `Liveness`, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from liveness_service import codec
+from liveness_service.service import OK, Liveness, Push
+from liveness_service.service import Session as LiveSession
+from vigil.v1 import liveness_pb2 as pb
+from vigil.v1 import liveness_pb2_grpc as pb_grpc
+from vigil_core.errors import FailedPrecondition, InvalidArgument, VigilError, grpc_errors
+from vigil_core.timefmt import to_proto
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Liveness"].full_name
+
+
+def _push_to_pb(push: Push, live: Liveness) -> pb.SessionResponse:
+    if push.kind == "joined":
+        assert push.participant is not None
+        return pb.SessionResponse(
+            joined=pb.JoinResponse(
+                participant=codec.participant(push.participant),
+                heartbeat_interval_ms=live.timings.heartbeat_interval_ms,
+                ttl_ms=live.timings.heartbeat_ttl_ms,
+            )
+        )
+    if push.kind == "heartbeat":
+        return pb.SessionResponse(
+            heartbeat=pb.HeartbeatResponse(
+                status=codec.HEARTBEAT_TO_PB[push.status], ready_until=to_proto(push.ready_until)
+            )
+        )
+    if push.kind == "left":
+        assert push.participant is not None
+        return pb.SessionResponse(
+            left=pb.LeaveResponse(participant=codec.participant(push.participant))
+        )
+    return pb.SessionResponse(reconnect=pb.SessionResponse.Reconnect(delay_ms=push.delay_ms))
+
+
+class LivenessServicer(pb_grpc.LivenessServicer):
+    def __init__(self, live: Liveness) -> None:
+        self.live = live
+
+    @grpc_errors
+    async def Join(
+        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.JoinResponse:
+        p = await self.live.join(
+            request.chatroom, request.role, codec.kind_from_pb(request.kind), request.connection_id
+        )
+        return pb.JoinResponse(
+            participant=codec.participant(p),
+            heartbeat_interval_ms=self.live.timings.heartbeat_interval_ms,
+            ttl_ms=self.live.timings.heartbeat_ttl_ms,
+        )
+
+    @grpc_errors
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        status, ready_until = await self.live.beat_unary(
+            request.chatroom, request.role, request.epoch, request.connection_id
+        )
+        return pb.HeartbeatResponse(
+            status=codec.HEARTBEAT_TO_PB[status], ready_until=to_proto(ready_until)
+        )
+
+    @grpc_errors
+    async def Leave(
+        self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.LeaveResponse:
+        p = await self.live.leave(
+            request.chatroom,
+            request.role,
+            request.epoch,
+            request.connection_id,
+            codec.reason_from_pb(request.reason),
+        )
+        return pb.LeaveResponse(participant=codec.participant(p))
+
+    @grpc_errors
+    async def ListParticipants(
+        self, request: pb.ListParticipantsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListParticipantsResponse:
+        parts, revision = await self.live.list_participants(request.chatroom, request.live_only)
+        return pb.ListParticipantsResponse(
+            participants=[codec.participant(p) for p in parts], revision=revision
+        )
+
+    @grpc_errors
+    async def WatchParticipants(
+        self, request: pb.WatchParticipantsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PresenceEvent]:
+        async for ev in self.live.watch(request.from_revision, request.chatroom):
+            yield codec.event(ev)
+
+    async def Session(  # type: ignore[override]  # read/write style, not an iterator
+        self, request_iterator: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        """join|resume, then heartbeats, then a leave. Server pushes (superseded,
+        rejoin, reconnect) go through the session's outbox, written by one writer."""
+        session: LiveSession | None = None
+        writer: asyncio.Task[None] | None = None
+        self.live.metrics.streams.inc()
+        try:
+            try:
+                session = await self._open(context)
+            except VigilError as exc:
+                await context.abort(exc.code, str(exc))
+            if session is None:
+                return
+            writer = asyncio.create_task(self._write_loop(session, context))
+            await self._read_loop(session, context)
+            await session.outbox.join()
+        except asyncio.CancelledError:
+            if session is not None:
+                self.live.stream_ended(session)
+                session = None
+            raise
+        finally:
+            self.live.metrics.streams.dec()
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await writer
+            if session is not None:
+                self.live.stream_ended(session)
+
+    async def _open(self, context: grpc.aio.ServicerContext) -> LiveSession | None:
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return None
+        which = first.WhichOneof("msg")
+        if which == "join":
+            j = first.join
+            p = await self.live.join(
+                j.chatroom, j.role, codec.kind_from_pb(j.kind), j.connection_id
+            )
+            session = self.live.open_session(p)
+            session.outbox.put_nowait(Push("joined", participant=p))
+            return session
+        if which == "resume":
+            r = first.resume
+            status, resumed = await self.live.resume(r.chatroom, r.role, r.epoch, r.connection_id)
+            if status != OK or resumed is None:
+                await context.write(
+                    pb.SessionResponse(
+                        heartbeat=pb.HeartbeatResponse(status=codec.HEARTBEAT_TO_PB[status])
+                    )
+                )
+                return None
+            session = self.live.open_session(resumed)
+            session.outbox.put_nowait(Push("joined", participant=resumed))
+            return session
+        if which in ("heartbeat", "leave"):
+            raise FailedPrecondition(f"{which} before join: send join (or resume) first")
+        raise InvalidArgument("the first Session message must be join or resume")
+
+    async def _read_loop(self, session: LiveSession, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            req = await context.read()
+            if req is grpc.aio.EOF:
+                return  # the client closed its side without a leave; `finally` decides
+            which = req.WhichOneof("msg")
+            if which == "heartbeat":
+                push = await self.live.beat(session)
+                session.outbox.put_nowait(push)
+                if push.status != OK:
+                    return
+            elif which == "leave":
+                try:
+                    p = await self.live.leave_session(
+                        session, codec.reason_from_pb(req.leave.reason)
+                    )
+                except VigilError as exc:
+                    await context.abort(exc.code, str(exc))
+                session.outbox.put_nowait(Push("left", participant=p))
+                return
+            else:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{which} on a session that already joined: send heartbeat or leave",
+                )
+
+    async def _write_loop(self, session: LiveSession, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            push = await session.outbox.get()
+            try:
+                await context.write(_push_to_pb(push, self.live))
+            finally:
+                session.outbox.task_done()

@@ -1,0 +1,210 @@
+"""Storage for the `liveness` schema. Every presence change is written with its
+event, in one transaction, and announced to every replica with NOTIFY."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from liveness_service.model import Participant, PresenceEvent
+from vigil_core.db import Database
+from vigil_core.errors import StorageError
+from vigil_core.sql import load_queries
+
+Q = load_queries(Path(__file__).with_name("queries.sql"))
+MIGRATIONS = Path(__file__).with_name("migrations")
+NOTIFY_CHANNEL = "vigil_liveness"
+
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class LivenessStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.heartbeat_statements = 0  # batched heartbeat writes issued (for metrics/bench)
+
+    async def _record(
+        self, conn: asyncpg.Connection, kind: str, rows: list[Any], at: datetime
+    ) -> list[PresenceEvent]:
+        """Give `rows` (participants as just written) revisions and events, then NOTIFY."""
+        if not rows:
+            return []
+        last = await conn.fetchval(Q["bump_revision"], len(rows))
+        first = last - len(rows) + 1
+        revisions = list(range(first, last + 1))
+        parts = [Participant.from_row(r) for r in rows]
+        await conn.execute(
+            Q["set_revisions"],
+            [p.chatroom for p in parts],
+            [p.role for p in parts],
+            revisions,
+        )
+        await conn.execute(
+            Q["insert_events"],
+            revisions,
+            [kind] * len(parts),
+            [at] * len(parts),
+            [p.chatroom for p in parts],
+            [p.role for p in parts],
+            [p.kind for p in parts],
+            [p.status for p in parts],
+            [p.epoch for p in parts],
+            [p.connection_id for p in parts],
+            [p.ready_until for p in parts],
+            [p.joined_at for p in parts],
+            [p.offline_at for p in parts],
+            [p.offline_reason for p in parts],
+        )
+        await conn.execute(Q["notify"], str(last))
+        return [
+            PresenceEvent(rev, kind, at, _with_revision(p, rev))
+            for rev, p in zip(revisions, parts, strict=True)
+        ]
+
+    async def join(
+        self,
+        chatroom: str,
+        role: str,
+        kind: str,
+        connection_id: str,
+        now: datetime,
+        ready_until: datetime,
+    ) -> tuple[Participant, Participant | None]:
+        """A new participant with the next epoch; returns it and the live one it superseded."""
+        try:
+            async with self.db.pool.acquire() as conn, conn.transaction():
+                old = await conn.fetchrow(Q["lock_participant"], chatroom, role)
+                superseded = None
+                if old is not None and old["status"] == "live":
+                    row = await conn.fetchrow(
+                        Q["mark_offline"],
+                        chatroom,
+                        role,
+                        old["epoch"],
+                        old["connection_id"],
+                        now,
+                        "superseded",
+                        old["revision"],
+                    )
+                    (ev,) = await self._record(conn, "offline", [row], now)
+                    superseded = ev.participant
+                row = await conn.fetchrow(
+                    Q["upsert_joined"], chatroom, role, kind, connection_id, now, ready_until, 0
+                )
+                (ev,) = await self._record(conn, "joined", [row], now)
+                return ev.participant, superseded
+        except _DB_ERRORS as exc:
+            raise StorageError(f"join failed: {exc}") from exc
+
+    async def mark_offline(
+        self,
+        chatroom: str,
+        role: str,
+        epoch: int,
+        connection_id: str,
+        now: datetime,
+        reason: str,
+    ) -> Participant | None:
+        """Offline if still live with that epoch and connection; None when it was not."""
+        try:
+            async with self.db.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    Q["mark_offline"], chatroom, role, epoch, connection_id, now, reason, 0
+                )
+                if row is None:
+                    return None
+                (ev,) = await self._record(conn, "offline", [row], now)
+                return ev.participant
+        except _DB_ERRORS as exc:
+            raise StorageError(f"leave failed: {exc}") from exc
+
+    async def resume(
+        self,
+        chatroom: str,
+        role: str,
+        epoch: int,
+        connection_id: str,
+        now: datetime,
+        ready_until: datetime,
+    ) -> Participant | None:
+        try:
+            async with self.db.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    Q["resume"], chatroom, role, epoch, connection_id, now, ready_until, 0
+                )
+                if row is None:
+                    return None
+                (ev,) = await self._record(conn, "resumed", [row], now)
+                return ev.participant
+        except _DB_ERRORS as exc:
+            raise StorageError(f"resume failed: {exc}") from exc
+
+    async def get(self, chatroom: str, role: str) -> Participant | None:
+        row = await self.db.fetchrow(Q["get_participant"], chatroom, role)
+        return Participant.from_row(row) if row else None
+
+    async def flush_heartbeats(
+        self, beats: list[tuple[str, str, int, datetime, datetime]]
+    ) -> set[tuple[str, str, int]]:
+        """Write many beats in one statement; returns the (chatroom, role, epoch) it updated."""
+        self.heartbeat_statements += 1
+        rows = await self.db.fetch(
+            Q["flush_heartbeats"],
+            [b[0] for b in beats],
+            [b[1] for b in beats],
+            [b[2] for b in beats],
+            [b[3] for b in beats],
+            [b[4] for b in beats],
+        )
+        return {(r["chatroom"], r["role"], r["epoch"]) for r in rows}
+
+    async def next_deadline(self) -> datetime | None:
+        value: datetime | None = await self.db.fetchval(Q["next_deadline"])
+        return value
+
+    async def expire_due(self, now: datetime, limit: int = 1000) -> list[Participant]:
+        try:
+            async with self.db.pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(Q["expire_due"], now, limit)
+                events = await self._record(conn, "offline", list(rows), now)
+                return [e.participant for e in events]
+        except _DB_ERRORS as exc:
+            raise StorageError(f"expiry failed: {exc}") from exc
+
+    async def list_participants(
+        self, chatroom: str | None, live_only: bool
+    ) -> tuple[list[Participant], int]:
+        """A snapshot of participants and the revision it is consistent with."""
+        try:
+            async with (
+                self.db.pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                revision = await conn.fetchval(Q["current_revision"])
+                rows = await conn.fetch(Q["list_participants"], chatroom, live_only)
+        except _DB_ERRORS as exc:
+            raise StorageError(f"listing participants failed: {exc}") from exc
+        return [Participant.from_row(r) for r in rows], revision
+
+    async def current_revision(self) -> int:
+        value: int = await self.db.fetchval(Q["current_revision"])
+        return value
+
+    async def events_since(
+        self, revision: int, chatroom: str | None = None, limit: int = 1000
+    ) -> list[PresenceEvent]:
+        rows = await self.db.fetch(Q["events_since"], revision, chatroom, limit)
+        return [PresenceEvent.from_row(r) for r in rows]
+
+    async def counts(self) -> list[tuple[str, str, int]]:
+        rows = await self.db.fetch(Q["count_by_kind_status"])
+        return [(r["kind"], r["status"], r["n"]) for r in rows]
+
+
+def _with_revision(p: Participant, revision: int) -> Participant:
+    from dataclasses import replace
+
+    return replace(p, revision=revision)

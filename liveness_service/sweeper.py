@@ -1,0 +1,75 @@
+"""The TTL sweeper: wakes at the earliest stored deadline and expires, with a
+conditional update, whoever is still past it. Every replica runs one; SKIP LOCKED
+and the condition make each expiry happen exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from liveness_service.model import Participant
+from liveness_service.store import LivenessStore
+from vigil_core.clock import Clock
+from vigil_core.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+BATCH = 1_000
+
+
+class TtlSweeper:
+    def __init__(
+        self,
+        store: LivenessStore,
+        clock: Clock,
+        max_sleep_s: float,
+        on_expired: Callable[[list[Participant]], None],
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._max_sleep = max_sleep_s
+        self._on_expired = on_expired
+        self._poke = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def poke(self) -> None:
+        """A deadline may now be earlier than the one the sweeper sleeps towards."""
+        self._poke.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ttl-sweeper")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def sweep_once(self) -> list[Participant]:
+        expired: list[Participant] = []
+        while True:
+            batch = await self._store.expire_due(self._clock.now(), BATCH)
+            expired.extend(batch)
+            if len(batch) < BATCH:
+                break
+        if expired:
+            self._on_expired(expired)
+        return expired
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+                deadline = await self._store.next_deadline()
+                sleep = self._max_sleep
+                if deadline is not None:
+                    sleep = min(sleep, (deadline - self._clock.now()).total_seconds())
+            except StorageError as exc:
+                log.warning("TTL sweep failed, retrying: %s", exc)
+                sleep = self._max_sleep
+            if sleep > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), timeout=sleep)
+            self._poke.clear()

@@ -1,0 +1,147 @@
+"""gRPC server plumbing shared by every service: keepalive, health, reflection,
+Prometheus metrics over HTTP, and graceful shutdown in a fixed order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from vigil_core.config import parse_addr
+from vigil_core.errors import ConfigError
+from vigil_core.timings import Timings
+
+log = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    """One service hosted by a server."""
+
+    service_names: list[str]
+
+    def register(self, server: grpc.aio.Server) -> None: ...
+
+    async def start(self) -> None: ...
+
+    async def drain(self) -> None:
+        """Graceful shutdown: tell streams to reconnect elsewhere, mark nobody offline."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def server_options(timings: Timings) -> list[tuple[str, int]]:
+    return [
+        # Ping idle clients so a vanished peer's transport is closed (layer 3).
+        ("grpc.keepalive_time_ms", timings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", timings.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Let clients ping as often as their own keepalive says.
+        ("grpc.http2.min_ping_interval_without_data_ms", min(timings.keepalive_time_ms, 5_000)),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def client_options(timings: Timings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.keepalive_time_ms", timings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", timings.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+class Server:
+    """A started gRPC server hosting `services`; `port` is the bound port."""
+
+    def __init__(
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        health_servicer: health.aio.HealthServicer,
+        services: list[Service],
+        timings: Timings,
+    ) -> None:
+        self.grpc = server
+        self.port = port
+        self.health = health_servicer
+        self.services = services
+        self.timings = timings
+
+    async def stop(self) -> None:
+        """health NOT_SERVING -> tell streams to reconnect -> stop(grace) -> close."""
+        grace = self.timings.shutdown_grace_ms / 1000
+        try:
+            await self.health.enter_graceful_shutdown()
+            for svc in self.services:
+                with contextlib.suppress(Exception):
+                    await svc.drain()
+        finally:
+            await self.grpc.stop(grace)
+            for svc in reversed(self.services):
+                try:
+                    await svc.close()
+                except Exception:
+                    log.exception("closing a service failed")
+
+
+async def create_server(addr: str, services: list[Service], timings: Timings) -> Server:
+    host, port = parse_addr(addr, "VIGIL_ADDR")
+    server = grpc.aio.server(options=server_options(timings))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    for svc in services:
+        svc.register(server)
+        names.extend(svc.service_names)
+    reflection.enable_server_reflection(names, server)
+    bind_host = f"[{host.strip('[]')}]" if ":" in host.strip("[]") else host
+    bound = server.add_insecure_port(f"{bind_host}:{port}")
+    if bound == 0:
+        raise ConfigError(f"cannot listen on {addr}: address in use or not available")
+    for svc in services:
+        await svc.start()
+    await server.start()
+    for svc in services:
+        for name in svc.service_names:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return Server(server, bound, health_servicer, services, timings)
+
+
+def start_metrics(addr: str, registry: CollectorRegistry) -> int:
+    """Serve /metrics over HTTP; returns the bound port."""
+    host, port = parse_addr(addr, "VIGIL_METRICS_ADDR")
+    try:
+        httpd, _thread = start_http_server(port, addr=host.strip("[]"), registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {addr}: {exc.strerror}") from exc
+    return int(httpd.server_port)
+
+
+async def wait_for_signal() -> int:
+    """Wait for SIGTERM or SIGINT; returns the signal number."""
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[int] = loop.create_future()
+
+    def _got(sig: int) -> None:
+        if not got.done():
+            got.set_result(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _got, sig)
+    try:
+        return await got
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
