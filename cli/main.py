@@ -123,18 +123,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return asyncio.run(_dispatch(args, parser))
     except CliError as exc:
-        print(f"vigil: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(str(exc), exc.exit_code)
     except ConfigError as exc:
-        print(f"vigil: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), 2)
     except VigilError as exc:
-        print(f"vigil: error: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 1)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 1
+
+
+def _fail(message: str, code: int) -> int:
+    try:
+        print(f"vigil: error: {message}", file=sys.stderr, flush=True)
+    except OSError:
+        pass  # stderr itself is gone; the exit code still tells
+    return code
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ class SessionClient:
         self.ready_until = None
         self._stop: asyncio.Future[Stop] | None = None
         self.joined = asyncio.Event()
+        self.left = False  # a leave was already recorded on the way out
 
     def request_stop(self, stop: Stop) -> None:
         if self._stop is not None and not self._stop.done():
@@ -185,6 +186,7 @@ class SessionClient:
         # Never cancel a task that is inside call.read()/write(): grpc.aio cancels the
         # whole RPC then. The beater stops through an event; the reader runs to the end.
         quiet = asyncio.Event()
+        reader: asyncio.Task[None] | None = None
         try:
             await call.write(self._first_message())
             first = await call.read()
@@ -203,6 +205,15 @@ class SessionClient:
             stop = self._stop.result()
             await self._leave_stream(call, reader, stop)
             raise _Outcome("exit", exit_code=stop.exit_code, message=stop.message)
+        except (_Outcome, grpc.aio.AioRpcError):
+            raise
+        except Exception:
+            # Our own failure while the stream is up: leave on it with reason `error`
+            # before the stream closes (a close alone would read as a dropped stream).
+            if self.joined.is_set() and not call.done():
+                await self._leave_stream(call, reader, Stop("error", 1))
+                self.left = True
+            raise
         finally:
             call.cancel()
 
@@ -215,6 +226,7 @@ class SessionClient:
             resumed = self.epoch == p.epoch
             self.epoch = p.epoch
             self.interval = first.joined.heartbeat_interval_ms / 1000
+            self.joined.set()
             if resumed:
                 self.say(f"resumed {p.chatroom}/{p.role} (epoch {p.epoch})")
             else:
@@ -222,7 +234,6 @@ class SessionClient:
                     f"joined {p.chatroom}/{p.role} as {self.kind} (epoch {p.epoch}); "
                     "waiting for a task"
                 )
-            self.joined.set()
             return
         if which == "heartbeat":
             self._on_status(first.heartbeat.status)
@@ -276,11 +287,13 @@ class SessionClient:
                 raise _Outcome("reconnect", delay=max(delay, 0.01))
 
     async def _leave_stream(
-        self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None], stop: Stop
+        self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None] | None, stop: Stop
     ) -> None:
         leave = pb.SessionRequest(leave=pb.SessionRequest.Leave(reason=LEAVE_REASONS[stop.reason]))
         try:
             await call.write(leave)
+            if reader is None:
+                reader = asyncio.create_task(self._read(call))
             await asyncio.wait_for(asyncio.shield(reader), 2)
             with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 await call.done_writing()

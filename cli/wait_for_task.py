@@ -57,7 +57,7 @@ async def wait_for_task(
             raise
         except Exception as exc:
             # Any other failure still leaves, with reason `error`.
-            left = await client.leave("error")
+            left = client.left or await client.leave("error")
             note = " (left)" if left else " (could not record the leave)"
             raise CliError(f"wait-for-task failed: {type(exc).__name__}: {exc}{note}") from exc
         finally:

@@ -1,0 +1,266 @@
+"""Test harness: a real PostgreSQL (embedded), databases from a migrated template,
+Vigil servers in-process or as subprocesses, and `vigil` CLI processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+from prometheus_client import CollectorRegistry
+
+from liveness_service.app import LivenessApp
+from liveness_service.app import migrations as liveness_migrations
+from vigil.v1 import liveness_pb2 as pb
+from vigil.v1 import liveness_pb2_grpc as pb_grpc
+from vigil_core import migrations
+from vigil_core.clock import SystemClock
+from vigil_core.db import Database, open_database
+from vigil_core.server import Server, create_server
+from vigil_core.timings import Timings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Millisecond timings used by process-level tests (through the environment).
+FAST_ENV = {
+    "VIGIL_HEARTBEAT_INTERVAL_MS": "200",
+    "VIGIL_HEARTBEAT_TTL_MS": "1000",
+    "VIGIL_SHUTDOWN_GRACE_MS": "1000",
+    "VIGIL_RECONNECT_JITTER_MS": "200",
+}
+
+
+def fast_timings(**overrides: int) -> Timings:
+    env = {**FAST_ENV, **{f"VIGIL_{k.upper()}": str(v) for k, v in overrides.items()}}
+    return Timings.from_env(env)
+
+
+def with_database(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
+
+
+def all_migrations() -> list[migrations.Migration]:
+    found = list(liveness_migrations())
+    tasks_dir = ROOT / "task_service" / "migrations"
+    if tasks_dir.is_dir() and any(tasks_dir.glob("*.sql")):
+        found += migrations.discover("tasks", tasks_dir)
+    return found
+
+
+async def create_template(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    pool = await asyncpg.create_pool(with_database(admin_url, name), min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        await migrations.apply(pool, all_migrations())
+    finally:
+        await pool.close()
+
+
+async def create_database_from(admin_url: str, template: str) -> str:
+    name = "t_" + uuid.uuid4().hex[:12]
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await conn.close()
+    return with_database(admin_url, name)
+
+
+# -- in-process server -------------------------------------------------------
+
+
+@dataclass
+class LocalServer:
+    server: Server
+    app: LivenessApp
+    db: Database
+    registry: CollectorRegistry
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+
+@contextlib.asynccontextmanager
+async def local_server(url: str, timings: Timings) -> AsyncIterator[LocalServer]:
+    db = await open_database(url, min_size=1, max_size=10)
+    registry = CollectorRegistry()
+    app = LivenessApp(db, timings, SystemClock(), registry)
+    server = await create_server("127.0.0.1:0", [app], timings)
+    try:
+        yield LocalServer(server, app, db, registry)
+    finally:
+        await server.stop()
+        await db.close()
+
+
+# -- subprocesses --------------------------------------------------------------
+
+
+def vigil_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli", *args]
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIGIL_")}
+    env.pop("DATABASE_URL", None)
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(FAST_ENV)
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+_SERVING = re.compile(rb"serving .* on [^ ]+:(\d+) \(metrics http://[^:]+:(\d+)/")
+
+
+def start_server_process(
+    args: list[str], env: dict[str, str], log: Path, timeout: float = 60
+) -> ServerProcess:
+    """Start `vigil ARGS` and wait for its 'serving … on HOST:PORT' line."""
+    out = log.open("wb")
+    proc = subprocess.Popen(vigil_cmd(*args), env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = _SERVING.search(log.read_bytes())
+        if m:
+            return ServerProcess(proc, int(m.group(1)), int(m.group(2)), log)
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"server did not start:\n{log.read_text()}")
+
+
+@dataclass
+class Agent:
+    """A `vigil wait-for-task` process."""
+
+    proc: subprocess.Popen[bytes]
+    role: str
+    chatroom: str
+    stderr_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+def spawn_agent(
+    addr: str,
+    chatroom: str,
+    role: str,
+    tmp: Path,
+    *,
+    kind: str = "custom",
+    timeout: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Agent:
+    args = ["wait-for-task", "--chatroom", chatroom, "--role", role, "--kind", kind]
+    if timeout:
+        args += ["--timeout", timeout]
+    path = tmp / f"agent-{chatroom}-{role}-{uuid.uuid4().hex[:6]}.err"
+    proc = subprocess.Popen(
+        vigil_cmd(*args),
+        env=child_env({"VIGIL_ADDR": addr, **(env or {})}),
+        stdout=subprocess.DEVNULL,
+        stderr=path.open("wb"),
+    )
+    return Agent(proc, role, chatroom, path)
+
+
+# -- observing -----------------------------------------------------------------
+
+
+async def participant_row(url: str, chatroom: str, role: str) -> asyncpg.Record | None:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchrow(
+            "SELECT * FROM liveness.participants WHERE chatroom = $1 AND role = $2",
+            chatroom,
+            role,
+        )
+    finally:
+        await conn.close()
+
+
+async def wait_for(
+    predicate: Any, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"
+) -> Any:
+    """Poll an async predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def wait_live(url: str, chatroom: str, role: str, timeout: float = 15.0) -> asyncpg.Record:
+    async def live() -> asyncpg.Record | None:
+        row = await participant_row(url, chatroom, role)
+        return row if row is not None and row["status"] == "live" else None
+
+    row: asyncpg.Record = await wait_for(live, timeout, what=f"{chatroom}/{role} live")
+    return row
+
+
+async def wait_offline(
+    url: str, chatroom: str, role: str, timeout: float = 15.0, epoch: int | None = None
+) -> asyncpg.Record:
+    async def offline() -> asyncpg.Record | None:
+        row = await participant_row(url, chatroom, role)
+        if row is None or row["status"] != "offline":
+            return None
+        return row if epoch is None or row["epoch"] == epoch else None
+
+    row: asyncpg.Record = await wait_for(offline, timeout, what=f"{chatroom}/{role} offline")
+    return row
+
+
+def stub(addr: str) -> tuple[grpc.aio.Channel, pb_grpc.LivenessStub]:
+    ch = grpc.aio.insecure_channel(addr)
+    return ch, pb_grpc.LivenessStub(ch)
+
+
+def join_request(chatroom: str, role: str, kind: int = pb.AGENT_KIND_CUSTOM) -> pb.JoinRequest:
+    return pb.JoinRequest(chatroom=chatroom, role=role, kind=kind, connection_id=str(uuid.uuid4()))
