@@ -80,6 +80,7 @@ class SessionClient:
         self.connection_id = str(uuid.uuid4())
         self.epoch: int | None = None
         self.interval = 30.0
+        self.ttl = 60.0
         self.ready_until = None
         self._stop: asyncio.Future[Stop] | None = None
         self.joined = asyncio.Event()
@@ -120,7 +121,9 @@ class SessionClient:
                         f"Vigil at {self.addr} is unavailable: {exc.details()}"
                     ) from None
                 attempt += 1
-                delay = min(5.0, 0.1 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
+                # Back off, but retry often enough to resume before the TTL runs out.
+                cap = min(2.0, self.ttl / 5)
+                delay = min(cap, 0.05 * 2 ** min(attempt, 8)) * random.uniform(0.5, 1.0)
                 log.info(
                     "session stream failed (%s); reconnecting in %.2fs", exc.code().name, delay
                 )
@@ -189,8 +192,11 @@ class SessionClient:
         reader: asyncio.Task[None] | None = None
         try:
             await call.write(self._first_message())
-            first = await call.read()
-            self._on_first(first)
+            first_read = asyncio.ensure_future(call.read())
+            await asyncio.wait({first_read, self._stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not first_read.done():
+                raise _Outcome("reconnect", delay=0)  # stopping: run() leaves and exits
+            self._on_first(first_read.result())
             beater = asyncio.create_task(self._beat(call, quiet))
             reader = asyncio.create_task(self._read(call))
             try:
@@ -226,6 +232,7 @@ class SessionClient:
             resumed = self.epoch == p.epoch
             self.epoch = p.epoch
             self.interval = first.joined.heartbeat_interval_ms / 1000
+            self.ttl = first.joined.ttl_ms / 1000
             self.joined.set()
             if resumed:
                 self.say(f"resumed {p.chatroom}/{p.role} (epoch {p.epoch})")

@@ -25,7 +25,7 @@ from liveness_service.store import LivenessStore
 from liveness_service.sweeper import TtlSweeper
 from vigil_core import validation
 from vigil_core.clock import Clock
-from vigil_core.errors import FailedPrecondition, InvalidArgument, StorageError
+from vigil_core.errors import FailedPrecondition, InvalidArgument, StorageError, Unavailable
 from vigil_core.timings import Timings
 
 log = logging.getLogger(__name__)
@@ -154,8 +154,13 @@ class Liveness:
         self.sweeper.poke()
         return participant
 
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise Unavailable("this server is shutting down; reconnect (resume) elsewhere")
+
     def open_session(self, participant: Participant) -> Session:
         assert participant.ready_until is not None
+        self.check_accepting()
         session = Session(
             participant=participant,
             ready_until=participant.ready_until,
@@ -305,8 +310,8 @@ class Liveness:
         were already overdue, the transport was closed by keepalive on an unresponsive
         (stopped or vanished) peer: its deadline decides, `ttl_expired`."""
         self.close_session(session)
-        if session.detached or session.state != "live":
-            return
+        if session.detached or session.state != "live" or self.draining:
+            return  # a server going away is not an agent dying
         session.state = "ended"
         overdue = self.clock.monotonic() - session.last_beat > self.timings.heartbeat_interval * 1.5
         if overdue:

@@ -139,6 +139,7 @@ class LivenessServicer(pb_grpc.LivenessServicer):
         first = await context.read()
         if first is grpc.aio.EOF:
             return None
+        self.live.check_accepting()
         which = first.WhichOneof("msg")
         if which == "join":
             j = first.join

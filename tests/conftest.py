@@ -3,6 +3,11 @@ and a fresh database per test cloned from it."""
 
 from __future__ import annotations
 
+import os
+
+# Tests fork agent processes while gRPC is active; the fork handlers only add noise.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import asyncio
 import tempfile
 import warnings

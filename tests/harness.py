@@ -54,11 +54,7 @@ def with_database(url: str, dbname: str) -> str:
 
 
 def all_migrations() -> list[migrations.Migration]:
-    found = list(liveness_migrations())
-    tasks_dir = ROOT / "task_service" / "migrations"
-    if tasks_dir.is_dir() and any(tasks_dir.glob("*.sql")):
-        found += migrations.discover("tasks", tasks_dir)
-    return found
+    return list(liveness_migrations())
 
 
 async def create_template(admin_url: str, name: str) -> None:

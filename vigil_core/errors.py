@@ -49,6 +49,12 @@ class Unauthenticated(VigilError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class Unavailable(VigilError):
+    """This server cannot take the request now (shutting down); retry elsewhere."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class StorageError(VigilError):
     """The database failed or is unreachable; the request may be retried."""
 

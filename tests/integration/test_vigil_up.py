@@ -1,0 +1,130 @@
+"""`vigil up` (what `make run` runs) on the embedded default: health, reflection,
+metrics, and data that survives a restart."""
+
+from __future__ import annotations
+
+import signal
+import urllib.request
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests import harness
+from vigil.v1 import liveness_pb2 as pb
+from vigil.v1 import liveness_pb2_grpc as pb_grpc
+
+
+def _up(data: Path, log: Path) -> harness.ServerProcess:
+    env = harness.child_env(
+        {
+            "VIGIL_DATA_DIR": str(data),
+            "VIGIL_ADDR": "127.0.0.1:0",
+            "VIGIL_METRICS_ADDR": "127.0.0.1:0",
+        }
+    )
+    return harness.start_server_process(["up"], env, log, timeout=120)
+
+
+async def test_up_serves_on_the_embedded_default_and_keeps_its_data(tmp: Path) -> None:
+    data = tmp / "state"
+    up = _up(data, tmp / "up1.log")
+    try:
+        assert "database: embedded PostgreSQL" in up.log.read_text()
+        async with grpc.aio.insecure_channel(up.addr) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "vigil.v1.Liveness"):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            names: list[str] = []
+            async for r in refl.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            ):
+                names = [s.name for s in r.list_services_response.service]
+            assert "vigil.v1.Liveness" in names and "grpc.health.v1.Health" in names
+            live = pb_grpc.LivenessStub(ch)
+            await live.Join(
+                pb.JoinRequest(
+                    chatroom="keep",
+                    role="me",
+                    kind=pb.AGENT_KIND_REMOTE,
+                    connection_id=str(uuid.uuid4()),
+                )
+            )
+        metrics = (
+            urllib.request.urlopen(f"http://127.0.0.1:{up.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        for name in (
+            "vigil_heartbeats_total",
+            "vigil_participant_offline_total",
+            "vigil_session_streams",
+            "vigil_heartbeat_lateness_seconds_bucket",
+        ):
+            assert name in metrics
+    finally:
+        assert up.stop(signal.SIGTERM) == 0
+    assert (data / "pg" / "PG_VERSION").exists()
+
+    again = _up(data, tmp / "up2.log")
+    try:
+        async with grpc.aio.insecure_channel(again.addr) as ch:
+            listed = await pb_grpc.LivenessStub(ch).ListParticipants(
+                pb.ListParticipantsRequest(chatroom="keep")
+            )
+        assert [p.role for p in listed.participants] == ["me"]
+    finally:
+        assert again.stop(signal.SIGTERM) == 0
+
+
+async def test_two_servers_starting_at_once_apply_migrations_once(
+    pg_admin_url: str, tmp: Path
+) -> None:
+    url = await harness.create_database_from(pg_admin_url, "postgres")  # empty database
+    env = harness.child_env({"DATABASE_URL": url, "VIGIL_METRICS_ADDR": "127.0.0.1:0"})
+    import subprocess
+
+    procs = [
+        subprocess.Popen(
+            harness.vigil_cmd("liveness", "serve", "--addr", "127.0.0.1:0"),
+            env=env,
+            stdout=(tmp / f"s{i}.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(3)
+    ]
+    servers = []
+    try:
+        for i, p in enumerate(procs):
+            log = tmp / f"s{i}.log"
+            servers.append(
+                harness.ServerProcess(p, *_wait_ports(log), log)  # all must come up
+            )
+    finally:
+        for s in servers:
+            s.stop(signal.SIGTERM)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    rows = await conn.fetch("SELECT service, version FROM public.vigil_migrations")
+    await conn.close()
+    assert sorted((r["service"], r["version"]) for r in rows) == [("liveness", 1)]
+
+
+def _wait_ports(log: Path) -> tuple[int, int]:
+    import time
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = harness._SERVING.search(log.read_bytes())
+        if m:
+            return int(m.group(1)), int(m.group(2))
+        time.sleep(0.05)
+    raise AssertionError(f"server did not start:\n{log.read_text()}")
