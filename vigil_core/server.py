@@ -4,7 +4,6 @@ Prometheus metrics over HTTP, and graceful shutdown in a fixed order."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from typing import Protocol
