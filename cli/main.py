@@ -14,6 +14,11 @@ from cli.rpc import CliError
 from vigil_core.config import Settings
 from vigil_core.errors import ConfigError, VigilError
 
+# The task commands, run by cli.task_cmds (listed here so --help needs no import of it).
+TASK_COMMANDS = frozenset({"chatroom", "chatrooms", "send", "task", "tasks", "notifications"})
+# Task status names (vigil.v1.Task.status), for `vigil tasks --status`.
+TASK_STATUSES = ("pending", "acknowledged", "in_progress", "completed", "queued", "closed")
+
 EXIT_CODES = """exit codes:
   0    success (wait-for-task: also when --timeout passed with no task)
   1    error: server unreachable, request refused, internal failure
@@ -52,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     lv_serve.add_argument("--addr", help="listen address")
     lv_serve.add_argument("--metrics-addr", help="metrics address")
 
+    ts = sub.add_parser("task-service", help="the task service")
+    ts_sub = ts.add_subparsers(
+        dest="task_service_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    ts_serve = ts_sub.add_parser("serve", help="run the task service alone")
+    ts_serve.add_argument("--addr", help="listen address")
+    ts_serve.add_argument("--metrics-addr", help="metrics address")
+
     w = sub.add_parser(
         "wait-for-task",
         help="join as a participant and wait for a task",
@@ -62,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--role", required=True)
     w.add_argument("--kind", choices=["remote", "custom"], default="custom")
     w.add_argument("--timeout", help="give up after DURATION (e.g. 30s, 5m); exits 0")
+    w.add_argument("--json", action="store_true", help="print the task as JSON")
     w.add_argument("--addr", help=addr_help)
 
     ps = sub.add_parser("participants", help="list participants")
@@ -69,7 +83,92 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--live", action="store_true", help="only live participants")
     ps.add_argument("--json", action="store_true", help="JSON output")
     ps.add_argument("--addr", help=addr_help)
+
+    _add_task_commands(sub, addr_help)
     return p
+
+
+def _add_task_commands(sub: argparse._SubParsersAction[_Parser], addr_help: str) -> None:
+    """chatroom, chatrooms, send, task, tasks, notifications (run by cli.task_cmds)."""
+    json_help = "JSON output"
+    cr = sub.add_parser("chatroom", help="create or show a chatroom")
+    cr_sub = cr.add_subparsers(
+        dest="chatroom_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    create = cr_sub.add_parser(
+        "create",
+        help="create a chatroom and its team of roles",
+        description="Create a chatroom. Each --role is ROLE=custom (run by a person), "
+        "ROLE=remote:MACHINE or ROLE=remote:MACHINE:COMMAND (started by MACHINE's daemon; "
+        "everything after the second ':' is the command).",
+    )
+    create.add_argument("name", metavar="NAME")
+    create.add_argument(
+        "--role",
+        action="append",
+        metavar="ROLE=KIND",
+        help="ROLE=custom, ROLE=remote:MACHINE or ROLE=remote:MACHINE:COMMAND (repeatable)",
+    )
+    create.add_argument(
+        "--team-file",
+        metavar="FILE",
+        help='JSON {"roles": [{"role", "kind": "remote|custom", "machine", "command"}]}',
+    )
+    show = cr_sub.add_parser("show", help="show a chatroom and its roles")
+    show.add_argument("name", metavar="NAME")
+    for p in (create, show):
+        p.add_argument("--json", action="store_true", help=json_help)
+        p.add_argument("--addr", help=addr_help)
+
+    crs = sub.add_parser("chatrooms", help="list chatrooms")
+    crs.add_argument("--json", action="store_true", help=json_help)
+    crs.add_argument("--addr", help=addr_help)
+
+    snd = sub.add_parser(
+        "send",
+        help="send a message to a role: it becomes a task",
+        description="Send TEXT (the words joined by spaces; a single - reads stdin) to a "
+        "role. Prints the new task, its id first.",
+    )
+    snd.add_argument("--chatroom", required=True)
+    snd.add_argument("--role", required=True)
+    snd.add_argument("text", nargs="+", metavar="TEXT")
+    snd.add_argument("--json", action="store_true", help=json_help)
+    snd.add_argument("--addr", help=addr_help)
+
+    tk = sub.add_parser("task", help="act on one task: start, complete, cancel, release, show")
+    tk_sub = tk.add_subparsers(
+        dest="task_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    actions = {
+        "start": "acknowledged → in_progress (give the attempt you were handed)",
+        "complete": "acknowledged or in_progress → completed (give the attempt)",
+        "cancel": "close the task",
+        "release": "hand an acknowledged or in-progress task back: pending again",
+        "show": "show one task",
+        "history": "every status change of a task (the audit log)",
+    }
+    for action, text in actions.items():
+        a = tk_sub.add_parser(action, help=text)
+        a.add_argument("id", metavar="ID")
+        if action in ("start", "complete"):
+            a.add_argument("--attempt", type=int, required=True, help="the task's attempt")
+        if action in ("cancel", "release"):
+            a.add_argument("--reason", help="why (kept in the task's history)")
+        a.add_argument("--json", action="store_true", help=json_help)
+        a.add_argument("--addr", help=addr_help)
+
+    tks = sub.add_parser("tasks", help="list tasks")
+    tks.add_argument("--chatroom")
+    tks.add_argument("--status", choices=TASK_STATUSES)
+    tks.add_argument("--limit", type=int, default=0, help="at most N tasks (default 1000)")
+    tks.add_argument("--json", action="store_true", help=json_help)
+    tks.add_argument("--addr", help=addr_help)
+
+    nt = sub.add_parser("notifications", help="list notifications (timeouts, restarts, …)")
+    nt.add_argument("--follow", action="store_true", help="keep printing new ones until ^C")
+    nt.add_argument("--json", action="store_true", help="JSON (one object per line with --follow)")
+    nt.add_argument("--addr", help=addr_help)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -98,13 +197,25 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         from cli.serve import serve
 
         return await serve(settings, ("liveness",))
+    if args.command == "task-service":
+        if args.task_service_command != "serve":
+            raise CliError("usage: vigil task-service serve", 2)
+        from cli.serve import serve
+
+        return await serve(settings, ("tasks",))
     if args.command == "wait-for-task":
         from cli.durations import parse_duration
         from cli.wait_for_task import wait_for_task
 
         timeout = parse_duration(args.timeout, "--timeout") if args.timeout else None
         return await wait_for_task(
-            settings.addr, args.chatroom, args.role, args.kind, timeout, settings.timings
+            settings.addr,
+            args.chatroom,
+            args.role,
+            args.kind,
+            timeout,
+            settings.timings,
+            as_json=args.json,
         )
     if args.command == "participants":
         from cli.participants import participants
@@ -112,6 +223,10 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         return await participants(
             settings.addr, args.chatroom, args.live, args.json, settings.timings
         )
+    if args.command in TASK_COMMANDS:
+        from cli.task_cmds import run
+
+        return await run(args, settings.addr, settings.timings)
     parser.print_help()
     return 2
 

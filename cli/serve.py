@@ -10,15 +10,18 @@ from prometheus_client import CollectorRegistry
 
 from liveness_service.app import LivenessApp
 from liveness_service.app import migrations as liveness_migrations
+from task_service.app import TaskApp
+from task_service.app import migrations as task_migrations
 from vigil_core import migrations
 from vigil_core.clock import SystemClock
 from vigil_core.config import Settings
 from vigil_core.db import open_database, resolve_url
+from vigil_core.errors import ConfigError
 from vigil_core.server import Service, create_server, start_metrics, wait_for_signal
 
 log = logging.getLogger("vigil")
 
-SERVICES = ("liveness",)
+SERVICES = ("liveness", "tasks")
 
 
 async def serve(settings: Settings, services: tuple[str, ...] = SERVICES) -> int:
@@ -30,15 +33,30 @@ async def serve(settings: Settings, services: tuple[str, ...] = SERVICES) -> int
     )
     db = await open_database(url, max_size=20)
     try:
-        await migrations.apply(db.pool, liveness_migrations())
+        await migrations.apply(db.pool, liveness_migrations() + task_migrations())
         registry = CollectorRegistry()
+        clock = SystemClock()
         apps: list[Service] = []
         if "liveness" in services:
-            apps.append(LivenessApp(db, settings.timings, SystemClock(), registry))
-        server = await create_server(settings.addr, apps, settings.timings)
+            apps.append(LivenessApp(db, settings.timings, clock, registry))
+        task_app = None
+        if "tasks" in services:
+            if "liveness" not in services and not settings.liveness_addr:
+                raise ConfigError(
+                    "VIGIL_LIVENESS_ADDR must name the liveness service (HOST:PORT) when "
+                    "the task service runs alone"
+                )
+            task_app = TaskApp(db, settings.liveness_addr, settings.timings, clock, registry)
+            apps.append(task_app)
+        host = settings.addr.rsplit(":", 1)[0]
+
+        def bound(port: int) -> None:
+            if task_app is not None and "liveness" in services:
+                task_app.set_liveness_addr(f"{host}:{port}")
+
+        server = await create_server(settings.addr, apps, settings.timings, bound)
         try:
             metrics_port = start_metrics(settings.metrics_addr, registry)
-            host = settings.addr.rsplit(":", 1)[0]
             mhost = settings.metrics_addr.rsplit(":", 1)[0]
             print(
                 f"vigil: serving {', '.join(services)} on {host}:{server.port} "

@@ -24,6 +24,8 @@ from prometheus_client import CollectorRegistry
 
 from liveness_service.app import LivenessApp
 from liveness_service.app import migrations as liveness_migrations
+from task_service.app import TaskApp
+from task_service.app import migrations as task_migrations
 from vigil.v1 import liveness_pb2 as pb
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
 from vigil_core import migrations
@@ -54,7 +56,7 @@ def with_database(url: str, dbname: str) -> str:
 
 
 def all_migrations() -> list[migrations.Migration]:
-    return list(liveness_migrations())
+    return liveness_migrations() + task_migrations()
 
 
 async def create_template(admin_url: str, name: str) -> None:
@@ -89,6 +91,7 @@ async def create_database_from(admin_url: str, template: str) -> str:
 class LocalServer:
     server: Server
     app: LivenessApp
+    tasks: TaskApp
     db: Database
     registry: CollectorRegistry
 
@@ -102,9 +105,16 @@ async def local_server(url: str, timings: Timings) -> AsyncIterator[LocalServer]
     db = await open_database(url, min_size=1, max_size=10)
     registry = CollectorRegistry()
     app = LivenessApp(db, timings, SystemClock(), registry)
-    server = await create_server("127.0.0.1:0", [app], timings)
+    tasks = TaskApp(db, None, timings, SystemClock(), registry)
+    server = await create_server(
+        "127.0.0.1:0",
+        [app, tasks],
+        timings,
+        lambda port: tasks.set_liveness_addr(f"127.0.0.1:{port}"),
+    )
+    await tasks.svc.presence.synced.wait()
     try:
-        yield LocalServer(server, app, db, registry)
+        yield LocalServer(server, app, tasks, db, registry)
     finally:
         await server.stop()
         await db.close()

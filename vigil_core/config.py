@@ -34,6 +34,8 @@ class Settings:
     timings: Timings = field(default_factory=Timings)
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     log_level: str = "INFO"
+    # Where the task service finds the liveness service when it is not hosted alongside.
+    liveness_addr: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -50,7 +52,11 @@ class Settings:
             raise ConfigError(
                 f"VIGIL_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}"
             )
+        liveness_addr = env.get("VIGIL_LIVENESS_ADDR") or None
+        if liveness_addr is not None:
+            parse_addr(liveness_addr, "VIGIL_LIVENESS_ADDR")
         return cls(
+            liveness_addr=liveness_addr,
             addr=addr,
             metrics_addr=metrics_addr,
             database_url=url,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from typing import Protocol
 
 import grpc
@@ -99,7 +100,14 @@ class Server:
                     log.exception("closing a service failed")
 
 
-async def create_server(addr: str, services: list[Service], timings: Timings) -> Server:
+async def create_server(
+    addr: str,
+    services: list[Service],
+    timings: Timings,
+    on_bound: Callable[[int], None] | None = None,
+) -> Server:
+    """Bind, start the services, then serve. `on_bound(port)` runs once the port is
+    known and before the services start (port 0 binds a free port)."""
     host, port = parse_addr(addr, "VIGIL_ADDR")
     server = grpc.aio.server(options=server_options(timings))
     health_servicer = health.aio.HealthServicer()
@@ -113,6 +121,8 @@ async def create_server(addr: str, services: list[Service], timings: Timings) ->
     bound = server.add_insecure_port(f"{bind_host}:{port}")
     if bound == 0:
         raise ConfigError(f"cannot listen on {addr}: address in use or not available")
+    if on_bound is not None:
+        on_bound(bound)
     for svc in services:
         await svc.start()
     await server.start()

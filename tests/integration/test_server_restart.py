@@ -47,6 +47,7 @@ async def test_graceful_restart_resumes_everyone_and_sigkill_leaves_them_to_the_
     # A second replica with no clients: its sweeper is what expires orphans later.
     sweeper = harness.start_server_process([*serve, "127.0.0.1:0"], env, tmp / "b.log")
     first = harness.start_server_process([*serve, "127.0.0.1:0"], env, tmp / "a1.log")
+    second: harness.ServerProcess | None = None
     agents = [harness.spawn_agent(first.addr, "room", f"r{i}", tmp, env=SLOW_ENV) for i in range(N)]
     try:
 
@@ -99,3 +100,6 @@ async def test_graceful_restart_resumes_everyone_and_sigkill_leaves_them_to_the_
         for a in agents:
             await asyncio.to_thread(a.proc.wait, 10)
         sweeper.stop(signal.SIGTERM)
+        first.stop(signal.SIGKILL)
+        if second is not None:
+            second.stop(signal.SIGKILL)

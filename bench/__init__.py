@@ -1,0 +1,1 @@
+"""Vigil benchmarks: real PostgreSQL, real server processes, real clients (`make bench`)."""

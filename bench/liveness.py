@@ -1,0 +1,388 @@
+"""Liveness benchmarks.
+
+kill_to_offline  SIGKILL a real `vigil wait-for-task` process; time until the server
+                 records it offline (`offline_at`, the server's timestamp) with reason
+                 stream_dropped.
+heartbeat_load   1,000 participants heartbeating every second on one server process,
+                 driven by separate load-generator processes; heartbeat ack latency,
+                 throughput, database statements per heartbeat, expiries, memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import traceback
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench import common
+from bench.common import Context, Goal
+from tests import harness
+
+NOTIFY_CHANNEL = "vigil_liveness"
+PARTICIPANT_SQL = "SELECT * FROM liveness.participants WHERE chatroom = $1 AND role = $2"
+
+# -- kill_to_offline -------------------------------------------------------------------
+
+KILL_ITERATIONS = 50
+# Agents are started in batches and killed one by one once all of them are idle, so no
+# agent's start-up (a CPU-heavy Python import on a 2-core machine) runs during a kill.
+KILL_BATCH = 5
+KILL_SETTLE_S = 0.3  # after the whole batch is live
+KILL_SPACING_S = 0.05  # between two kills
+# Heartbeats every second and a TTL far away: the TTL can never be what takes them offline.
+KILL_ENV = {"VIGIL_HEARTBEAT_INTERVAL_MS": "1000", "VIGIL_HEARTBEAT_TTL_MS": "5000"}
+KILL_GOAL = Goal(median_ms=20, p99_ms=100)
+KILL_CHATROOM = "bench-kill"
+
+
+async def _wait_all_live(conn: asyncpg.Connection, agents: list[harness.Agent]) -> None:
+    roles = [a.role for a in agents]
+    deadline = time.monotonic() + 30
+    while True:
+        rows = await conn.fetch(
+            "SELECT role FROM liveness.participants "
+            "WHERE chatroom = $1 AND role = ANY($2::text[]) AND status = 'live'",
+            KILL_CHATROOM,
+            roles,
+        )
+        if len(rows) == len(roles):
+            return
+        for a in agents:
+            if a.proc.poll() is not None:
+                raise RuntimeError(
+                    f"agent {a.role} exited {a.proc.returncode} before going live:\n{a.stderr()}"
+                )
+        if time.monotonic() > deadline:
+            live = {r["role"] for r in rows}
+            raise RuntimeError(f"agents never went live: {sorted(set(roles) - live)}")
+        await asyncio.sleep(0.02)
+
+
+async def _kill_and_observe(
+    conn: asyncpg.Connection, wake: asyncio.Event, agent: harness.Agent
+) -> tuple[float, float, str]:
+    """SIGKILL the agent; (kill -> offline_at ms, kill -> row seen offline ms, reason)."""
+    wake.clear()
+    t_kill = time.time()
+    os.kill(agent.proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        # Woken by the NOTIFY that every presence change sends; a short timeout is only
+        # the safety net in case a notification is missed.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), 0.02)
+        wake.clear()
+        row = await conn.fetchrow(PARTICIPANT_SQL, KILL_CHATROOM, agent.role)
+        if row is not None and row["status"] == "offline":
+            t_seen = time.time()
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{agent.role}: still {row and row['status']} 15 s after SIGKILL")
+    agent.proc.wait(5)
+    offline_ms = (row["offline_at"].timestamp() - t_kill) * 1000
+    return offline_ms, (t_seen - t_kill) * 1000, str(row["offline_reason"])
+
+
+async def kill_to_offline(ctx: Context) -> dict[str, Any]:
+    url = await ctx.new_database()
+    server = await ctx.start_server(url, KILL_ENV, "kill")
+    agent_env = dict(KILL_ENV)
+    conn = await asyncpg.connect(url)
+    wake = asyncio.Event()
+    await conn.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
+    latencies: list[float] = []
+    visible: list[float] = []
+    reasons: Counter[str] = Counter()
+    started = time.monotonic()
+    try:
+        while len(latencies) < KILL_ITERATIONS:
+            n = min(KILL_BATCH, KILL_ITERATIONS - len(latencies))
+            agents = []
+            for i in range(n):
+                role = f"r{len(latencies) + i:03d}"
+                agent = harness.spawn_agent(
+                    server.addr, KILL_CHATROOM, role, ctx.tmp, env=agent_env
+                )
+                ctx.reaper.add(agent.proc)
+                agents.append(agent)
+            await _wait_all_live(conn, agents)
+            await asyncio.sleep(KILL_SETTLE_S)
+            for agent in agents:
+                offline_ms, seen_ms, reason = await _kill_and_observe(conn, wake, agent)
+                latencies.append(offline_ms)
+                visible.append(seen_ms)
+                reasons[reason] += 1
+                await asyncio.sleep(KILL_SPACING_S)
+            ctx.reaper.forget_finished()
+        samples = await common.scrape(server.metrics_port)
+    except Exception:
+        print(f"server log (tail):\n{common.log_tail(server.log)}")
+        raise
+    finally:
+        await conn.close()
+        await asyncio.to_thread(ctx.reaper.kill_all)
+        await ctx.stop_server(server)
+    elapsed = time.monotonic() - started
+
+    detect_n = common.metric(
+        samples, "vigil_offline_detection_seconds_count", reason="stream_dropped"
+    )
+    detect_sum = common.metric(
+        samples, "vigil_offline_detection_seconds_sum", reason="stream_dropped"
+    )
+    commit_ms = detect_sum / detect_n * 1000 if detect_n else None
+    visible_summary = common.summarize(visible)
+    notes = [
+        f"{len(latencies)} SIGKILLs in {elapsed:.1f} s; offline reasons: {dict(reasons)}",
+        "kill -> row seen offline by a LISTENing client: median {median_ms} / p90 {p90_ms} / "
+        "p99 {p99_ms} / max {max_ms} ms".format(**visible_summary),
+    ]
+    if commit_ms is not None:
+        notes.append(f"server: stream close noticed -> offline committed, mean {commit_ms:.2f} ms")
+    return common.result(
+        latencies,
+        KILL_GOAL,
+        checks={"reason stream_dropped": set(reasons) == {"stream_dropped"}},
+        notes=notes,
+        reasons=dict(reasons),
+        visible=visible_summary,
+        server_commit_mean_ms=commit_ms,
+        elapsed_s=round(elapsed, 1),
+    )
+
+
+# -- heartbeat_load ----------------------------------------------------------------------
+
+LOAD_PARTICIPANTS = 1000
+LOAD_PROCESSES = 2
+LOAD_CHANNELS = 10  # per load-generator process
+LOAD_SETTLE_S = 3.0  # after everyone joined, before the measured window
+LOAD_WINDOW_S = 30.0
+LOAD_ENV = {"VIGIL_HEARTBEAT_INTERVAL_MS": "1000", "VIGIL_HEARTBEAT_TTL_MS": "10000"}
+LOAD_GOAL = Goal(p99_ms=50)
+LOAD_CHATROOM = "bench-load"
+FLUSH_SQL_MARK = "last_heartbeat_at = greatest"  # the batched heartbeat UPDATE
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs since boot."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])
+    return total - idle, total
+
+
+async def _wait_joined(clients: list[tuple[subprocess.Popen[bytes], Path]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(clients)
+    while pending:
+        for proc, log in list(pending):
+            text = log.read_text(errors="replace") if log.exists() else ""
+            if "JOINED" in text:
+                line = next(x for x in text.splitlines() if x.startswith("JOINED"))
+                joined = int(line.split()[1])
+                if " errors 0" not in line:
+                    raise RuntimeError(f"load client could not join everyone: {line}\n{text}")
+                if joined == 0:
+                    raise RuntimeError(f"load client joined nobody:\n{text}")
+                pending.remove((proc, log))
+            elif proc.poll() is not None:
+                raise RuntimeError(f"load client exited {proc.returncode}:\n{text}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"load clients did not join within {timeout:.0f} s")
+        await asyncio.sleep(0.1)
+
+
+async def _statement_counts(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(heartbeat flush statements, all statements) of this database since the reset."""
+    rows = await conn.fetch(
+        "SELECT query, calls FROM pg_stat_statements "
+        "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    flush = sum(r["calls"] for r in rows if FLUSH_SQL_MARK in r["query"])
+    total = sum(r["calls"] for r in rows if "pg_stat_statements" not in r["query"])
+    return flush, total
+
+
+async def heartbeat_load(ctx: Context) -> dict[str, Any]:
+    url = await ctx.new_database()
+    server = await ctx.start_server(url, LOAD_ENV, "load")
+    per = LOAD_PARTICIPANTS // LOAD_PROCESSES
+    clients: list[tuple[subprocess.Popen[bytes], Path]] = []
+    outputs: list[Path] = []
+    conn: asyncpg.Connection | None = None
+    try:
+        t_start = time.monotonic()
+        for k in range(LOAD_PROCESSES):
+            out = ctx.tmp / f"load-{k}.json"
+            name = f"load-client-{k}"
+            cmd = common.python_cmd(
+                "bench.load_client",
+                "--addr", server.addr,
+                "--chatroom", LOAD_CHATROOM,
+                "--first", str(k * per),
+                "--count", str(per),
+                "--total", str(LOAD_PARTICIPANTS),
+                "--channels", str(LOAD_CHANNELS),
+                "--interval-ms", LOAD_ENV["VIGIL_HEARTBEAT_INTERVAL_MS"],
+                "--out", str(out),
+            )  # fmt: skip
+            proc = ctx.spawn(cmd, harness.child_env(), name)
+            clients.append((proc, ctx.tmp / f"{name}.log"))
+            outputs.append(out)
+        await _wait_joined(clients, timeout=90)
+        join_s = time.monotonic() - t_start
+        await asyncio.sleep(LOAD_SETTLE_S)
+
+        conn = await asyncpg.connect(url)
+        if ctx.pg_stat_statements:
+            await conn.execute("SELECT pg_stat_statements_reset()")
+        m0 = await common.scrape(server.metrics_port)
+        cpu0 = common.cpu_seconds(server.proc.pid)
+        busy0 = _machine_busy()
+        t0 = time.time()
+        await asyncio.sleep(LOAD_WINDOW_S)
+        t1 = time.time()
+        busy1 = _machine_busy()
+        cpu1 = common.cpu_seconds(server.proc.pid)
+        m1 = await common.scrape(server.metrics_port)
+        pss = await _statement_counts(conn) if ctx.pg_stat_statements else None
+        rss = common.rss_mb(server.proc.pid)
+        status_rows = await conn.fetch(
+            "SELECT status, offline_reason, count(*) AS n FROM liveness.participants "
+            "WHERE chatroom = $1 GROUP BY status, offline_reason",
+            LOAD_CHATROOM,
+        )
+
+        for proc, _ in clients:
+            proc.send_signal(signal.SIGTERM)
+        for proc, log in clients:
+            code = await asyncio.to_thread(proc.wait, 30)
+            if code != 0:
+                raise RuntimeError(f"load client exited {code}:\n{common.log_tail(log)}")
+    except Exception:
+        print(f"server log (tail):\n{common.log_tail(server.log)}")
+        raise
+    finally:
+        if conn is not None:
+            await conn.close()
+        for proc, _ in clients:
+            if proc.poll() is None:
+                proc.kill()
+                await asyncio.to_thread(proc.wait, 5)
+        await ctx.stop_server(server)
+
+    window = t1 - t0
+    acks: list[float] = []
+    lags: list[float] = []
+    not_ok = stream_errors = 0
+    client_cpu = 0.0
+    errors: list[str] = []
+    for out in outputs:
+        doc = json.loads(out.read_text())
+        for sent, ack, lag in zip(doc["send_wall"], doc["ack_ms"], doc["lag_ms"], strict=True):
+            if t0 <= sent < t1:
+                acks.append(ack)
+                lags.append(lag)
+        not_ok += doc["not_ok"]
+        stream_errors += doc["stream_error_count"]
+        errors += doc["stream_errors"]
+        client_cpu += doc["cpu_s"]
+
+    def delta(name: str, **labels: str) -> float:
+        return common.metric(m1, name, **labels) - common.metric(m0, name, **labels)
+
+    beats = delta("vigil_heartbeats_total")
+    statements = delta("vigil_heartbeat_flush_statements_total")
+    rows_written = delta("vigil_heartbeat_flush_rows_total")
+    expired = delta("vigil_participant_offline_total", reason="ttl_expired")
+    beats_s = beats / window
+    stmts_s = statements / window
+    per_stmt = beats / statements if statements else float("inf")
+    statuses = {f"{r['status']}/{r['offline_reason'] or '-'}": r["n"] for r in status_rows}
+    live = statuses.get("live/-", 0)
+    streams = common.metric(m1, "vigil_session_streams")
+    server_cpu_pct = (cpu1 - cpu0) / window * 100
+    machine_pct = (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]) * 100
+    lag = common.summarize(lags)
+
+    notes = [
+        f"heartbeats/s {beats_s:.0f}, heartbeat DB statements/s {stmts_s:.2f} "
+        f"({per_stmt:.0f} beats per statement); rows written/s {rows_written / window:.0f}",
+        f"acks measured in the {window:.1f} s window: {len(acks)} "
+        f"(expected ~{LOAD_PARTICIPANTS * window:.0f}); not OK {not_ok}; "
+        f"stream errors {stream_errors}",
+        f"at the end: {live}/{LOAD_PARTICIPANTS} live ({statuses}); open streams {streams:.0f}; "
+        f"TTL expiries in the window {expired:.0f}",
+        f"server RSS {rss:.1f} MiB; server CPU {server_cpu_pct:.0f}% of one core; "
+        f"machine busy {machine_pct:.0f}% of {os.cpu_count()} cores; "
+        f"load generators used {client_cpu:.1f} CPU s in total",
+        "generator send lag behind schedule: median {median_ms} / p99 {p99_ms} / "
+        "max {max_ms} ms".format(**lag),
+        f"{LOAD_PARTICIPANTS} joins (2 processes starting included) took {join_s:.1f} s",
+    ]
+    if pss is not None:
+        notes.append(
+            f"pg_stat_statements: heartbeat UPDATEs/s {pss[0] / window:.2f}, "
+            f"all statements of the database/s {pss[1] / window:.1f} (BEGIN/COMMIT included)"
+        )
+    if errors:
+        notes.append(f"stream errors (first): {errors[:3]}")
+    return common.result(
+        acks,
+        LOAD_GOAL,
+        checks={
+            f"all {LOAD_PARTICIPANTS} live at the end": live == LOAD_PARTICIPANTS,
+            "every heartbeat OK": not_ok == 0 and stream_errors == 0,
+        },
+        notes=notes,
+        heartbeats_per_s=round(beats_s, 1),
+        heartbeat_db_statements_per_s=round(stmts_s, 3),
+        beats_per_statement=round(per_stmt, 1),
+        pg_stat_statements_heartbeat_per_s=round(pss[0] / window, 3) if pss else None,
+        pg_stat_statements_all_per_s=round(pss[1] / window, 2) if pss else None,
+        live_at_end=live,
+        statuses_at_end=statuses,
+        ttl_expired_in_window=expired,
+        server_rss_mb=round(rss, 1),
+        server_cpu_pct=round(server_cpu_pct, 1),
+        machine_busy_pct=round(machine_pct, 1),
+        generator_lag=lag,
+        window_s=round(window, 2),
+        join_s=round(join_s, 1),
+    )
+
+
+# -- the group --------------------------------------------------------------------------
+
+BENCHMARKS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
+    "kill_to_offline": kill_to_offline,
+    "heartbeat_load": heartbeat_load,
+}
+
+
+async def run(ctx: Context) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, bench in BENCHMARKS.items():
+        if ctx.only and name not in ctx.only:
+            continue
+        print(f"[liveness] {name} ...", flush=True)
+        t = time.monotonic()
+        try:
+            results[name] = await bench(ctx)
+        except Exception as exc:
+            traceback.print_exc()
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "pass": False}
+        print(f"[liveness] {name} done in {time.monotonic() - t:.1f} s", flush=True)
+    return results

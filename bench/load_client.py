@@ -1,0 +1,188 @@
+"""Load generator for `heartbeat_load`: one process holding many liveness Session streams.
+
+Each stream joins, then heartbeats every interval at its own phase (phases are spread
+evenly over the interval across all generator processes, by wall clock), timing every
+beat until its HeartbeatResponse arrives. It prints `JOINED n` once every stream has
+joined, runs until SIGTERM/SIGINT, then writes its samples as JSON to --out.
+
+    python -m bench.load_client --addr 127.0.0.1:PORT --first 0 --count 500 --total 1000 \
+        --out samples.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import signal
+import sys
+import time
+import uuid
+from array import array
+from dataclasses import dataclass, field
+
+import grpc
+
+from vigil.v1 import liveness_pb2 as pb
+from vigil.v1 import liveness_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Samples:
+    send_wall: array[float] = field(default_factory=lambda: array("d"))  # when sent, epoch s
+    ack_ms: array[float] = field(default_factory=lambda: array("d"))  # send -> response
+    lag_ms: array[float] = field(default_factory=lambda: array("d"))  # send - its schedule
+    joined: int = 0
+    join_errors: list[str] = field(default_factory=list)
+    not_ok: int = 0  # heartbeat answers other than OK
+    stream_errors: list[str] = field(default_factory=list)
+
+
+async def _hold(
+    stub: pb_grpc.LivenessStub,
+    chatroom: str,
+    index: int,
+    total: int,
+    interval: float,
+    samples: Samples,
+    join_gate: asyncio.Semaphore,
+    stop: asyncio.Event,
+) -> None:
+    call = stub.Session()
+    async with join_gate:
+        join = pb.JoinRequest(
+            chatroom=chatroom,
+            role=f"p{index:05d}",
+            kind=pb.AGENT_KIND_CUSTOM,
+            connection_id=str(uuid.uuid4()),
+        )
+        try:
+            await call.write(pb.SessionRequest(join=join))
+            first = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            samples.join_errors.append(f"{index}: {exc.code().name} {exc.details()}")
+            return
+        if first is grpc.aio.EOF or first.WhichOneof("msg") != "joined":
+            samples.join_errors.append(f"{index}: unexpected first answer {first!r}")
+            return
+    samples.joined += 1
+    beat = pb.SessionRequest(heartbeat=pb.SessionRequest.Beat())
+    phase = interval * index / total
+    try:
+        while not stop.is_set():
+            now = time.time()
+            due = (int((now - phase) // interval) + 1) * interval + phase
+            await asyncio.sleep(due - now)
+            if stop.is_set():
+                return
+            sent_wall = time.time()
+            t0 = time.perf_counter()
+            await call.write(beat)
+            msg = await call.read()
+            ack = (time.perf_counter() - t0) * 1000
+            if msg is grpc.aio.EOF:
+                samples.stream_errors.append(f"{index}: stream ended by the server")
+                return
+            samples.send_wall.append(sent_wall)
+            samples.ack_ms.append(ack)
+            samples.lag_ms.append((sent_wall - due) * 1000)
+            if (
+                msg.WhichOneof("msg") != "heartbeat"
+                or msg.heartbeat.status != pb.HEARTBEAT_STATUS_OK
+            ):
+                samples.not_ok += 1
+    except grpc.aio.AioRpcError as exc:
+        if not stop.is_set():
+            samples.stream_errors.append(f"{index}: {exc.code().name} {exc.details()}")
+    finally:
+        call.cancel()
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # Separate TCP connections per channel (channels with equal arguments share one).
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(args.addr, options=options) for _ in range(args.channels)]
+    samples = Samples()
+    gate = asyncio.Semaphore(args.join_concurrency)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for ch in channels:
+            await asyncio.wait_for(ch.channel_ready(), 10)
+        for i in range(args.count):
+            stub = pb_grpc.LivenessStub(channels[i % len(channels)])
+            tasks.append(
+                asyncio.create_task(
+                    _hold(
+                        stub,
+                        args.chatroom,
+                        args.first + i,
+                        args.total,
+                        args.interval_ms / 1000,
+                        samples,
+                        gate,
+                        stop,
+                    )
+                )
+            )
+        deadline = time.monotonic() + args.join_timeout
+        while samples.joined + len(samples.join_errors) < args.count:
+            if time.monotonic() > deadline or stop.is_set():
+                break
+            await asyncio.sleep(0.05)
+        # Steady state from here on: nothing left to collect that a pause would help.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        print(f"JOINED {samples.joined} errors {len(samples.join_errors)}", flush=True)
+        await stop.wait()
+    finally:
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
+        for ch in channels:
+            with contextlib.suppress(Exception):
+                await ch.close()
+    return {
+        "send_wall": samples.send_wall.tolist(),
+        "ack_ms": samples.ack_ms.tolist(),
+        "lag_ms": samples.lag_ms.tolist(),
+        "joined": samples.joined,
+        "join_errors": samples.join_errors[:20],
+        "join_error_count": len(samples.join_errors),
+        "not_ok": samples.not_ok,
+        "stream_errors": samples.stream_errors[:20],
+        "stream_error_count": len(samples.stream_errors),
+        "cpu_s": time.process_time(),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.load_client")
+    p.add_argument("--addr", required=True)
+    p.add_argument("--chatroom", default="load")
+    p.add_argument("--first", type=int, default=0, help="index of this process's first stream")
+    p.add_argument("--count", type=int, default=500, help="streams held by this process")
+    p.add_argument("--total", type=int, default=500, help="streams over all processes")
+    p.add_argument("--channels", type=int, default=10)
+    p.add_argument("--interval-ms", type=int, default=1000)
+    p.add_argument("--join-concurrency", type=int, default=25)
+    p.add_argument("--join-timeout", type=float, default=60)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    doc = asyncio.run(run(args))
+    with open(args.out, "w") as f:
+        json.dump(doc, f)
+    print("DONE", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The task service as a component a server hosts."""
+
+from __future__ import annotations
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from task_service.metrics import TaskMetrics
+from task_service.service import TaskService
+from task_service.servicer import SERVICE_NAME, TasksServicer
+from task_service.store import MIGRATIONS, TaskStore
+from vigil.v1 import tasks_pb2_grpc as pb_grpc
+from vigil_core.clock import Clock
+from vigil_core.db import Database
+from vigil_core.migrations import Migration, discover
+from vigil_core.timings import Timings
+
+
+def migrations() -> list[Migration]:
+    return discover("tasks", MIGRATIONS)
+
+
+class TaskApp:
+    service_names = [SERVICE_NAME]
+
+    def __init__(
+        self,
+        db: Database,
+        liveness_addr: str | None,
+        timings: Timings,
+        clock: Clock,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.store = TaskStore(db)
+        self.metrics = TaskMetrics(registry)
+        self.svc = TaskService(
+            self.store, db.url, liveness_addr or "", timings, clock, self.metrics
+        )
+
+    def set_liveness_addr(self, addr: str) -> None:
+        """The liveness service to follow (known once a shared server has bound its port)."""
+        self.svc.presence.addr = addr
+
+    def register(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_TasksServicer_to_server(TasksServicer(self.svc), server)
+
+    async def start(self) -> None:
+        await self.svc.start()
+
+    async def drain(self) -> None:
+        pass  # waiting agents simply reconnect; nothing is claimed for them yet
+
+    async def close(self) -> None:
+        await self.svc.close()

@@ -1,0 +1,71 @@
+"""Prometheus metrics of the task service (names are the contract: docs/metrics.md)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class TaskMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.tasks = Gauge(
+            "vigil_tasks", "Tasks by status (from the database).", ["status"], registry=registry
+        )
+        self.needs_attention = Gauge(
+            "vigil_tasks_needing_attention",
+            "Open tasks past the redelivery cap, waiting for a person.",
+            registry=registry,
+        )
+        self.transitions = Counter(
+            "vigil_task_transitions_total",
+            "Task status transitions, by FSM trigger.",
+            ["trigger"],
+            registry=registry,
+        )
+        self.recoveries = Counter(
+            "vigil_task_recoveries_total",
+            "Tasks sent back to pending, by trigger and why.",
+            ["trigger", "reason"],
+            registry=registry,
+        )
+        self.stale_attempts = Counter(
+            "vigil_task_stale_attempt_rejections_total",
+            "Start/complete requests refused because they named an old attempt.",
+            registry=registry,
+        )
+        self.deadline_lag = Histogram(
+            "vigil_task_deadline_lag_seconds",
+            "Deadline handled at minus the deadline.",
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.delivery = Histogram(
+            "vigil_task_delivery_seconds",
+            "Task created to task written to a waiting agent.",
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.notifications = Counter(
+            "vigil_notifications_total",
+            "Notifications raised, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.restart_requests = Counter(
+            "vigil_restart_requests_total",
+            "Restart requests for remote roles: issued, or deduplicated (one was pending).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.scheduler_pass = Histogram(
+            "vigil_task_scheduler_pass_seconds",
+            "One deadline-scheduler pass (find due tasks, decide, apply).",
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.waiting_agents = Gauge(
+            "vigil_task_waiting_agents",
+            "AwaitTask streams open on this replica.",
+            registry=registry,
+        )

@@ -1,0 +1,523 @@
+"""The task service's logic, free of gRPC: chatrooms, sending, pushed delivery, the
+one `transition` function, deadline handling, and recovery on liveness events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine
+from datetime import datetime
+from typing import Any
+
+from task_service import fsm, policy
+from task_service.metrics import TaskMetrics
+from task_service.model import Chatroom, Notification, Role, Task, Transition
+from task_service.presence import Presence, PresenceFollower
+from task_service.store import NOTIFICATION_CHANNEL, ROLE_CHANNEL, TaskStore, TaskTx
+from vigil_core import validation
+from vigil_core.clock import Clock
+from vigil_core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StorageError,
+)
+from vigil_core.pg_listen import Listener
+from vigil_core.timings import Timings
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT = 64 * 1024
+DUE_BATCH = 500
+SAFETY_WAKE_S = 5.0  # waiters and the scheduler re-check now and then even if not woken
+SYSTEM = "vigil"
+
+
+def check_task_id(task_id: str) -> str:
+    return validation.uuid_str(task_id, "task id")
+
+
+class TaskService:
+    def __init__(
+        self,
+        store: TaskStore,
+        url: str,
+        liveness_addr: str,
+        timings: Timings,
+        clock: Clock,
+        metrics: TaskMetrics,
+    ) -> None:
+        self.store = store
+        self.timings = timings
+        self.clock = clock
+        self.metrics = metrics
+        self.presence = PresenceFollower(liveness_addr, timings, self._participant_offline)
+        self.listener = Listener(
+            url, {ROLE_CHANNEL: self._role_woken, NOTIFICATION_CHANNEL: self._notified}
+        )
+        self._waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
+        self._notification_watchers: set[asyncio.Event] = set()
+        self._poke = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- life cycle -------------------------------------------------------
+
+    async def start(self) -> None:
+        self.listener.start()
+        self.presence.start()
+        self._tasks = [
+            asyncio.create_task(self._scheduler(), name="task-deadlines"),
+            asyncio.create_task(self._refresh_counts(), name="task-counts"),
+        ]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._background:
+            await asyncio.wait(self._background, timeout=2)
+        await self.presence.stop()
+        await self.listener.stop()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- wake-ups -------------------------------------------------------------
+
+    def _role_woken(self, payload: str) -> None:
+        self._poke.set()  # a new pending deadline may be the earliest
+        if not payload:
+            for events in self._waiters.values():
+                for ev in events:
+                    ev.set()
+            return
+        chatroom, _, role = payload.partition("/")
+        for ev in self._waiters.get((chatroom, role), ()):
+            ev.set()
+
+    def _notified(self, _payload: str) -> None:
+        for ev in self._notification_watchers:
+            ev.set()
+
+    def _after_commit(self, tx: TaskTx) -> None:
+        for key in tx.woken_roles:
+            self._role_woken(f"{key[0]}/{key[1]}")
+        for n in tx.notifications:
+            self.metrics.notifications.labels(n.kind).inc()
+        if tx.notifications:
+            self._notified("")
+
+    # -- chatrooms ----------------------------------------------------------
+
+    async def create_chatroom(self, name: str, roles: list[Role]) -> Chatroom:
+        validation.name(name, "chatroom name")
+        if not roles:
+            raise InvalidArgument("a chatroom needs at least one role (e.g. --role builder=custom)")
+        seen: set[str] = set()
+        for r in roles:
+            validation.name(r.role, "role")
+            if r.role in seen:
+                raise InvalidArgument(f"role {r.role!r} is listed twice")
+            seen.add(r.role)
+            if r.kind not in ("remote", "custom"):
+                raise InvalidArgument(f"role {r.role!r}: kind must be 'remote' or 'custom'")
+            if r.kind == "remote":
+                if not r.machine:
+                    raise InvalidArgument(
+                        f"remote role {r.role!r} needs the machine whose daemon runs it "
+                        f"(e.g. --role {r.role}=remote:MACHINE)"
+                    )
+                validation.name(r.machine, f"role {r.role!r} machine")
+            elif r.machine or r.command:
+                raise InvalidArgument(f"custom role {r.role!r} takes no machine or command")
+        return await self.store.create_chatroom(name, roles)
+
+    async def get_chatroom(self, name: str) -> Chatroom:
+        validation.name(name, "chatroom name")
+        found = await self.store.chatrooms([name])
+        if not found:
+            raise NotFound(f"no chatroom {name!r} (create it with `vigil chatroom create`)")
+        return found[0]
+
+    async def list_chatrooms(self) -> list[Chatroom]:
+        return await self.store.chatrooms(None)
+
+    async def _role(self, chatroom: str, role: str) -> Role:
+        room = await self.get_chatroom(chatroom)
+        for r in room.roles:
+            if r.role == role:
+                return r
+        names = ", ".join(r.role for r in room.roles)
+        raise NotFound(f"chatroom {chatroom!r} has no role {role!r} (its roles: {names})")
+
+    # -- sending and delivery -------------------------------------------------
+
+    async def send(self, chatroom: str, role: str, text: str) -> Task:
+        validation.name(chatroom, "chatroom")
+        validation.name(role, "role")
+        if not text.strip():
+            raise InvalidArgument("the message text is empty")
+        if len(text) > MAX_TEXT:
+            raise InvalidArgument(f"the message is {len(text)} characters; the limit is {MAX_TEXT}")
+        now = self.clock.now()
+        async with self.store.tx() as tx:
+            if await tx.lock_role(chatroom, role) is None:
+                await self._role(chatroom, role)  # raises the precise NOT_FOUND
+            busy = await tx.role_has_active(chatroom, role)
+            status = fsm.QUEUED if busy else fsm.PENDING
+            task = await tx.insert_task(
+                chatroom, role, text, status, now, policy.deadline_for(status, now, self.timings)
+            )
+        self._after_commit(tx)
+        return task
+
+    async def await_task(self, chatroom: str, role: str, connection_id: str, epoch: int) -> Task:
+        """Wait (pushed, not polled) until a task of the role can be claimed for this
+        connection; claim it atomically and return it."""
+        validation.name(chatroom, "chatroom")
+        validation.name(role, "role")
+        connection_id = validation.uuid_str(connection_id, "connection_id")
+        validation.positive(epoch, "epoch")
+        await self._role(chatroom, role)
+        key = (chatroom, role)
+        woken = asyncio.Event()
+        self._waiters.setdefault(key, set()).add(woken)
+        self.metrics.waiting_agents.inc()
+        try:
+            while True:
+                woken.clear()
+                task = await self._claim(chatroom, role, connection_id, epoch)
+                if task is not None:
+                    return task
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), SAFETY_WAKE_S)
+        finally:
+            self.metrics.waiting_agents.dec()
+            self._waiters[key].discard(woken)
+            if not self._waiters[key]:
+                del self._waiters[key]
+
+    async def _claim(self, chatroom: str, role: str, connection_id: str, epoch: int) -> Task | None:
+        now = self.clock.now()
+        fsm.transition(fsm.PENDING, "claimTask")
+        deadline = policy.deadline_for(fsm.ACKNOWLEDGED, now, self.timings)
+        async with self.store.tx() as tx:
+            task = await tx.apply(
+                "claimTask",
+                connection_id,
+                f"claimed by epoch {epoch}",
+                chatroom,
+                role,
+                connection_id,
+                epoch,
+                now,
+                deadline,
+            )
+        if task is None:
+            return None
+        self.metrics.transitions.labels("claimTask").inc()
+        self._poke.set()  # the acknowledged deadline may be the earliest now
+        return task
+
+    def delivered(self, task: Task) -> None:
+        self.metrics.delivery.observe((self.clock.now() - task.created_at).total_seconds())
+        # The claimer may already be known gone (its drop raced the claim).
+        assert task.assigned_to is not None and task.claim_epoch is not None
+        state = self.presence.claimer_state(
+            task.chatroom, task.role, task.assigned_to, task.claim_epoch
+        )
+        if state == "gone":
+            self._spawn(self.claimer_gone(task.id, "the claimer went offline during delivery"))
+
+    def delivery_failed(self, task: Task) -> None:
+        """The claimed task could not be written to its claimer: recover it at once."""
+        self._spawn(self.claimer_gone(task.id, "delivery failed"))
+
+    # -- the FSM --------------------------------------------------------------
+
+    async def transition(
+        self, tx: TaskTx, task: Task, trigger: str, actor: str, reason: str, now: datetime
+    ) -> Task:
+        """The one way a task's status changes (the database refuses any other)."""
+        to = fsm.transition(task.status, trigger)
+        if trigger in ("startTask", "completeTask", "cancelTask"):
+            args: tuple[object, ...] = (task.id, now)
+        else:
+            args = (task.id, now, policy.deadline_for(to, now, self.timings))
+        changed = await tx.apply(trigger, actor, reason, *args)
+        if changed is None:
+            raise NotFound(f"task {task.id} disappeared")
+        self.metrics.transitions.labels(trigger).inc()
+        if to in fsm.TERMINAL:
+            await self._promote(tx, task.chatroom, task.role, now)
+        return changed
+
+    async def _promote(self, tx: TaskTx, chatroom: str, role: str, now: datetime) -> None:
+        if await tx.role_has_active(chatroom, role):
+            return
+        next_id = await tx.next_queued(chatroom, role)
+        if next_id is None:
+            return
+        locked = await tx.lock_task(next_id)
+        assert locked is not None
+        await self.transition(
+            tx, locked[0], "promoteNextTask", SYSTEM, "the role's active task ended", now
+        )
+
+    async def _locked(self, tx: TaskTx, task_id: str) -> tuple[Task, str]:
+        """Lock the task's role, then the task (always in that order: no deadlocks)."""
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        await tx.lock_role(task.chatroom, task.role)
+        locked = await tx.lock_task(task_id)
+        if locked is None:
+            raise NotFound(f"no task {task_id}")
+        return locked
+
+    def _check_attempt(self, task: Task, attempt: int, what: str) -> None:
+        if attempt != task.attempt:
+            self.metrics.stale_attempts.inc()
+            raise FailedPrecondition(
+                f"cannot {what} task {task.id} with attempt {attempt}: it is on attempt "
+                f"{task.attempt} (it was redelivered; this claim is stale)"
+            )
+
+    async def _by_person(
+        self, task_id: str, trigger: str, actor: str, reason: str, attempt: int | None = None
+    ) -> Task:
+        task_id = check_task_id(task_id)
+        actor = actor or "cli"
+        now = self.clock.now()
+        async with self.store.tx() as tx:
+            task, _kind = await self._locked(tx, task_id)
+            if attempt is not None:
+                self._check_attempt(task, attempt, trigger.removesuffix("Task").lower())
+            changed = await self.transition(tx, task, trigger, actor, reason, now)
+        self._after_commit(tx)
+        return changed
+
+    async def start_task(self, task_id: str, attempt: int, actor: str) -> Task:
+        return await self._by_person(task_id, "startTask", actor, "started", attempt)
+
+    async def complete_task(self, task_id: str, attempt: int, actor: str) -> Task:
+        return await self._by_person(task_id, "completeTask", actor, "completed", attempt)
+
+    async def cancel_task(self, task_id: str, actor: str, reason: str) -> Task:
+        return await self._by_person(task_id, "cancelTask", actor, reason or "cancelled")
+
+    async def release_task(self, task_id: str, actor: str, reason: str) -> Task:
+        """A person hands a claimed task back: pending again, on the next attempt."""
+        task_id = check_task_id(task_id)
+        task = await self.store.get_task(task_id)
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        trigger = (
+            "recoverOrphaned" if task.status == fsm.IN_PROGRESS else "recoverStuckAcknowledged"
+        )
+        released = await self._by_person(task_id, trigger, actor, reason or "released by a person")
+        self.metrics.recoveries.labels(trigger, "released").inc()
+        return released
+
+    # -- recovery ---------------------------------------------------------------
+
+    async def _participant_offline(self, p: Presence) -> None:
+        now = self.clock.now()
+        if p.offline_reason == "task_received":
+            await self.store.mark_delivered(p.connection_id, p.epoch, now)
+            return
+        for task_id in await self.store.claims_of(p.connection_id, p.epoch):
+            await self.claimer_gone(
+                task_id, f"the claimer went offline ({p.offline_reason}) before receiving it"
+            )
+
+    async def claimer_gone(self, task_id: str, why: str) -> None:
+        """The fast path: the claimer is known gone; recover now (or give up at the cap)."""
+        now = self.clock.now()
+        try:
+            async with self.store.tx() as tx:
+                task, _kind = await self._locked(tx, task_id)
+                if task.status not in (fsm.ACKNOWLEDGED, fsm.IN_PROGRESS):
+                    return
+                await tx.mark_claimer_dead(task.id, now)
+                snap = self._snapshot(task, _kind, claimer_dead=True)
+                decision = policy.decide_on_claimer_gone(snap, now, self.timings)
+                await self._apply_decision(tx, task, decision, now, "claimer_gone")
+            self._after_commit(tx)
+        except (StorageError, NotFound) as exc:
+            log.warning("recovering task %s (%s) failed: %s", task_id, why, exc)
+
+    def _claimer_known_dead(self, task: Task) -> bool:
+        if task.claimer_dead_at is not None:
+            return True
+        if task.status != fsm.ACKNOWLEDGED or task.delivered_at is not None:
+            return False
+        if task.assigned_to is None or task.claim_epoch is None:
+            return False
+        state = self.presence.claimer_state(
+            task.chatroom, task.role, task.assigned_to, task.claim_epoch
+        )
+        return state == "gone"
+
+    def _snapshot(self, task: Task, kind: str, *, claimer_dead: bool) -> policy.TaskSnapshot:
+        # Until the presence view is synced, assume the role is live: acting on
+        # "nobody is there" without knowing would restart or notify wrongly.
+        live = (not self.presence.synced.is_set()) or self.presence.role_is_live(
+            task.chatroom, task.role
+        )
+        return policy.TaskSnapshot(
+            status=task.status,
+            role_kind="remote" if kind == "remote" else "custom",
+            attempt=task.attempt,
+            deadline_at=task.deadline_at,
+            claimer_known_dead=claimer_dead,
+            role_has_live_participant=live,
+            recoveries=task.recoveries,
+        )
+
+    async def _apply_decision(
+        self, tx: TaskTx, task: Task, d: policy.Decision, now: datetime, why: str
+    ) -> None:
+        if d.action == "recover":
+            assert d.trigger is not None
+            await self.transition(tx, task, d.trigger, SYSTEM, d.reason, now)
+            self.metrics.recoveries.labels(d.trigger, why).inc()
+            return
+        if d.action == "give_up":
+            await tx.set_needs_attention(task.id, now)
+            await tx.notify(
+                policy.REDELIVERY_CAP,
+                task.chatroom,
+                task.role,
+                task.id,
+                task.attempt,
+                f"task {task.id} in {task.chatroom}/{task.role} is not redelivered again: "
+                f"{d.reason}; cancel it or send it anew",
+            )
+            return
+        if d.action == "restart":
+            request = await tx.request_restart(task.chatroom, task.role, task.id, d.reason)
+            self.metrics.restart_requests.labels("issued" if request else "deduplicated").inc()
+            if request is not None:
+                await tx.notify(
+                    "restart_requested",
+                    task.chatroom,
+                    task.role,
+                    task.id,
+                    task.attempt,
+                    f"restart requested for remote role {task.chatroom}/{task.role}: {d.reason}",
+                )
+        elif d.action == "notify":
+            assert d.notification_kind is not None
+            await tx.notify(
+                d.notification_kind,
+                task.chatroom,
+                task.role,
+                task.id,
+                task.attempt,
+                f"task {task.id} in {task.chatroom}/{task.role}: {d.reason}",
+            )
+        if d.next_deadline_at != task.deadline_at:
+            await tx.set_deadline(task.id, d.next_deadline_at)
+
+    # -- deadlines --------------------------------------------------------------
+
+    async def run_due(self) -> int:
+        """One scheduler pass: handle every task whose deadline has passed."""
+        handled = 0
+        while True:
+            started = time.perf_counter()
+            now = self.clock.now()
+            async with self.store.tx() as tx:
+                due = await tx.due(now, DUE_BATCH)
+                for task, kind in due:
+                    snap = self._snapshot(task, kind, claimer_dead=self._claimer_known_dead(task))
+                    decision = policy.decide_at_deadline(snap, now, self.timings)
+                    if task.deadline_at is not None:
+                        lag = (self.clock.now() - task.deadline_at).total_seconds()
+                        self.metrics.deadline_lag.observe(max(0.0, lag))
+                    await self._apply_decision(tx, task, decision, now, "timeout")
+            self._after_commit(tx)
+            self.metrics.scheduler_pass.observe(time.perf_counter() - started)
+            handled += len(due)
+            if len(due) < DUE_BATCH:
+                return handled
+
+    async def _scheduler(self) -> None:
+        while True:
+            self._poke.clear()
+            sleep = SAFETY_WAKE_S
+            try:
+                await self.run_due()
+                deadline = await self.store.next_deadline()
+                if deadline is not None:
+                    sleep = min(sleep, (deadline - self.clock.now()).total_seconds())
+            except StorageError as exc:
+                log.warning("deadline pass failed, retrying: %s", exc)
+                sleep = 1.0
+            if sleep > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), sleep)
+
+    # -- queries ----------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> Task:
+        task = await self.store.get_task(check_task_id(task_id))
+        if task is None:
+            raise NotFound(f"no task {task_id}")
+        return task
+
+    async def history(self, task_id: str) -> list[Transition]:
+        await self.get_task(task_id)
+        return await self.store.history(task_id)
+
+    async def list_tasks(self, chatroom: str, status: str, limit: int) -> list[Task]:
+        if chatroom:
+            validation.name(chatroom, "chatroom")
+        if status and status not in fsm.STATUSES:
+            raise InvalidArgument(
+                f"status must be one of {', '.join(fsm.STATUSES)}, got {status!r}"
+            )
+        if limit < 0 or limit > 10_000:
+            raise InvalidArgument("limit must be between 0 and 10000")
+        return await self.store.list_tasks(chatroom or None, status or None, limit or 1000)
+
+    async def list_notifications(self, after_id: int, limit: int) -> list[Notification]:
+        if after_id < 0 or limit < 0 or limit > 10_000:
+            raise InvalidArgument("after_id must be >= 0 and limit between 0 and 10000")
+        return await self.store.list_notifications(after_id, limit or 1000)
+
+    async def watch_notifications(self, after_id: int) -> AsyncIterator[Notification]:
+        if after_id < 0:
+            raise InvalidArgument("after_id must be >= 0")
+        woken = asyncio.Event()
+        self._notification_watchers.add(woken)
+        try:
+            last = after_id
+            while True:
+                woken.clear()
+                for n in await self.store.list_notifications(last, 1000):
+                    last = n.id
+                    yield n
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), SAFETY_WAKE_S)
+        finally:
+            self._notification_watchers.discard(woken)
+
+    async def _refresh_counts(self) -> None:
+        while True:
+            try:
+                counts, attention = await self.store.counts()
+                for status in fsm.STATUSES:
+                    self.metrics.tasks.labels(status).set(counts.get(status, 0))
+                self.metrics.needs_attention.set(attention)
+            except StorageError as exc:
+                log.debug("task counts: %s", exc)
+            await asyncio.sleep(2)
