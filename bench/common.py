@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import signal
 import subprocess
@@ -161,6 +162,73 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_of(pids: Iterable[int]) -> float:
+    """CPU seconds of the processes still running among `pids`."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += cpu_seconds(pid)
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has been busy since boot (all cores, all processes)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(values[:8]) - values[3] - values[4]  # minus idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+NOISY_PCT = 25.0  # other work on the machine above this (% of one core) taints a figure
+
+
+class CpuMeter:
+    """Where the machine's CPU went during a measured window, in % of one core: the server,
+    PostgreSQL, named groups of our processes, this process with the children it already
+    reaped (e.g. killed agents), and everything else (other people's work: noise)."""
+
+    def __init__(self, ctx: Context, server_pid: int, groups: Mapping[str, list[int]]) -> None:
+        self._ctx = ctx
+        self._server = server_pid
+        self._groups = dict(groups)
+        self._start: dict[str, float] = {}
+        self._t0 = 0.0
+
+    def _snapshot(self) -> dict[str, float]:
+        machine = machine_busy_seconds()
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        parts = {
+            "server": cpu_of([self._server]),
+            "postgres": cpu_of(self._ctx.postgres_pids()),
+            **{name: cpu_of(pids) for name, pids in self._groups.items()},
+            "bench": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+        }
+        return {**parts, "others": machine - sum(parts.values()), "machine": machine}
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._start = self._snapshot()
+
+    def stop(self) -> dict[str, float]:
+        end = self._snapshot()
+        elapsed = max(1e-9, time.monotonic() - self._t0)
+        return {k: round((end[k] - self._start[k]) / elapsed * 100, 1) for k in end}
+
+
+def cpu_notes(pct: Mapping[str, float]) -> list[str]:
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in pct.items() if k not in ("others", "machine"))
+    notes = [
+        f"CPU, % of one core: {parts}; everything else on the machine {pct['others']:.0f} "
+        f"(machine busy {pct['machine']:.0f} of {(os.cpu_count() or 1) * 100})"
+    ]
+    if pct["others"] > NOISY_PCT:
+        notes.append(
+            f"NOISY: other work used {pct['others']:.0f}% of a core meanwhile; "
+            "tail latencies are pessimistic"
+        )
+    return notes
+
+
 def log_tail(path: Path, lines: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -209,7 +277,18 @@ class Context:
     tmp: Path
     reaper: Reaper
     pg_stat_statements: bool
+    postmaster_pid: int
     only: set[str] = field(default_factory=set)  # benchmark names to run; empty: all
+
+    def postgres_pids(self) -> list[int]:
+        """The postmaster and its backends (as of now)."""
+        import psutil
+
+        try:
+            children = psutil.Process(self.postmaster_pid).children(recursive=True)
+        except psutil.Error:
+            return [self.postmaster_pid]
+        return [self.postmaster_pid, *(c.pid for c in children)]
 
     async def new_database(self) -> str:
         url = await harness.create_database_from(self.admin_url, self.template)
@@ -317,7 +396,7 @@ async def environment() -> AsyncIterator[Context]:
         server, pss = await asyncio.to_thread(_start_postgres, tmp / "pg")
         url = server.get_uri()
         await harness.create_template(url, TEMPLATE)
-        yield Context(url, TEMPLATE, tmp, reaper, pss)
+        yield Context(url, TEMPLATE, tmp, reaper, pss, int(server.get_pid()))
     finally:
         await asyncio.to_thread(reaper.kill_all)
         if server is not None:
@@ -347,7 +426,7 @@ def print_table(results: Mapping[str, Mapping[str, Any]]) -> None:
     header = ("benchmark", "n", "median ms", "p90 ms", "p99 ms", "max ms", "goal", "result")
     rows = []
     for name, r in results.items():
-        verdict = "pass" if r.get("pass") else "MISSED"
+        verdict = "BROKEN" if "error" in r else "pass" if r.get("pass") else "MISSED"
         rows.append(
             (
                 name,
@@ -369,6 +448,8 @@ def print_table(results: Mapping[str, Mapping[str, Any]]) -> None:
         print(line.format(*row))
     for name, r in results.items():
         notes = r.get("notes") or []
+        if "error" in r:
+            notes = [*notes, f"BROKEN: {r['error']}"]
         if notes or r.get("missed"):
             print(f"\n{name}:")
             for n in notes:
@@ -379,9 +460,17 @@ def print_table(results: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 def write_results(results: Mapping[str, Any], path: Path) -> None:
+    """Update `path` with these results: benchmarks not run this time keep their last
+    entry (each entry carries its own date)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {**results, "machine": machine_info()}
-    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    doc: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        doc = json.loads(path.read_text())
+    machine = machine_info()
+    for name, r in results.items():
+        doc[name] = {**r, "date": machine["date"]}
+    doc["machine"] = machine
+    path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def python_cmd(module: str, *args: str) -> list[str]:

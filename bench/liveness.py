@@ -105,6 +105,8 @@ async def kill_to_offline(ctx: Context) -> dict[str, Any]:
     visible: list[float] = []
     reasons: Counter[str] = Counter()
     started = time.monotonic()
+    meter = common.CpuMeter(ctx, server.proc.pid, {})
+    meter.start()
     try:
         while len(latencies) < KILL_ITERATIONS:
             n = min(KILL_BATCH, KILL_ITERATIONS - len(latencies))
@@ -125,6 +127,7 @@ async def kill_to_offline(ctx: Context) -> dict[str, Any]:
                 reasons[reason] += 1
                 await asyncio.sleep(KILL_SPACING_S)
             ctx.reaper.forget_finished()
+        cpu_pct = meter.stop()
         samples = await common.scrape(server.metrics_port)
     except Exception:
         print(f"server log (tail):\n{common.log_tail(server.log)}")
@@ -150,6 +153,7 @@ async def kill_to_offline(ctx: Context) -> dict[str, Any]:
     ]
     if commit_ms is not None:
         notes.append(f"server: stream close noticed -> offline committed, mean {commit_ms:.2f} ms")
+    notes += common.cpu_notes(cpu_pct)
     return common.result(
         latencies,
         KILL_GOAL,
@@ -158,6 +162,7 @@ async def kill_to_offline(ctx: Context) -> dict[str, Any]:
         reasons=dict(reasons),
         visible=visible_summary,
         server_commit_mean_ms=commit_ms,
+        cpu_pct=cpu_pct,
         elapsed_s=round(elapsed, 1),
     )
 
@@ -173,14 +178,6 @@ LOAD_ENV = {"VIGIL_HEARTBEAT_INTERVAL_MS": "1000", "VIGIL_HEARTBEAT_TTL_MS": "10
 LOAD_GOAL = Goal(p99_ms=50)
 LOAD_CHATROOM = "bench-load"
 FLUSH_SQL_MARK = "last_heartbeat_at = greatest"  # the batched heartbeat UPDATE
-
-
-def _machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs since boot."""
-    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    total = sum(values[:8])
-    return total - idle, total
 
 
 async def _wait_joined(clients: list[tuple[subprocess.Popen[bytes], Path]], timeout: float) -> None:
@@ -231,9 +228,9 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
                 "bench.load_client",
                 "--addr", server.addr,
                 "--chatroom", LOAD_CHATROOM,
-                "--first", str(k * per),
+                "--shard", str(k),
+                "--shards", str(LOAD_PROCESSES),
                 "--count", str(per),
-                "--total", str(LOAD_PARTICIPANTS),
                 "--channels", str(LOAD_CHANNELS),
                 "--interval-ms", LOAD_ENV["VIGIL_HEARTBEAT_INTERVAL_MS"],
                 "--out", str(out),
@@ -249,13 +246,14 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
         if ctx.pg_stat_statements:
             await conn.execute("SELECT pg_stat_statements_reset()")
         m0 = await common.scrape(server.metrics_port)
-        cpu0 = common.cpu_seconds(server.proc.pid)
-        busy0 = _machine_busy()
+        meter = common.CpuMeter(
+            ctx, server.proc.pid, {"load generators": [proc.pid for proc, _ in clients]}
+        )
+        meter.start()
         t0 = time.time()
         await asyncio.sleep(LOAD_WINDOW_S)
         t1 = time.time()
-        busy1 = _machine_busy()
-        cpu1 = common.cpu_seconds(server.proc.pid)
+        cpu_pct = meter.stop()
         m1 = await common.scrape(server.metrics_port)
         pss = await _statement_counts(conn) if ctx.pg_stat_statements else None
         rss = common.rss_mb(server.proc.pid)
@@ -287,7 +285,6 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
     acks: list[float] = []
     lags: list[float] = []
     not_ok = stream_errors = 0
-    client_cpu = 0.0
     errors: list[str] = []
     for out in outputs:
         doc = json.loads(out.read_text())
@@ -298,7 +295,6 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
         not_ok += doc["not_ok"]
         stream_errors += doc["stream_error_count"]
         errors += doc["stream_errors"]
-        client_cpu += doc["cpu_s"]
 
     def delta(name: str, **labels: str) -> float:
         return common.metric(m1, name, **labels) - common.metric(m0, name, **labels)
@@ -313,8 +309,6 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
     statuses = {f"{r['status']}/{r['offline_reason'] or '-'}": r["n"] for r in status_rows}
     live = statuses.get("live/-", 0)
     streams = common.metric(m1, "vigil_session_streams")
-    server_cpu_pct = (cpu1 - cpu0) / window * 100
-    machine_pct = (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]) * 100
     lag = common.summarize(lags)
 
     notes = [
@@ -325,9 +319,8 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
         f"stream errors {stream_errors}",
         f"at the end: {live}/{LOAD_PARTICIPANTS} live ({statuses}); open streams {streams:.0f}; "
         f"TTL expiries in the window {expired:.0f}",
-        f"server RSS {rss:.1f} MiB; server CPU {server_cpu_pct:.0f}% of one core; "
-        f"machine busy {machine_pct:.0f}% of {os.cpu_count()} cores; "
-        f"load generators used {client_cpu:.1f} CPU s in total",
+        f"server RSS {rss:.1f} MiB",
+        *common.cpu_notes(cpu_pct),
         "generator send lag behind schedule: median {median_ms} / p99 {p99_ms} / "
         "max {max_ms} ms".format(**lag),
         f"{LOAD_PARTICIPANTS} joins (2 processes starting included) took {join_s:.1f} s",
@@ -356,8 +349,7 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
         statuses_at_end=statuses,
         ttl_expired_in_window=expired,
         server_rss_mb=round(rss, 1),
-        server_cpu_pct=round(server_cpu_pct, 1),
-        machine_busy_pct=round(machine_pct, 1),
+        cpu_pct=cpu_pct,
         generator_lag=lag,
         window_s=round(window, 2),
         join_s=round(join_s, 1),

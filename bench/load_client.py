@@ -5,8 +5,11 @@ evenly over the interval across all generator processes, by wall clock), timing 
 beat until its HeartbeatResponse arrives. It prints `JOINED n` once every stream has
 joined, runs until SIGTERM/SIGINT, then writes its samples as JSON to --out.
 
-    python -m bench.load_client --addr 127.0.0.1:PORT --first 0 --count 500 --total 1000 \
+    python -m bench.load_client --addr 127.0.0.1:PORT --shard 0 --shards 2 --count 500 \
         --out samples.json
+
+With several generator processes, give each its own --shard; stream i of shard k is the
+global participant i * shards + k, so every process's beats cover the whole interval.
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     try:
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), 10)
+        total = args.count * args.shards
         for i in range(args.count):
             stub = pb_grpc.LivenessStub(channels[i % len(channels)])
             tasks.append(
@@ -121,8 +125,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     _hold(
                         stub,
                         args.chatroom,
-                        args.first + i,
-                        args.total,
+                        i * args.shards + args.shard,
+                        total,
                         args.interval_ms / 1000,
                         samples,
                         gate,
@@ -168,9 +172,9 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.load_client")
     p.add_argument("--addr", required=True)
     p.add_argument("--chatroom", default="load")
-    p.add_argument("--first", type=int, default=0, help="index of this process's first stream")
-    p.add_argument("--count", type=int, default=500, help="streams held by this process")
-    p.add_argument("--total", type=int, default=500, help="streams over all processes")
+    p.add_argument("--shard", type=int, default=0, help="this process's number, 0..shards-1")
+    p.add_argument("--shards", type=int, default=1, help="generator processes in all")
+    p.add_argument("--count", type=int, default=500, help="streams held by each process")
     p.add_argument("--channels", type=int, default=10)
     p.add_argument("--interval-ms", type=int, default=1000)
     p.add_argument("--join-concurrency", type=int, default=25)

@@ -79,17 +79,20 @@ class HeartbeatBatcher:
                 log.warning("heartbeat flush failed, will retry: %s", exc)
 
     async def flush(self) -> None:
-        while self._pending:
-            batch_keys = list(self._pending)[:MAX_BATCH]
-            batch = {k: self._pending.pop(k) for k in batch_keys}
-            waiters = {k: self._waiters.pop(k) for k in batch_keys if k in self._waiters}
+        """Write the beats pending now (not those arriving meanwhile: they wait for the
+        next flush, so a busy server still writes about once per interval)."""
+        pending, self._pending = self._pending, {}
+        keys = list(pending)
+        for start in range(0, len(keys), MAX_BATCH):
+            batch = {k: pending[k] for k in keys[start : start + MAX_BATCH]}
+            waiters = {k: self._waiters.pop(k) for k in batch if k in self._waiters}
             rows = [(k[0], k[1], b[0], b[1], b[2]) for k, b in batch.items()]
             try:
                 updated = await self._store.flush_heartbeats(rows)
             except StorageError as exc:
-                # Put the beats back (unless newer ones arrived) and fail the waiters.
-                for k, b in batch.items():
-                    self._pending.setdefault(k, b)
+                # Put the unwritten beats back (unless newer ones arrived), fail the waiters.
+                for k in keys[start:]:
+                    self._pending.setdefault(k, pending[k])
                 for futs in waiters.values():
                     for f in futs:
                         if not f.done():

@@ -33,6 +33,11 @@ MAX_TEXT = 64 * 1024
 DUE_BATCH = 500
 SAFETY_WAKE_S = 5.0  # waiters and the scheduler re-check now and then even if not woken
 SYSTEM = "vigil"
+# A person's release: the recovery trigger for the status the task is in.
+_RELEASE_TRIGGER = {
+    fsm.ACKNOWLEDGED: "recoverStuckAcknowledged",
+    fsm.IN_PROGRESS: "recoverOrphaned",
+}
 
 
 def check_task_id(task_id: str) -> str:
@@ -291,13 +296,28 @@ class TaskService:
             )
 
     async def _by_person(
-        self, task_id: str, trigger: str, actor: str, reason: str, attempt: int | None = None
+        self,
+        task_id: str,
+        trigger: str | None,
+        actor: str,
+        reason: str,
+        attempt: int | None = None,
     ) -> Task:
+        """A person's (or agent's) request; trigger None means a release, whose trigger
+        depends on the status found under the lock."""
         task_id = check_task_id(task_id)
         actor = actor or "cli"
         now = self.clock.now()
         async with self.store.tx() as tx:
             task, _kind = await self._locked(tx, task_id)
+            if trigger is None:
+                trigger = _RELEASE_TRIGGER.get(task.status)
+                if trigger is None:
+                    raise FailedPrecondition(
+                        f"cannot release task {task.id}: it is {task.status}; only an "
+                        "acknowledged or in_progress task can be handed back"
+                    )
+                self.metrics.recoveries.labels(trigger, "released").inc()
             if attempt is not None:
                 self._check_attempt(task, attempt, trigger.removesuffix("Task").lower())
             changed = await self.transition(tx, task, trigger, actor, reason, now)
@@ -315,16 +335,7 @@ class TaskService:
 
     async def release_task(self, task_id: str, actor: str, reason: str) -> Task:
         """A person hands a claimed task back: pending again, on the next attempt."""
-        task_id = check_task_id(task_id)
-        task = await self.store.get_task(task_id)
-        if task is None:
-            raise NotFound(f"no task {task_id}")
-        trigger = (
-            "recoverOrphaned" if task.status == fsm.IN_PROGRESS else "recoverStuckAcknowledged"
-        )
-        released = await self._by_person(task_id, trigger, actor, reason or "released by a person")
-        self.metrics.recoveries.labels(trigger, "released").inc()
-        return released
+        return await self._by_person(task_id, None, actor, reason or "released by a person")
 
     # -- recovery ---------------------------------------------------------------
 
@@ -475,8 +486,8 @@ class TaskService:
         return task
 
     async def history(self, task_id: str) -> list[Transition]:
-        await self.get_task(task_id)
-        return await self.store.history(task_id)
+        task = await self.get_task(task_id)
+        return await self.store.history(task.id)
 
     async def list_tasks(self, chatroom: str, status: str, limit: int) -> list[Task]:
         if chatroom:
