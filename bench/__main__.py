@@ -30,6 +30,7 @@ warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 # group name -> module (tasks, daemon: add theirs here)
 GROUPS: dict[str, str] = {
     "liveness": "bench.liveness",
+    "tasks": "bench.tasks",
 }
 
 

@@ -101,7 +101,7 @@ def result(
     missed = goal.misses(summary) + [name for name, ok in (checks or {}).items() if not ok]
     goal_text = goal.describe()
     if checks:
-        goal_text = "; ".join([goal_text, *checks])
+        goal_text = "; ".join(x for x in [goal_text, *checks] if x)
     return {
         **summary,
         "goal": goal_text,
@@ -301,9 +301,14 @@ class Context:
         return url
 
     async def start_server(
-        self, url: str, env: Mapping[str, str], name: str
+        self,
+        url: str,
+        env: Mapping[str, str],
+        name: str,
+        args: Sequence[str] = ("liveness", "serve"),
     ) -> harness.ServerProcess:
-        """`vigil liveness serve` as a child process on loopback ports picked by the OS."""
+        """`vigil ARGS` (default `vigil liveness serve`; `("up",)` hosts every service) as a
+        child process on loopback ports picked by the OS."""
         full_env = harness.child_env(
             {
                 "DATABASE_URL": url,
@@ -313,9 +318,7 @@ class Context:
             }
         )
         log = self.tmp / f"server-{name}.log"
-        server = await asyncio.to_thread(
-            harness.start_server_process, ["liveness", "serve"], full_env, log
-        )
+        server = await asyncio.to_thread(harness.start_server_process, list(args), full_env, log)
         self.reaper.add(server.proc)
         return server
 

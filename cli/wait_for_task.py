@@ -10,7 +10,7 @@ import sys
 
 import grpc
 
-from cli.rpc import CliError, channel, wait_ready
+from cli.rpc import CliError, channel, rpc_error, wait_ready
 from cli.session_client import SessionClient, Stop
 from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
@@ -85,6 +85,23 @@ async def _receive_task(
             await asyncio.sleep(0.05)
 
 
+async def _check_role(ch: grpc.aio.Channel, addr: str, chatroom: str, role: str) -> None:
+    """Refuse an unknown chatroom or role before joining (a user mistake, one line)."""
+    try:
+        room = await tpb_grpc.TasksStub(ch).GetChatroom(
+            tpb.GetChatroomRequest(name=chatroom), timeout=10
+        )
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return  # a liveness-only server: nothing to check against
+        raise rpc_error(exc, addr) from None
+    roles = [r.role for r in room.roles]
+    if role not in roles:
+        raise CliError(
+            f"chatroom {chatroom!r} has no role {role!r} (its roles: {', '.join(roles)})"
+        )
+
+
 async def wait_for_task(
     addr: str,
     chatroom: str,
@@ -102,6 +119,7 @@ async def wait_for_task(
     ch = channel(addr, timings)
     try:
         await wait_ready(ch, addr)
+        await _check_role(ch, addr, chatroom, role)
         client = SessionClient(ch, addr, chatroom, role, kind, _say)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(

@@ -242,8 +242,24 @@ class TaskService:
             self._spawn(self.claimer_gone(task.id, "the claimer went offline during delivery"))
 
     def delivery_failed(self, task: Task) -> None:
-        """The claimed task could not be written to its claimer: recover it at once."""
-        self._spawn(self.claimer_gone(task.id, "delivery failed"))
+        """The AwaitTask stream ended around the write. If the claimer's session is still
+        live it may well have the task: its leave decides (task_received, or any other
+        reason, which recovers). Otherwise the delivery failed: recover at once."""
+        self._spawn(self._settle_delivery(task))
+
+    async def _settle_delivery(self, task: Task) -> None:
+        assert task.assigned_to is not None and task.claim_epoch is not None
+        # The claimer's join may not have reached the presence view yet: give it a moment.
+        for _ in range(25):
+            state = self.presence.claimer_state(
+                task.chatroom, task.role, task.assigned_to, task.claim_epoch
+            )
+            if state in ("live", "received"):
+                return
+            if state == "gone":
+                break
+            await asyncio.sleep(0.02)
+        await self.claimer_gone(task.id, "delivery failed")
 
     # -- the FSM --------------------------------------------------------------
 

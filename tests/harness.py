@@ -120,6 +120,14 @@ async def local_server(url: str, timings: Timings) -> AsyncIterator[LocalServer]
         await db.close()
 
 
+async def make_room(srv: LocalServer, name: str = "room", *custom_roles: str) -> None:
+    """A chatroom whose roles (default: builder) are custom agents."""
+    from task_service.model import Role
+
+    roles = [Role(r, "custom") for r in (custom_roles or ("builder",))]
+    await srv.tasks.svc.create_chatroom(name, roles)
+
+
 # -- subprocesses --------------------------------------------------------------
 
 

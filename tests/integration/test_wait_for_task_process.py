@@ -27,6 +27,7 @@ async def _wait_exit(agent: harness.Agent, timeout: float = 10) -> int:
 
 async def test_sigkill_is_offline_at_once_as_stream_dropped(db_url: str, tmp: Path) -> None:
     async with local_server(db_url, TIMINGS) as srv:
+        await harness.make_room(srv)
         agent = spawn_agent(srv.addr, "room", "builder", tmp)
         await harness.wait_live(db_url, "room", "builder")
         killed_at = datetime.now(UTC)
@@ -42,6 +43,7 @@ async def test_sigstop_expires_at_ttl_then_sigcont_rejoins_with_higher_epoch(
     db_url: str, tmp: Path
 ) -> None:
     async with local_server(db_url, TIMINGS) as srv:
+        await harness.make_room(srv)
         agent = spawn_agent(srv.addr, "room", "builder", tmp)
         first = await harness.wait_live(db_url, "room", "builder")
         await asyncio.sleep(0.3)  # a few heartbeats
@@ -74,6 +76,7 @@ async def test_signals_leave_with_reason_signal(
     db_url: str, tmp: Path, sig: signal.Signals, code: int
 ) -> None:
     async with local_server(db_url, TIMINGS) as srv:
+        await harness.make_room(srv)
         agent = spawn_agent(srv.addr, "room", "builder", tmp)
         live = await harness.wait_live(db_url, "room", "builder")
         # While it runs, ready_until keeps moving forward.
@@ -89,6 +92,7 @@ async def test_signals_leave_with_reason_signal(
 
 async def test_timeout_leaves_with_reason_left_and_exit_0(db_url: str, tmp: Path) -> None:
     async with local_server(db_url, TIMINGS) as srv:
+        await harness.make_room(srv)
         agent = spawn_agent(srv.addr, "room", "builder", tmp, timeout="700ms")
         assert await _wait_exit(agent) == 0
         row = await harness.participant_row(db_url, "room", "builder")
@@ -100,6 +104,7 @@ async def test_an_error_leaves_with_reason_error(db_url: str, tmp: Path) -> None
     """A real failure: the agent's stderr pipe is closed under it, so writing its
     status line fails; it still leaves, with reason `error`, and exits 1."""
     async with local_server(db_url, TIMINGS) as srv:
+        await harness.make_room(srv)
         read_end, write_end = os.pipe()
         os.close(read_end)  # nobody will ever read: the first write raises EPIPE
         proc = subprocess.Popen(
@@ -116,6 +121,7 @@ async def test_an_error_leaves_with_reason_error(db_url: str, tmp: Path) -> None
 
 async def test_second_wait_for_task_supersedes_the_first(db_url: str, tmp: Path) -> None:
     async with local_server(db_url, TIMINGS) as srv:
+        await harness.make_room(srv)
         first = spawn_agent(srv.addr, "room", "builder", tmp)
         one = await harness.wait_live(db_url, "room", "builder")
         second = spawn_agent(srv.addr, "room", "builder", tmp)
@@ -134,6 +140,11 @@ async def test_second_wait_for_task_supersedes_the_first(db_url: str, tmp: Path)
 async def test_user_mistakes_are_one_line_errors(tmp: Path) -> None:
     cases = [
         (["wait-for-task", "--chatroom", "room"], 2, "--role"),
+        (
+            ["wait-for-task", "--chatroom", "room", "--role", "r", "--addr", "127.0.0.1:1"],
+            1,
+            "cannot reach Vigil",
+        ),
         (["wait-for-task", "--chatroom", "bad name", "--role", "r"], 2, "may contain only"),
         (["wait-for-task", "--chatroom", "c", "--role", "r", "--timeout", "soon"], 2, "duration"),
         (["participants", "--addr", "127.0.0.1:1"], 1, "cannot reach Vigil at 127.0.0.1:1"),

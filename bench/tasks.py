@@ -1,0 +1,800 @@
+"""Task-service benchmarks.
+
+send_to_receipt       200 tasks sent one at a time to (chatroom, role) while a separate
+                      agent process (bench.task_agent) holds an AwaitTask stream for it;
+                      time from just before SendMessage to the agent holding the task.
+deadline_lag          10,000 pending tasks of custom roles nobody is live for, their
+                      deadlines spread over one minute; a real `vigil up` scheduler
+                      notifies each (pending_timeout). Lag = the task's first
+                      notification's created_at minus its original deadline, per task.
+scheduler_pass_flat   one scheduler pass (`TaskService.run_due`: find due, decide,
+                      apply) over the same 100 due tasks with 10,000 and with 1,000,000
+                      rows in tasks.tasks; the pass must not grow with the table.
+tasks_lifecycle_rate  full lifecycles (send, claim, start, complete) per second through
+                      gRPC, against the same status changes sent straight through asyncpg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import signal
+import subprocess
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+from prometheus_client import CollectorRegistry
+
+from bench import common
+from bench.common import Context, Goal
+from task_service.metrics import TaskMetrics
+from task_service.service import TaskService
+from task_service.store import ROLE_CHANNEL, Q, TaskStore
+from tests import harness
+from vigil.v1 import tasks_pb2 as tpb
+from vigil.v1 import tasks_pb2_grpc as tpb_grpc
+from vigil_core.clock import SystemClock
+from vigil_core.db import open_database
+from vigil_core.timings import Timings
+
+# Heartbeats every second with a TTL far away (no participant expires by accident), and a
+# pending timeout far beyond any run: a re-armed deadline never comes due twice.
+TASK_ENV = {
+    "VIGIL_HEARTBEAT_INTERVAL_MS": "1000",
+    "VIGIL_HEARTBEAT_TTL_MS": "5000",
+    "VIGIL_TASK_PENDING_TIMEOUT_MS": "600000",
+}
+UP = ("up",)  # liveness and tasks in one process, as deployed by default
+
+
+async def _create_room(stub: tpb_grpc.TasksStub, name: str, roles: list[str]) -> None:
+    await stub.CreateChatroom(
+        tpb.CreateChatroomRequest(
+            name=name, roles=[tpb.Role(role=r, kind=tpb.ROLE_KIND_CUSTOM) for r in roles]
+        )
+    )
+
+
+def _ms(values: list[float]) -> str:
+    s = common.summarize(values)
+    if not s["n"]:
+        return "none"
+    return "median {median_ms} / p90 {p90_ms} / p99 {p99_ms} / max {max_ms} ms".format(**s)
+
+
+# -- send_to_receipt -------------------------------------------------------------------
+
+RECEIPT_TASKS = 200
+RECEIPT_WARMUP = 10  # first sends (prepared statements, first code paths) not measured
+RECEIPT_GOAL = Goal(median_ms=10, p99_ms=50)
+RECEIPT_CHATROOM = "bench-receipt"
+RECEIPT_ROLE = "builder"
+# After the server shows the agent waiting again: lets its first (empty) claim finish, so
+# that every send meets an agent parked on its wake-up.
+RECEIPT_SETTLE_S = 0.01
+WAITING_GAUGE = "vigil_task_waiting_agents"
+
+
+class _Lines:
+    """The stdout lines of a child process, as an asyncio queue (None at EOF)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.queue: asyncio.Queue[str | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        assert proc.stdout is not None
+        out = proc.stdout
+
+        def pump() -> None:
+            for raw in out:
+                loop.call_soon_threadsafe(self.queue.put_nowait, raw.decode(errors="replace"))
+            loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+        threading.Thread(target=pump, name="agent-stdout", daemon=True).start()
+
+    async def next(self, timeout: float, what: str) -> str:
+        try:
+            line = await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"no {what} within {timeout:.0f} s") from None
+        if line is None:
+            raise RuntimeError(f"the agent ended while waiting for {what}")
+        if line.startswith("ERROR"):
+            raise RuntimeError(f"agent: {line.strip()}")
+        return line.strip()
+
+
+async def _wait_waiting(port: int, timeout: float = 10) -> None:
+    """Until the server counts one AwaitTask stream waiting. (Polled sparingly: the
+    server renders /metrics in a thread that competes with its event loop.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await common.scrape(port)
+        if common.metric(samples, WAITING_GAUGE) >= 1:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the agent was not waiting again within {timeout:.0f} s")
+        await asyncio.sleep(0.005)
+
+
+async def send_to_receipt(ctx: Context) -> dict[str, Any]:
+    url = await ctx.new_database()
+    server = await ctx.start_server(url, TASK_ENV, "receipt", args=UP)
+    agent: subprocess.Popen[bytes] | None = None
+    latencies: list[float] = []
+    warmup: list[float] = []
+    rpc_ms: list[float] = []
+    mismatched = queued = 0
+    try:
+        async with grpc.aio.insecure_channel(server.addr) as ch:
+            stub = tpb_grpc.TasksStub(ch)
+            await _create_room(stub, RECEIPT_CHATROOM, [RECEIPT_ROLE])
+            cmd = common.python_cmd(
+                "bench.task_agent",
+                "--addr", server.addr,
+                "--chatroom", RECEIPT_CHATROOM,
+                "--role", RECEIPT_ROLE,
+            )  # fmt: skip
+            err = (ctx.tmp / "task-agent.log").open("wb")
+            try:
+                agent = subprocess.Popen(
+                    cmd, env=harness.child_env(TASK_ENV), stdout=subprocess.PIPE, stderr=err
+                )
+            finally:
+                err.close()
+            ctx.reaper.add(agent)
+            lines = _Lines(agent)
+            joined = await lines.next(60, "JOINED from the agent")
+            if not joined.startswith("JOINED"):
+                raise RuntimeError(f"agent said {joined!r} instead of JOINED")
+            meter = common.CpuMeter(ctx, server.proc.pid, {"agent": [agent.pid]})
+            started = time.monotonic()
+            for i in range(RECEIPT_WARMUP + RECEIPT_TASKS):
+                if i == RECEIPT_WARMUP:
+                    meter.start()
+                    m0 = await common.scrape(server.metrics_port)
+                    started = time.monotonic()
+                await _wait_waiting(server.metrics_port)
+                await asyncio.sleep(RECEIPT_SETTLE_S)
+                sent_wall = time.time()
+                t0 = time.perf_counter()
+                task = await stub.SendMessage(
+                    tpb.SendMessageRequest(
+                        chatroom=RECEIPT_CHATROOM,
+                        role=RECEIPT_ROLE,
+                        text=f"task {i}",
+                        sender="bench",
+                    )
+                )
+                rpc = (time.perf_counter() - t0) * 1000
+                got = (await lines.next(10, f"receipt of task {i}")).split()
+                if got[0] != "GOT":
+                    raise RuntimeError(f"agent said {' '.join(got)!r}")
+                done = await lines.next(10, f"completion of task {i}")
+                if done != f"DONE {got[1]}":
+                    raise RuntimeError(f"agent said {done!r}, expected DONE {got[1]}")
+                latency = (float(got[3]) - sent_wall) * 1000
+                if i < RECEIPT_WARMUP:
+                    warmup.append(latency)
+                    continue
+                latencies.append(latency)
+                rpc_ms.append(rpc)
+                mismatched += got[1] != task.id
+                queued += task.status != "pending"
+            elapsed = time.monotonic() - started
+            cpu_pct = meter.stop()
+            m1 = await common.scrape(server.metrics_port)
+    except Exception:
+        print(f"server log (tail):\n{common.log_tail(server.log)}")
+        if agent is not None:
+            print(f"agent log (tail):\n{common.log_tail(ctx.tmp / 'task-agent.log')}")
+        raise
+    finally:
+        if agent is not None and agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(agent.wait, 10)
+        await asyncio.to_thread(ctx.reaper.kill_all)
+        await ctx.stop_server(server)
+
+    def delta(name: str, **labels: str) -> float:
+        return common.metric(m1, name, **labels) - common.metric(m0, name, **labels)
+
+    deliveries = delta("vigil_task_delivery_seconds_count")
+    delivery_mean = (
+        delta("vigil_task_delivery_seconds_sum") / deliveries * 1000 if deliveries else None
+    )
+    claims = delta("vigil_task_transitions_total", trigger="claimTask")
+    completes = delta("vigil_task_transitions_total", trigger="completeTask")
+    notes = [
+        f"{len(latencies)} tasks in {elapsed:.1f} s, one at a time, each sent once the server "
+        f"showed the agent waiting (+{RECEIPT_SETTLE_S * 1000:.0f} ms); "
+        f"{RECEIPT_WARMUP} warm-up tasks before them not measured ({_ms(warmup)})",
+        f"SendMessage round trip: {_ms(rpc_ms)}",
+        f"server: created -> written to the agent, mean {delivery_mean:.2f} ms"
+        if delivery_mean is not None
+        else "server: no delivery observed in its metrics",
+        f"server transitions in the window: claimTask {claims:.0f}, completeTask {completes:.0f}",
+        *common.cpu_notes(cpu_pct),
+    ]
+    return common.result(
+        latencies,
+        RECEIPT_GOAL,
+        checks={
+            "each send received by the agent, in order": mismatched == 0
+            and len(latencies) == RECEIPT_TASKS,
+            "each send found the role free (pending, not queued)": queued == 0,
+        },
+        notes=notes,
+        send_rpc=common.summarize(rpc_ms),
+        warmup=common.summarize(warmup),
+        server_delivery_mean_ms=delivery_mean,
+        cpu_pct=cpu_pct,
+        elapsed_s=round(elapsed, 1),
+    )
+
+
+# -- deadline_lag ------------------------------------------------------------------------
+
+LAG_ROOMS = 100
+LAG_ROLES_PER_ROOM = 100  # 10,000 roles: one active task each
+LAG_TASKS = LAG_ROOMS * LAG_ROLES_PER_ROOM
+LAG_LEAD_S = 20.0  # from the insert to the window's start
+LAG_WINDOW_S = 60.0
+LAG_GRACE_S = 30.0  # after the window, for stragglers, before giving up
+LAG_GOAL = Goal(p99_ms=1000)
+LAG_PREFIX = "lag-"
+
+# Statements of the benchmark itself (filtered out of the pg_stat_statements count).
+BENCH_MARK = "/* bench */"
+COUNT_NOTIFIED = f"{BENCH_MARK} SELECT count(*) FROM tasks.notifications WHERE kind = $1"
+
+
+async def _insert_lag_tasks(conn: asyncpg.Connection, start: datetime) -> dict[str, datetime]:
+    """Chatrooms, custom roles and one pending task per role, deadlines uniform (seeded)
+    over [start, start + window); the task id -> its deadline."""
+    async with conn.transaction():
+        await conn.execute(
+            f"{BENCH_MARK} INSERT INTO tasks.chatrooms (chatroom) "
+            "SELECT $1 || lpad(i::text, 3, '0') FROM generate_series(0, $2 - 1) i",
+            LAG_PREFIX,
+            LAG_ROOMS,
+        )
+        await conn.execute(
+            f"{BENCH_MARK} INSERT INTO tasks.roles (chatroom, role, kind) "
+            "SELECT $1 || lpad((i / $2)::text, 3, '0'), 'r' || lpad((i % $2)::text, 3, '0'), "
+            "'custom' FROM generate_series(0, $3 - 1) i",
+            LAG_PREFIX,
+            LAG_ROLES_PER_ROOM,
+            LAG_TASKS,
+        )
+        await conn.execute("SELECT setseed(0.42)")
+        rows = await conn.fetch(
+            f"{BENCH_MARK} INSERT INTO tasks.tasks (chatroom, role, text, status, deadline_at) "
+            "SELECT $1 || lpad((i / $2)::text, 3, '0'), 'r' || lpad((i % $2)::text, 3, '0'), "
+            "'due within the minute', 'pending', $4::timestamptz + random() * $5 * interval '1 s' "
+            "FROM generate_series(0, $3 - 1) i RETURNING id, deadline_at",
+            LAG_PREFIX,
+            LAG_ROLES_PER_ROOM,
+            LAG_TASKS,
+            start,
+            LAG_WINDOW_S,
+        )
+    # What a send does after its commit: wake the scheduler (a new earliest deadline).
+    await conn.execute("SELECT pg_notify($1, $2)", ROLE_CHANNEL, f"{LAG_PREFIX}000/r000")
+    return {str(r["id"]): r["deadline_at"] for r in rows}
+
+
+async def _statements(conn: asyncpg.Connection) -> int:
+    """Statements the server sent to this database since the last reset."""
+    rows = await conn.fetch(
+        "SELECT query, calls FROM pg_stat_statements "
+        "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    return sum(
+        r["calls"]
+        for r in rows
+        if "pg_stat_statements" not in r["query"] and BENCH_MARK not in r["query"]
+    )
+
+
+async def deadline_lag(ctx: Context) -> dict[str, Any]:
+    url = await ctx.new_database()
+    server = await ctx.start_server(url, TASK_ENV, "deadline", args=UP)
+    conn = await asyncpg.connect(url)
+    try:
+        start = datetime.now(UTC) + timedelta(seconds=LAG_LEAD_S)
+        originals = await _insert_lag_tasks(conn, start)
+        if ctx.pg_stat_statements:
+            await conn.execute("SELECT pg_stat_statements_reset()")
+        m0 = await common.scrape(server.metrics_port)
+        meter = common.CpuMeter(ctx, server.proc.pid, {})
+        # The measured stretch: the minute the deadlines fall in, and until all are handled.
+        await asyncio.sleep(max(0.0, (start - datetime.now(UTC)).total_seconds()))
+        meter.start()
+        give_up = start + timedelta(seconds=LAG_WINDOW_S + LAG_GRACE_S)
+        notified = 0
+        while True:
+            notified = await conn.fetchval(COUNT_NOTIFIED, "pending_timeout")
+            if notified >= LAG_TASKS or datetime.now(UTC) > give_up:
+                break
+            await asyncio.sleep(0.5)
+        cpu_pct = meter.stop()
+        handled_at = datetime.now(UTC)
+        statements = await _statements(conn) if ctx.pg_stat_statements else None
+        m1 = await common.scrape(server.metrics_port)
+        rows = await conn.fetch(
+            f"{BENCH_MARK} SELECT task_id, min(created_at) AS at, count(*) AS n "
+            "FROM tasks.notifications WHERE kind = 'pending_timeout' GROUP BY task_id"
+        )
+        other_kinds = await conn.fetch(
+            f"{BENCH_MARK} SELECT kind, count(*) AS n FROM tasks.notifications "
+            "WHERE kind <> 'pending_timeout' GROUP BY kind"
+        )
+        states = await conn.fetch(
+            f"{BENCH_MARK} SELECT status, attempt, deadline_at > $1 AS rearmed, count(*) AS n "
+            "FROM tasks.tasks GROUP BY 1, 2, 3",
+            handled_at + timedelta(seconds=60),
+        )
+    except Exception:
+        print(f"server log (tail):\n{common.log_tail(server.log)}")
+        raise
+    finally:
+        await conn.close()
+        await ctx.stop_server(server)
+
+    lags = []
+    unknown = dupes = 0
+    for r in rows:
+        deadline = originals.get(str(r["task_id"]))
+        if deadline is None:
+            unknown += 1
+            continue
+        lags.append((r["at"] - deadline).total_seconds() * 1000)
+        dupes += r["n"] > 1
+    early = sum(1 for x in lags if x < 0)
+    state_text = {
+        f"{r['status']}/attempt {r['attempt']}/rearmed {r['rearmed']}": r["n"] for r in states
+    }
+    rearmed_ok = state_text == {"pending/attempt 0/rearmed True": LAG_TASKS}
+
+    def delta(name: str, **labels: str) -> float:
+        return common.metric(m1, name, **labels) - common.metric(m0, name, **labels)
+
+    passes = delta("vigil_task_scheduler_pass_seconds_count")
+    pass_mean = delta("vigil_task_scheduler_pass_seconds_sum") / passes * 1000 if passes else None
+    lag_n = delta("vigil_task_deadline_lag_seconds_count")
+    lag_mean = delta("vigil_task_deadline_lag_seconds_sum") / lag_n * 1000 if lag_n else None
+    notes = [
+        f"{LAG_TASKS} pending tasks on {LAG_TASKS} custom roles ({LAG_ROOMS} chatrooms), nobody "
+        f"live; deadlines uniform (seeded random) over {LAG_WINDOW_S:.0f} s starting "
+        f"{LAG_LEAD_S:.0f} s after the insert; VIGIL_TASK_PENDING_TIMEOUT_MS "
+        f"{TASK_ENV['VIGIL_TASK_PENDING_TIMEOUT_MS']}",
+        f"notified {len(lags)}/{LAG_TASKS}; more than one pending_timeout for a task: {dupes}; "
+        f"notification before its deadline: {early}; other notifications: "
+        f"{ {r['kind']: r['n'] for r in other_kinds} or 'none' }",
+        f"tasks afterwards: {state_text}",
+        f"server: {passes:.0f} scheduler passes, mean {pass_mean:.2f} ms; "
+        f"its own lag histogram: {lag_n:.0f} observations, mean {lag_mean:.2f} ms"
+        if passes and lag_mean is not None
+        else "server: no scheduler pass observed in its metrics",
+        *common.cpu_notes(cpu_pct),
+    ]
+    if statements is not None:
+        notes.append(
+            f"pg_stat_statements: {statements} statements from the server in the window "
+            f"({statements / max(1, len(lags)):.1f} per handled deadline, BEGIN/COMMIT and the "
+            "scheduler's next-deadline reads included)"
+        )
+    if unknown:
+        notes.append(f"{unknown} notifications for tasks the benchmark did not create")
+    return common.result(
+        lags,
+        LAG_GOAL,
+        checks={
+            f"all {LAG_TASKS} notified once": len(lags) == LAG_TASKS and dupes == 0,
+            "none before its deadline": early == 0,
+            "all still pending, attempt 0, deadline re-armed": rearmed_ok,
+        },
+        notes=notes,
+        notified=len(lags),
+        server_scheduler_passes=passes,
+        server_pass_mean_ms=pass_mean,
+        server_lag_mean_ms=lag_mean,
+        statements_per_deadline=round(statements / max(1, len(lags)), 2)
+        if statements is not None
+        else None,
+        cpu_pct=cpu_pct,
+    )
+
+
+# -- scheduler_pass_flat ------------------------------------------------------------------
+
+PASS_DUE = 100
+PASS_SIZES = (10_000, 1_000_000)
+PASS_WARMUP = 3
+PASS_REPEATS = 30
+PASS_MAX_RATIO = 2.0
+PASS_INSERTERS = 2  # connections sharing the bulk insert
+PASS_CHUNK = 100_000  # background rows per INSERT statement
+# Background rows: every tenth is the pending task of a role of its own with a deadline
+# weeks away (in the deadline index, never due); the other nine queue behind it (no
+# deadline). Row i belongs to role i / 10.
+PASS_BG_ROLES_PER_ROOM = 100
+DUE_ROOM = "due"
+
+ADD_ROOMS = (
+    f"{BENCH_MARK} INSERT INTO tasks.chatrooms (chatroom) "
+    "SELECT 'bg-' || lpad(i::text, 5, '0') FROM generate_series($1::int, $2::int - 1) i "
+    "ON CONFLICT DO NOTHING"
+)
+ADD_ROLES = (
+    f"{BENCH_MARK} INSERT INTO tasks.roles (chatroom, role, kind) "
+    "SELECT 'bg-' || lpad((j / $3)::text, 5, '0'), 'r' || lpad((j % $3)::text, 3, '0'), "
+    "'custom' FROM generate_series($1::int, $2::int - 1) j"
+)
+ADD_BACKGROUND = (
+    f"{BENCH_MARK} INSERT INTO tasks.tasks (chatroom, role, text, status, deadline_at) "
+    "SELECT 'bg-' || lpad((i / 10 / $3)::text, 5, '0'), 'r' || lpad((i / 10 % $3)::text, 3, '0'), "
+    "'background', CASE WHEN i % 10 = 0 THEN 'pending' ELSE 'queued' END, "
+    "CASE WHEN i % 10 = 0 THEN now() + interval '30 days' + i * interval '1 s' END "
+    "FROM generate_series($1::int, $2::int - 1) i"
+)
+RESET_DUE = (
+    f"{BENCH_MARK} WITH gone AS (DELETE FROM tasks.notifications WHERE task_id = ANY($1::uuid[])) "
+    "UPDATE tasks.tasks SET deadline_at = clock_timestamp() - interval '1 s' "
+    "WHERE id = ANY($1::uuid[])"
+)
+
+
+async def _grow(url: str, conn: asyncpg.Connection, lo: int, hi: int) -> float:
+    """Background rows lo..hi-1 (and their roles); VACUUM ANALYZE. Seconds taken."""
+    t = time.monotonic()
+    roles_lo, roles_hi = lo // 10, (hi + 9) // 10
+    per = PASS_BG_ROLES_PER_ROOM
+    await conn.execute(ADD_ROOMS, roles_lo // per, (roles_hi + per - 1) // per)
+    await conn.execute(ADD_ROLES, roles_lo, roles_hi, per)
+    chunks = [(a, min(a + PASS_CHUNK, hi)) for a in range(lo, hi, PASS_CHUNK)]
+    queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    for c in chunks:
+        queue.put_nowait(c)
+
+    async def inserter() -> None:
+        c = await asyncpg.connect(url)
+        try:
+            while not queue.empty():
+                a, b = queue.get_nowait()
+                await c.execute(ADD_BACKGROUND, a, b, per)
+        finally:
+            await c.close()
+
+    await asyncio.gather(*(inserter() for _ in range(min(PASS_INSERTERS, len(chunks)))))
+    # As a real table would be: vacuumed and analyzed (and autovacuum does not start on
+    # the fresh rows in the middle of the measurement).
+    await conn.execute("VACUUM ANALYZE tasks.tasks")
+    return time.monotonic() - t
+
+
+def _plan_nodes(plan: dict[str, Any]) -> list[str]:
+    name = plan["Node Type"]
+    if "Index Name" in plan:
+        name += f" {plan['Index Name']}"
+    if "Relation Name" in plan and "Index Name" not in plan:
+        name += f" {plan['Relation Name']}"
+    out = [name]
+    for child in plan.get("Plans", []):
+        out += _plan_nodes(child)
+    return out
+
+
+async def _due_plan(conn: asyncpg.Connection) -> str:
+    raw = await conn.fetchval("EXPLAIN (FORMAT JSON) " + Q["due_tasks"], datetime.now(UTC), 500)
+    doc = json.loads(raw) if isinstance(raw, str) else raw
+    return " > ".join(_plan_nodes(doc[0]["Plan"]))
+
+
+async def _passes(svc: TaskService, conn: asyncpg.Connection, due: list[str]) -> list[float]:
+    """PASS_WARMUP + PASS_REPEATS passes over the same due tasks; the measured ones, ms."""
+    times = []
+    for k in range(PASS_WARMUP + PASS_REPEATS):
+        await conn.execute(RESET_DUE, due)
+        t0 = time.perf_counter()
+        handled = await svc.run_due()
+        dt = (time.perf_counter() - t0) * 1000
+        if handled != len(due):
+            raise RuntimeError(f"a pass handled {handled} tasks, expected {len(due)}")
+        if k >= PASS_WARMUP:
+            times.append(dt)
+    return times
+
+
+async def scheduler_pass_flat(ctx: Context) -> dict[str, Any]:
+    url = await ctx.new_database()
+    conn = await asyncpg.connect(url)
+    db = await open_database(url, min_size=1, max_size=4)
+    try:
+        await conn.execute(
+            f"{BENCH_MARK} INSERT INTO tasks.chatrooms (chatroom) VALUES ($1)", DUE_ROOM
+        )
+        await conn.execute(
+            f"{BENCH_MARK} INSERT INTO tasks.roles (chatroom, role, kind) "
+            "SELECT $1, 'd' || lpad(i::text, 3, '0'), 'custom' FROM generate_series(0, $2 - 1) i",
+            DUE_ROOM,
+            PASS_DUE,
+        )
+        due = [
+            str(r["id"])
+            for r in await conn.fetch(
+                f"{BENCH_MARK} INSERT INTO tasks.tasks (chatroom, role, text, status, deadline_at) "
+                "SELECT $1, 'd' || lpad(i::text, 3, '0'), 'due', 'pending', "
+                "now() - interval '1 s' FROM generate_series(0, $2 - 1) i RETURNING id",
+                DUE_ROOM,
+                PASS_DUE,
+            )
+        ]
+        # The real service, in this process, without its server: its presence view is
+        # marked synced and empty (nobody live), so each due task takes the path a real
+        # scheduler takes for a custom role nobody runs: notify, re-arm the deadline.
+        svc = TaskService(
+            TaskStore(db), url, "", Timings(), SystemClock(), TaskMetrics(CollectorRegistry())
+        )
+        svc.presence.synced.set()
+        per_size: dict[int, list[float]] = {}
+        setup_s: dict[int, float] = {}
+        plans: dict[int, str] = {}
+        rows = PASS_DUE
+        meter = common.CpuMeter(ctx, 0, {})  # no server process (pid 0 counts nothing)
+        cpu: dict[int, dict[str, float]] = {}
+        for size in PASS_SIZES:
+            setup_s[size] = await _grow(url, conn, rows - PASS_DUE, size - PASS_DUE)
+            rows = size
+            count = await conn.fetchval(f"{BENCH_MARK} SELECT count(*) FROM tasks.tasks")
+            if count != size:
+                raise RuntimeError(f"tasks.tasks has {count} rows, expected {size}")
+            plans[size] = await _due_plan(conn)
+            meter.start()
+            per_size[size] = await _passes(svc, conn, due)
+            cpu[size] = meter.stop()
+    finally:
+        await conn.close()
+        await db.close()
+
+    small, big = PASS_SIZES
+    med = {s: common.summarize(v)["median_ms"] for s, v in per_size.items()}
+    ratio = med[big] / med[small]
+    notes = [
+        f"{PASS_DUE} due tasks per pass (custom roles, nobody live: notify + re-arm each), "
+        f"{PASS_REPEATS} passes per size after {PASS_WARMUP} warm-up; "
+        "TaskService.run_due in this process against the benchmark's PostgreSQL",
+        *(
+            f"{s:,} rows: pass {_ms(v)}; rows added in {setup_s[s]:.1f} s "
+            f"(VACUUM ANALYZE included); due-query plan: {plans[s]}"
+            for s, v in per_size.items()
+        ),
+        f"median at {big:,} / median at {small:,} = {ratio:.2f}",
+        "background rows: every tenth the pending task of its own role with a deadline weeks "
+        "away (in the deadline index), the rest queued behind it",
+        *(
+            f"CPU at {s:,} rows: bench+service {c['bench']:.0f}, postgres {c['postgres']:.0f}, "
+            f"everything else {c['others']:.0f} (% of one core)"
+            for s, c in cpu.items()
+        ),
+    ]
+    if max(c["others"] for c in cpu.values()) > common.NOISY_PCT:
+        notes.append("NOISY: other work on the machine during the passes")
+    return common.result(
+        per_size[big],
+        Goal(),
+        checks={
+            f"median at {big:,} rows ≤ {PASS_MAX_RATIO:g} x median at {small:,}": ratio
+            <= PASS_MAX_RATIO
+        },
+        notes=notes,
+        sizes={str(s): common.summarize(v) for s, v in per_size.items()},
+        ratio=round(ratio, 3),
+        due_plans={str(s): p for s, p in plans.items()},
+        setup_s={str(s): round(v, 1) for s, v in setup_s.items()},
+    )
+
+
+# -- tasks_lifecycle_rate ------------------------------------------------------------------
+
+RATE_WORKERS = 4  # concurrent lifecycles, one role each
+RATE_WARMUP = 5  # lifecycles per worker before the measured window
+RATE_WINDOW_S = 8.0
+RATE_CHATROOM = "bench-rate"
+
+
+class _Window:
+    """The measured window the rate workers share: it opens once every worker is past
+    its warm-up, and lasts RATE_WINDOW_S."""
+
+    def __init__(self, workers: int) -> None:
+        self.end: float | None = None
+        self.warmed = asyncio.Event()
+        self._cold = workers
+
+    def warm(self) -> None:
+        self._cold -= 1
+        if self._cold == 0:
+            self.warmed.set()
+
+    @property
+    def open(self) -> bool:
+        return self.end is not None
+
+    def over(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+
+Worker = Callable[[Any, str, _Window, list[float]], Awaitable[None]]
+
+
+async def _grpc_lifecycles(addr: str, role: str, window: _Window, out: list[float]) -> None:
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = tpb_grpc.TasksStub(ch)
+        conn = str(uuid.uuid4())
+        for done in itertools.count():
+            if done == RATE_WARMUP:
+                window.warm()
+            if window.over():
+                return
+            t0 = time.perf_counter()
+            sent = await stub.SendMessage(
+                tpb.SendMessageRequest(chatroom=RATE_CHATROOM, role=role, text="lifecycle")
+            )
+            call = stub.AwaitTask(
+                tpb.AwaitTaskRequest(chatroom=RATE_CHATROOM, role=role, connection_id=conn, epoch=1)
+            )
+            reply = await call.read()
+            if reply is grpc.aio.EOF or reply.task.id != sent.id:
+                raise RuntimeError(f"{role}: claimed {reply!r}, sent {sent.id}")
+            ref = tpb.TaskRef(id=sent.id, attempt=reply.task.attempt, actor=role)
+            await stub.StartTask(ref)
+            final = await stub.CompleteTask(ref)
+            if final.status != "completed":
+                raise RuntimeError(f"{role}: task ended {final.status}")
+            if window.open:
+                out.append((time.perf_counter() - t0) * 1000)
+
+
+async def _sql_lifecycles(pool: asyncpg.Pool, role: str, window: _Window, out: list[float]) -> None:
+    """The same four status changes, straight: insert pending; claimTask, startTask and
+    completeTask each as the FSM declaration and its UPDATE in one transaction."""
+    connection_id = str(uuid.uuid4())
+    async with pool.acquire() as conn:
+        for done in itertools.count():
+            if done == RATE_WARMUP:
+                window.warm()
+            if window.over():
+                return
+            t0 = time.perf_counter()
+            now = datetime.now(UTC)
+            row = await conn.fetchrow(
+                Q["insert_task"], RATE_CHATROOM, role, "lifecycle", "pending", now,
+                now + timedelta(minutes=5),
+            )  # fmt: skip
+            task_id = row["id"]
+            async with conn.transaction():
+                await conn.execute(Q["fsm_declare"], "claimTask", connection_id, "claimed")
+                claimed = await conn.fetchrow(
+                    Q["claim_next"], RATE_CHATROOM, role, connection_id, 1, datetime.now(UTC),
+                    datetime.now(UTC) + timedelta(minutes=2),
+                )  # fmt: skip
+            if claimed is None or claimed["id"] != task_id:
+                raise RuntimeError(f"{role}: claimed {claimed!r}, inserted {task_id}")
+            for trigger, query in (
+                ("startTask", "to_in_progress"),
+                ("completeTask", "to_completed"),
+            ):
+                async with conn.transaction():
+                    await conn.execute(Q["fsm_declare"], trigger, role, trigger)
+                    await conn.fetchrow(Q[query], task_id, datetime.now(UTC))
+            if window.open:
+                out.append((time.perf_counter() - t0) * 1000)
+
+
+async def _rate(
+    worker: Worker, target: Any, roles: list[str], meter: common.CpuMeter
+) -> tuple[list[float], float, dict[str, float]]:
+    """One worker per role; (latencies in the measured window, lifecycles/s, CPU)."""
+    window = _Window(len(roles))
+    samples: list[list[float]] = [[] for _ in roles]
+    jobs = [asyncio.create_task(worker(target, r, window, samples[k])) for k, r in enumerate(roles)]
+    warmed = asyncio.create_task(window.warmed.wait())
+    await asyncio.wait([warmed, *jobs], return_when=asyncio.FIRST_COMPLETED)
+    if not warmed.done():  # a worker broke during its warm-up
+        warmed.cancel()
+        await asyncio.gather(*jobs)
+    meter.start()
+    t0 = time.monotonic()
+    window.end = t0 + RATE_WINDOW_S
+    await asyncio.gather(*jobs)
+    elapsed = time.monotonic() - t0
+    cpu = meter.stop()
+    flat = [x for s in samples for x in s]
+    return flat, len(flat) / elapsed, cpu
+
+
+async def tasks_lifecycle_rate(ctx: Context) -> dict[str, Any]:
+    url = await ctx.new_database()
+    roles = [f"w{k}" for k in range(RATE_WORKERS)]
+    server = await ctx.start_server(url, TASK_ENV, "rate", args=UP)
+    try:
+        async with grpc.aio.insecure_channel(server.addr) as ch:
+            await _create_room(tpb_grpc.TasksStub(ch), RATE_CHATROOM, roles)
+        meter = common.CpuMeter(ctx, server.proc.pid, {})
+        grpc_ms, grpc_rate, grpc_cpu = await _rate(_grpc_lifecycles, server.addr, roles, meter)
+    except Exception:
+        print(f"server log (tail):\n{common.log_tail(server.log)}")
+        raise
+    finally:
+        await ctx.stop_server(server)
+    # Straight through asyncpg, on the same database with the server gone.
+    pool = await asyncpg.create_pool(url, min_size=RATE_WORKERS, max_size=RATE_WORKERS)
+    assert pool is not None
+    try:
+        meter = common.CpuMeter(ctx, 0, {})  # no server process (pid 0 counts nothing)
+        sql_ms, sql_rate, sql_cpu = await _rate(_sql_lifecycles, pool, roles, meter)
+        leftover = await pool.fetchval(
+            f"{BENCH_MARK} SELECT count(*) FROM tasks.tasks WHERE status <> 'completed'"
+        )
+    finally:
+        await pool.close()
+    notes = [
+        f"{RATE_WORKERS} concurrent lifecycles (one role each) for {RATE_WINDOW_S:.0f} s each "
+        "way, clients in the benchmark process; the latency columns are one gRPC lifecycle "
+        "(SendMessage, AwaitTask, StartTask, CompleteTask)",
+        f"gRPC: {grpc_rate:.0f} lifecycles/s; straight asyncpg (INSERT + 3 declare/UPDATE "
+        f"transactions): {sql_rate:.0f} lifecycles/s, one lifecycle {_ms(sql_ms)}",
+        f"asyncpg / gRPC = {sql_rate / grpc_rate:.1f}",
+        f"CPU via gRPC, % of one core: server {grpc_cpu['server']:.0f}, postgres "
+        f"{grpc_cpu['postgres']:.0f}, bench {grpc_cpu['bench']:.0f}, else {grpc_cpu['others']:.0f}",
+        f"CPU via asyncpg: postgres {sql_cpu['postgres']:.0f}, bench {sql_cpu['bench']:.0f}, "
+        f"else {sql_cpu['others']:.0f}",
+    ]
+    return common.result(
+        grpc_ms,
+        Goal(),
+        checks={"every task completed": leftover == 0},
+        notes=notes,
+        grpc_lifecycles_per_s=round(grpc_rate, 1),
+        sql_lifecycles_per_s=round(sql_rate, 1),
+        sql=common.summarize(sql_ms),
+        cpu_pct_grpc=grpc_cpu,
+        cpu_pct_sql=sql_cpu,
+    )
+
+
+# -- the group --------------------------------------------------------------------------
+
+BENCHMARKS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
+    "send_to_receipt": send_to_receipt,
+    "deadline_lag": deadline_lag,
+    "scheduler_pass_flat": scheduler_pass_flat,
+    "tasks_lifecycle_rate": tasks_lifecycle_rate,
+}
+
+
+async def run(ctx: Context) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, bench in BENCHMARKS.items():
+        if ctx.only and name not in ctx.only:
+            continue
+        print(f"[tasks] {name} ...", flush=True)
+        t = time.monotonic()
+        try:
+            results[name] = await bench(ctx)
+        except Exception as exc:
+            traceback.print_exc()
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "pass": False}
+        print(f"[tasks] {name} done in {time.monotonic() - t:.1f} s", flush=True)
+    return results
