@@ -16,6 +16,8 @@ from vigil_core.errors import ConfigError, VigilError
 
 # The task commands, run by cli.task_cmds (listed here so --help needs no import of it).
 TASK_COMMANDS = frozenset({"chatroom", "chatrooms", "send", "task", "tasks", "notifications"})
+# The machine commands, run by cli.machine_cmds.
+MACHINE_COMMANDS = frozenset({"machine", "machines", "agents", "agent", "commands"})
 # Task status names (vigil.v1.Task.status), for `vigil tasks --status`.
 TASK_STATUSES = ("pending", "acknowledged", "in_progress", "completed", "queued", "closed")
 
@@ -65,6 +67,29 @@ def build_parser() -> argparse.ArgumentParser:
     ts_serve.add_argument("--addr", help="listen address")
     ts_serve.add_argument("--metrics-addr", help="metrics address")
 
+    dm = sub.add_parser("daemon", help="this machine's daemon (runs remote agents)")
+    dm_sub = dm.add_subparsers(
+        dest="daemon_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    dm_start = dm_sub.add_parser(
+        "start",
+        help="run the daemon in the foreground (also: vigil-daemon)",
+        description="Takes start/stop commands for this machine, runs and watches its "
+        "agents, and reports every exit (kept on disk until acknowledged).",
+    )
+    dm_start.add_argument("--machine-id", required=True, metavar="MACHINE")
+    dm_start.add_argument(
+        "--credential-file", help="default: $VIGIL_DATA_DIR/machines/MACHINE.credential"
+    )
+    dm_start.add_argument(
+        "--state-dir",
+        help="children, outbox and agent logs (default: $VIGIL_DATA_DIR/daemon/MACHINE)",
+    )
+    dm_start.add_argument(
+        "--leave-agents", action="store_true", help="on SIGTERM, leave agents running"
+    )
+    dm_start.add_argument("--addr", help=addr_help)
+
     w = sub.add_parser(
         "wait-for-task",
         help="join as a participant and wait for a task",
@@ -85,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--addr", help=addr_help)
 
     _add_task_commands(sub, addr_help)
+    _add_machine_commands(sub, addr_help)
     return p
 
 
@@ -171,6 +197,64 @@ def _add_task_commands(sub: argparse._SubParsersAction[_Parser], addr_help: str)
     nt.add_argument("--addr", help=addr_help)
 
 
+def _add_machine_commands(sub: argparse._SubParsersAction[_Parser], addr_help: str) -> None:
+    """machine register, machines, agents, agent start|stop, commands (cli.machine_cmds)."""
+    json_help = "JSON output"
+    mc = sub.add_parser("machine", help="register a machine (its daemon runs remote agents)")
+    mc_sub = mc.add_subparsers(
+        dest="machine_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    reg = mc_sub.add_parser(
+        "register",
+        help="register a machine and keep its credential in an owner-only file",
+        description="Register a machine (again: rotates its credential). The credential is "
+        "written to --credential-file (default $VIGIL_DATA_DIR/machines/MACHINE.credential) "
+        "with mode 600 and never printed.",
+    )
+    reg.add_argument("--machine-id", required=True, metavar="MACHINE")
+    reg.add_argument("--hostname", help="default: this host's name")
+    reg.add_argument(
+        "--harness",
+        action="extend",
+        nargs="+",
+        metavar="NAME",
+        help="an agent harness the machine can run, e.g. claude (repeatable)",
+    )
+    reg.add_argument("--credential-file", metavar="FILE", help="where to write the credential")
+    reg.add_argument("--json", action="store_true", help=json_help)
+    reg.add_argument("--addr", help=addr_help)
+
+    ms = sub.add_parser("machines", help="list registered machines")
+    ms.add_argument("--json", action="store_true", help=json_help)
+    ms.add_argument("--addr", help=addr_help)
+
+    ags = sub.add_parser("agents", help="list agents run by machine daemons")
+    ags.add_argument("--chatroom")
+    ags.add_argument("--json", action="store_true", help=json_help)
+    ags.add_argument("--addr", help=addr_help)
+
+    ag = sub.add_parser("agent", help="start or stop the agent of a remote role")
+    ag_sub = ag.add_subparsers(
+        dest="agent_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    actions = {
+        "start": "desired state running: start it now",
+        "stop": "desired state stopped: stop it; it stays stopped",
+    }
+    for action, text in actions.items():
+        a = ag_sub.add_parser(action, help=text)
+        a.add_argument("--chatroom", required=True)
+        a.add_argument("--role", required=True)
+        a.add_argument("--json", action="store_true", help=json_help)
+        a.add_argument("--addr", help=addr_help)
+
+    cs = sub.add_parser("commands", help="list commands sent to machine daemons")
+    cs.add_argument("--machine", metavar="MACHINE")
+    cs.add_argument("--limit", type=int, default=0, help="at most N commands")
+    cs.add_argument("--json", action="store_true", help=json_help)
+    cs.add_argument("--addr", help=addr_help)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     env = dict(os.environ)
     if getattr(args, "addr", None):
@@ -203,6 +287,17 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         from cli.serve import serve
 
         return await serve(settings, ("tasks",))
+    if args.command == "daemon":
+        from cli.daemon_cmd import daemon_start
+
+        return await daemon_start(
+            settings.addr,
+            args.machine_id,
+            args.credential_file,
+            args.state_dir,
+            args.leave_agents,
+            settings.timings,
+        )
     if args.command == "wait-for-task":
         from cli.durations import parse_duration
         from cli.wait_for_task import wait_for_task
@@ -227,6 +322,10 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         from cli.task_cmds import run
 
         return await run(args, settings.addr, settings.timings)
+    if args.command in MACHINE_COMMANDS:
+        from cli.machine_cmds import run as run_machine
+
+        return await run_machine(args, settings.addr, settings.timings, settings.data_dir)
     parser.print_help()
     return 2
 

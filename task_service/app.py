@@ -5,10 +5,13 @@ from __future__ import annotations
 import grpc
 from prometheus_client import CollectorRegistry
 
+from task_service.machines_servicer import SERVICE_NAME as MACHINES_SERVICE_NAME
+from task_service.machines_servicer import MachinesServicer
 from task_service.metrics import TaskMetrics
 from task_service.service import TaskService
 from task_service.servicer import SERVICE_NAME, TasksServicer
 from task_service.store import MIGRATIONS, TaskStore
+from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2_grpc as pb_grpc
 from vigil_core.clock import Clock
 from vigil_core.db import Database
@@ -21,7 +24,7 @@ def migrations() -> list[Migration]:
 
 
 class TaskApp:
-    service_names = [SERVICE_NAME]
+    service_names = [SERVICE_NAME, MACHINES_SERVICE_NAME]
 
     def __init__(
         self,
@@ -43,6 +46,7 @@ class TaskApp:
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_TasksServicer_to_server(TasksServicer(self.svc), server)
+        mpb_grpc.add_MachinesServicer_to_server(MachinesServicer(self.svc.agents), server)
 
     async def start(self) -> None:
         await self.svc.start()

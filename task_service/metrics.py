@@ -64,6 +64,35 @@ class TaskMetrics:
             buckets=_LATENCY,
             registry=registry,
         )
+        self.commands = Counter(
+            "vigil_commands_total",
+            "Daemon commands finished, by type and outcome.",
+            ["type", "outcome"],
+            registry=registry,
+        )
+        self.exits = Counter(
+            "vigil_agent_exits_total",
+            "Agent process exits reported by daemons, by classification, code and signal.",
+            ["classification", "code", "signal"],
+            registry=registry,
+        )
+        self.exit_report_latency = Histogram(
+            "vigil_exit_report_latency_seconds",
+            "Agent process exit to its report recorded.",
+            buckets=_LATENCY,
+            registry=registry,
+        )
+        self.circuit_open = Gauge(
+            "vigil_agent_circuit_open",
+            "1 while a role's restart circuit is open (crash loop), by chatroom and role.",
+            ["chatroom", "role"],
+            registry=registry,
+        )
+        self.daemons_online = Gauge(
+            "vigil_daemons_online",
+            "Machine daemons with a live presence.",
+            registry=registry,
+        )
         self.waiting_agents = Gauge(
             "vigil_task_waiting_agents",
             "AwaitTask streams open on this replica.",

@@ -53,7 +53,9 @@ class PresenceFollower:
         liveness_addr: str,
         timings: Timings,
         on_offline: Callable[[Presence], Awaitable[None]],
+        on_joined: Callable[[Presence], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_joined = on_joined
         self.addr = liveness_addr
         self._timings = timings
         self._on_offline = on_offline
@@ -122,8 +124,10 @@ class PresenceFollower:
         if current is None or current.epoch <= p.epoch:
             self.roles[(p.chatroom, p.role)] = p
         self.revision = ev.revision
-        if ev.type == lpb.PRESENCE_EVENT_TYPE_OFFLINE:
-            try:
+        try:
+            if ev.type == lpb.PRESENCE_EVENT_TYPE_OFFLINE:
                 await self._on_offline(p)
-            except Exception:
-                log.exception("handling %s/%s going offline failed", p.chatroom, p.role)
+            elif ev.type == lpb.PRESENCE_EVENT_TYPE_JOINED and self._on_joined is not None:
+                await self._on_joined(p)
+        except Exception:
+            log.exception("handling a presence event of %s/%s failed", p.chatroom, p.role)

@@ -174,3 +174,123 @@ SELECT status, count(*) AS n FROM tasks.tasks GROUP BY status;
 
 -- name: count_needs_attention
 SELECT count(*) FROM tasks.tasks WHERE needs_attention AND status NOT IN ('completed', 'closed');
+
+-- name: insert_agent
+-- $1 chatroom, $2 role, $3 machine_id
+INSERT INTO tasks.agents (chatroom, role, machine_id) VALUES ($1, $2, $3)
+ON CONFLICT DO NOTHING;
+
+-- name: upsert_machine
+-- $1 machine_id, $2 hostname, $3 harnesses, $4 credential sha256
+INSERT INTO tasks.machines (machine_id, hostname, harnesses, credential_sha256)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (machine_id) DO UPDATE SET hostname = EXCLUDED.hostname,
+    harnesses = EXCLUDED.harnesses, credential_sha256 = EXCLUDED.credential_sha256
+RETURNING *;
+
+-- name: machine_by_credential
+-- $1 credential sha256
+SELECT * FROM tasks.machines WHERE credential_sha256 = $1;
+
+-- name: list_machines
+SELECT * FROM tasks.machines ORDER BY machine_id;
+
+-- name: lock_agent
+-- $1 chatroom, $2 role
+SELECT * FROM tasks.agents WHERE chatroom = $1 AND role = $2 FOR UPDATE;
+
+-- name: get_agent
+-- $1 chatroom, $2 role
+SELECT * FROM tasks.agents WHERE chatroom = $1 AND role = $2;
+
+-- name: list_agents
+-- $1 chatroom or NULL
+SELECT * FROM tasks.agents WHERE ($1::text IS NULL OR chatroom = $1) ORDER BY chatroom, role;
+
+-- name: agents_of_machine
+-- $1 machine_id
+SELECT * FROM tasks.agents WHERE machine_id = $1 FOR UPDATE;
+
+-- name: update_agent
+-- $1 chatroom, $2 role, $3 status, $4 pid, $5 process_started_at, $6 next_restart_at,
+-- $7 circuit_opened_at, $8 half_open, $9 restart_count
+UPDATE tasks.agents SET status = $3, pid = $4, process_started_at = $5, next_restart_at = $6,
+    circuit_opened_at = $7, half_open = $8, restart_count = $9
+WHERE chatroom = $1 AND role = $2 RETURNING *;
+
+-- name: set_agent_desired
+-- $1 chatroom, $2 role, $3 desired_state
+UPDATE tasks.agents SET desired_state = $3 WHERE chatroom = $1 AND role = $2 RETURNING *;
+
+-- name: reset_circuit
+-- A clean join closes the circuit. $1 chatroom, $2 role, $3 now
+UPDATE tasks.agents SET circuit_opened_at = NULL, half_open = false, circuit_reset_at = $3,
+    status = CASE WHEN status IN ('circuit_open', 'backoff', 'starting') AND pid IS NOT NULL
+                  THEN 'running' ELSE status END
+WHERE chatroom = $1 AND role = $2 AND (circuit_opened_at IS NOT NULL OR half_open);
+
+-- name: insert_exit
+-- Once per incarnation. $1 machine_id, $2 chatroom, $3 role, $4 pid, $5 process_started_at,
+-- $6 exit_code, $7 signal, $8 classification, $9 exited_at
+INSERT INTO tasks.agent_exits (machine_id, chatroom, role, pid, process_started_at,
+    exit_code, signal, classification, exited_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (machine_id, pid, process_started_at) DO NOTHING
+RETURNING *;
+
+-- name: record_last_exit
+-- $1 chatroom, $2 role, $3 code, $4 signal, $5 classification, $6 exited_at
+UPDATE tasks.agents SET last_exit_code = $3, last_exit_signal = $4,
+    last_exit_classification = $5, last_exit_at = $6
+WHERE chatroom = $1 AND role = $2;
+
+-- name: unexpected_exits
+-- Unexpected exits of a role since a time (lesson 4: intentional and clean exits never
+-- count). $1 chatroom, $2 role, $3 since
+SELECT exited_at FROM tasks.agent_exits
+WHERE chatroom = $1 AND role = $2 AND exited_at > $3
+  AND classification IN ('signal', 'crashed', 'daemon_lost')
+ORDER BY exited_at;
+
+-- name: insert_command
+-- At most one open command of a type per role. $1 machine_id, $2 chatroom, $3 role,
+-- $4 type, $5 command, $6 deadline_at, $7 reason
+INSERT INTO tasks.commands (machine_id, chatroom, role, type, command, deadline_at, reason)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (chatroom, role, type) WHERE status IN ('pending', 'delivered') DO NOTHING
+RETURNING id;
+
+-- name: open_commands_for
+-- Commands a daemon has yet to finish, oldest first. $1 machine_id
+SELECT * FROM tasks.commands WHERE machine_id = $1 AND status IN ('pending', 'delivered')
+ORDER BY id;
+
+-- name: mark_command
+-- $1 id, $2 status, $3 now, $4 message, $5 machine_id
+UPDATE tasks.commands SET status = $2,
+    finished_at = CASE WHEN $2 IN ('done', 'failed', 'expired') THEN $3 ELSE finished_at END,
+    message = coalesce($4, message)
+WHERE id = $1 AND machine_id = $5 AND status IN ('pending', 'delivered')
+RETURNING *;
+
+-- name: list_commands
+-- $1 machine_id or NULL, $2 limit
+SELECT * FROM tasks.commands WHERE ($1::text IS NULL OR machine_id = $1)
+ORDER BY id DESC LIMIT $2;
+
+-- name: due_restarts
+-- Agents whose backoff has ended, locked for this replica only. $1 now
+SELECT * FROM tasks.agents WHERE next_restart_at <= $1 ORDER BY next_restart_at
+LIMIT 100 FOR UPDATE SKIP LOCKED;
+
+-- name: next_restart
+SELECT min(next_restart_at) FROM tasks.agents WHERE next_restart_at IS NOT NULL;
+
+-- name: active_task_of_role
+-- The role's claimed task, if any. $1 chatroom, $2 role
+SELECT id FROM tasks.tasks WHERE chatroom = $1 AND role = $2
+  AND status IN ('acknowledged', 'in_progress');
+
+-- name: notify_machine
+-- Wake the daemon session of a machine on every replica. $1 machine_id
+SELECT pg_notify('vigil_commands', $1);

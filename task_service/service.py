@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from task_service import fsm, policy
+from task_service.agents import COMMAND_CHANNEL, MACHINES_CHATROOM, Agents
 from task_service.metrics import TaskMetrics
 from task_service.model import Chatroom, Notification, Role, Task, Transition
 from task_service.presence import Presence, PresenceFollower
@@ -58,9 +59,17 @@ class TaskService:
         self.timings = timings
         self.clock = clock
         self.metrics = metrics
-        self.presence = PresenceFollower(liveness_addr, timings, self._participant_offline)
+        self.presence = PresenceFollower(
+            liveness_addr, timings, self._participant_offline, self._participant_joined
+        )
+        self.agents = Agents(self)
         self.listener = Listener(
-            url, {ROLE_CHANNEL: self._role_woken, NOTIFICATION_CHANNEL: self._notified}
+            url,
+            {
+                ROLE_CHANNEL: self._role_woken,
+                NOTIFICATION_CHANNEL: self._notified,
+                COMMAND_CHANNEL: self.agents.woken,
+            },
         )
         self._waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
         self._notification_watchers: set[asyncio.Event] = set()
@@ -111,7 +120,13 @@ class TaskService:
         for ev in self._notification_watchers:
             ev.set()
 
-    def _after_commit(self, tx: TaskTx) -> None:
+    def poke(self) -> None:
+        """A deadline or restart time may now be earlier than the one slept towards."""
+        self._poke.set()
+
+    def after_commit(self, tx: TaskTx) -> None:
+        for machine in tx.woken_machines:
+            self.agents.woken(machine)
         for key in tx.woken_roles:
             self._role_woken(f"{key[0]}/{key[1]}")
         for n in tx.notifications:
@@ -123,6 +138,8 @@ class TaskService:
 
     async def create_chatroom(self, name: str, roles: list[Role]) -> Chatroom:
         validation.name(name, "chatroom name")
+        if name.startswith("vigil."):
+            raise InvalidArgument("chatroom names starting with 'vigil.' are reserved")
         if not roles:
             raise InvalidArgument("a chatroom needs at least one role (e.g. --role builder=custom)")
         seen: set[str] = set()
@@ -180,7 +197,12 @@ class TaskService:
             task = await tx.insert_task(
                 chatroom, role, text, status, now, policy.deadline_for(status, now, self.timings)
             )
-        self._after_commit(tx)
+            if self.presence.synced.is_set() and not self.presence.role_is_live(chatroom, role):
+                # A remote role with nobody live: start its agent now, not in 5 minutes.
+                await self.agents.maybe_restart(
+                    tx, chatroom, role, "a task arrived and no agent is live"
+                )
+        self.after_commit(tx)
         return task
 
     async def await_task(self, chatroom: str, role: str, connection_id: str, epoch: int) -> Task:
@@ -337,7 +359,7 @@ class TaskService:
             if attempt is not None:
                 self._check_attempt(task, attempt, trigger.removesuffix("Task").lower())
             changed = await self.transition(tx, task, trigger, actor, reason, now)
-        self._after_commit(tx)
+        self.after_commit(tx)
         return changed
 
     async def start_task(self, task_id: str, attempt: int, actor: str) -> Task:
@@ -354,6 +376,11 @@ class TaskService:
         return await self._by_person(task_id, None, actor, reason or "released by a person")
 
     # -- recovery ---------------------------------------------------------------
+
+    async def _participant_joined(self, p: Presence) -> None:
+        if p.chatroom == MACHINES_CHATROOM:
+            return
+        await self.agents.clean_join(p.chatroom, p.role)  # a clean join closes a circuit
 
     async def _participant_offline(self, p: Presence) -> None:
         now = self.clock.now()
@@ -377,7 +404,7 @@ class TaskService:
                 snap = self._snapshot(task, _kind, claimer_dead=True)
                 decision = policy.decide_on_claimer_gone(snap, now, self.timings)
                 await self._apply_decision(tx, task, decision, now, "claimer_gone")
-            self._after_commit(tx)
+            self.after_commit(tx)
         except (StorageError, NotFound) as exc:
             log.warning("recovering task %s (%s) failed: %s", task_id, why, exc)
 
@@ -471,7 +498,7 @@ class TaskService:
                         lag = (self.clock.now() - task.deadline_at).total_seconds()
                         self.metrics.deadline_lag.observe(max(0.0, lag))
                     await self._apply_decision(tx, task, decision, now, "timeout")
-            self._after_commit(tx)
+            self.after_commit(tx)
             self.metrics.scheduler_pass.observe(time.perf_counter() - started)
             handled += len(due)
             if len(due) < DUE_BATCH:
@@ -483,9 +510,13 @@ class TaskService:
             sleep = SAFETY_WAKE_S
             try:
                 await self.run_due()
-                deadline = await self.store.next_deadline()
-                if deadline is not None:
-                    sleep = min(sleep, (deadline - self.clock.now()).total_seconds())
+                await self.agents.run_due_restarts(self.clock.now())
+                for deadline in (
+                    await self.store.next_deadline(),
+                    await self.agents.next_restart(),
+                ):
+                    if deadline is not None:
+                        sleep = min(sleep, (deadline - self.clock.now()).total_seconds())
             except StorageError as exc:
                 log.warning("deadline pass failed, retrying: %s", exc)
                 sleep = 1.0

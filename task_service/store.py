@@ -42,6 +42,7 @@ class TaskTx:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
         self.woken_roles: set[tuple[str, str]] = set()  # roles with a new pending task
+        self.woken_machines: set[str] = set()  # machines with a new command
         self.notifications: list[Notification] = []
 
     async def lock_role(self, chatroom: str, role: str) -> Role | None:
@@ -164,6 +165,8 @@ class TaskStore:
                 raise AlreadyExists(f"chatroom {name!r} already exists")
             for r in roles:
                 await tx.conn.execute(Q["insert_role"], name, r.role, r.kind, r.machine, r.command)
+                if r.kind == "remote":
+                    await tx.conn.execute(Q["insert_agent"], name, r.role, r.machine)
             return Chatroom(name, tuple(roles), row["created_at"])
 
     async def chatrooms(self, names: list[str] | None) -> list[Chatroom]:

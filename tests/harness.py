@@ -101,13 +101,15 @@ class LocalServer:
 
 
 @contextlib.asynccontextmanager
-async def local_server(url: str, timings: Timings) -> AsyncIterator[LocalServer]:
+async def local_server(
+    url: str, timings: Timings, addr: str = "127.0.0.1:0"
+) -> AsyncIterator[LocalServer]:
     db = await open_database(url, min_size=1, max_size=10)
     registry = CollectorRegistry()
     app = LivenessApp(db, timings, SystemClock(), registry)
     tasks = TaskApp(db, None, timings, SystemClock(), registry)
     server = await create_server(
-        "127.0.0.1:0",
+        addr,
         [app, tasks],
         timings,
         lambda port: tasks.set_liveness_addr(f"127.0.0.1:{port}"),
@@ -278,3 +280,11 @@ def stub(addr: str) -> tuple[grpc.aio.Channel, pb_grpc.LivenessStub]:
 
 def join_request(chatroom: str, role: str, kind: int = pb.AGENT_KIND_CUSTOM) -> pb.JoinRequest:
     return pb.JoinRequest(chatroom=chatroom, role=role, kind=kind, connection_id=str(uuid.uuid4()))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

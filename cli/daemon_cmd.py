@@ -1,0 +1,55 @@
+"""`vigil daemon start` (and the `vigil-daemon` entry point): run this machine's daemon."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from cli.rpc import CliError, channel, wait_ready
+from vigil_core import validation
+from vigil_core.errors import VigilError
+from vigil_core.timings import Timings
+
+
+async def daemon_start(
+    addr: str,
+    machine_id: str,
+    credential_file: str | None,
+    state_dir: str | None,
+    leave_agents: bool,
+    timings: Timings,
+) -> int:
+    from cli.machine_cmds import default_credential_path, read_credential
+    from daemon.runner import Daemon
+
+    try:
+        validation.name(machine_id, "--machine-id")
+    except VigilError as exc:
+        raise CliError(str(exc), 2) from None
+    path = Path(credential_file) if credential_file else default_credential_path(machine_id)
+    file_machine, credential = read_credential(path)
+    if file_machine != machine_id:
+        raise CliError(
+            f"{path} holds the credential of machine {file_machine!r}, not {machine_id!r}"
+        )
+    data = Path(os.environ.get("VIGIL_DATA_DIR") or ".vigil")
+    folder = Path(state_dir) if state_dir else data / "daemon" / machine_id
+    ch = channel(addr, timings)
+    try:
+        await wait_ready(ch, addr)
+    finally:
+        await ch.close()
+    print(
+        f"vigil: daemon for machine {machine_id} serving {addr} (state in {folder})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return await Daemon(addr, machine_id, credential, folder, timings, not leave_agents).run()
+
+
+def main() -> None:
+    """The `vigil-daemon` entry point: `vigil daemon start` under its own name."""
+    from cli.main import main as vigil_main
+
+    sys.exit(vigil_main(["daemon", "start", *sys.argv[1:]]))

@@ -1,0 +1,409 @@
+"""The machine commands of `vigil`: registering a machine (and keeping its credential),
+listing machines, the agents their daemons run and the commands sent to them, and a
+person's wish that an agent run or stay stopped.
+
+Parsing, the credential file and rendering are plain functions (unit-tested without a
+server); each command opens one channel, makes its call, and turns any refusal into one
+line with the server's own message. The daemon reads its credential with
+`read_credential(default_credential_path(machine_id))`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+
+from cli.rpc import CliError, channel, rpc_error, wait_ready
+from cli.task_cmds import RPC_TIMEOUT, _check_name, _emit, _print_json, _ts, _usage, render_table
+from vigil.v1 import machines_pb2 as pb
+from vigil.v1 import machines_pb2_grpc as pb_grpc
+from vigil_core.timings import Timings
+
+if TYPE_CHECKING:
+    from vigil.v1.machines_pb2_grpc import MachinesAsyncStub
+
+DEFAULT_DATA_DIR = ".vigil"
+CREDENTIAL_MODE = 0o600
+# What a table shows for "no pid" and "never exited" (other empty cells show "-").
+NO_VALUE = "—"
+
+_COMMAND_TYPE = {pb.COMMAND_TYPE_START: "start", pb.COMMAND_TYPE_STOP: "stop"}
+
+MACHINE_COLUMNS = ["machine_id", "hostname", "online", "harnesses", "registered_at"]
+AGENT_COLUMNS = [
+    "chatroom",
+    "role",
+    "machine_id",
+    "desired_state",
+    "status",
+    "pid",
+    "restart_count",
+    "last_exit",
+    "last_exit_at",
+]
+COMMAND_COLUMNS = [
+    "id",
+    "machine_id",
+    "type",
+    "chatroom/role",
+    "status",
+    "created_at",
+    "deadline_at",
+    "reason",
+]
+
+
+# -- the credential file ---------------------------------------------------------
+
+
+def _data_dir(data_dir: Path | None) -> Path:
+    if data_dir is not None:
+        return data_dir
+    return Path(os.environ.get("VIGIL_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def default_credential_path(machine_id: str, data_dir: Path | None = None) -> Path:
+    """`$VIGIL_DATA_DIR/machines/<machine_id>.credential` (VIGIL_DATA_DIR: `.vigil`).
+
+    The machine id is checked first: it becomes a file name."""
+    _check_name(machine_id, "--machine-id")
+    return _data_dir(data_dir) / "machines" / f"{machine_id}.credential"
+
+
+def _prepare_credential_dir(path: Path) -> None:
+    """Create the file's directory (owner-only when we create it) before registering:
+    the secret is shown once, so find out now, not after, that it cannot be kept."""
+    parent = path.parent
+    try:
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot create {parent}: {exc.strerror or exc}", 2) from None
+    if not parent.is_dir():
+        raise CliError(f"cannot write credential file {path}: {parent} is not a directory", 2)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write credential file {path}: {parent} is not writable", 2)
+
+
+def write_credential(path: Path, machine_id: str, credential: str) -> None:
+    """Write {"machine_id", "credential"} to `path`, readable only by its owner (0600
+    whatever the umask, and also when the file already existed with a wider mode)."""
+    content = json.dumps({"machine_id": machine_id, "credential": credential}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, CREDENTIAL_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        # An existing file keeps its mode through O_CREAT: narrow it before the secret.
+        os.fchmod(f.fileno(), CREDENTIAL_MODE)
+        f.write(content)
+    os.chmod(path, CREDENTIAL_MODE)
+
+
+def read_credential(path: Path | str) -> tuple[str, str]:
+    """(machine_id, credential) from a credential file. Any problem is one CliError line
+    naming the file; a file that its group or others may read or write is refused."""
+    p = Path(path)
+    where = f"credential file {p}"
+    try:
+        f = p.open("rb")
+    except FileNotFoundError:
+        raise CliError(
+            f"{where} does not exist (create it with `vigil machine register`)", 2
+        ) from None
+    except OSError as exc:
+        raise CliError(f"cannot read {where}: {exc.strerror or exc}", 2) from None
+    with f:
+        # The mode of the file we opened, not of whatever is at the path now.
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CliError(f"{where} is not a regular file", 2)
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise CliError(f"{where} is readable by others (mode {mode:04o}); chmod 600 {p}", 2)
+        try:
+            raw = f.read()
+        except OSError as exc:
+            raise CliError(f"cannot read {where}: {exc.strerror or exc}", 2) from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CliError(f"{where} is not UTF-8 text", 2) from None
+    except json.JSONDecodeError as exc:
+        # Never echo the content: it holds a secret.
+        raise CliError(
+            f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", 2
+        ) from None
+    if not isinstance(data, dict):
+        raise CliError(f'{where}: expected an object {{"machine_id", "credential"}}', 2)
+    values: list[str] = []
+    for key in ("machine_id", "credential"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            raise CliError(f"{where}: {key!r} must be a non-empty string", 2)
+        values.append(value)
+    return values[0], values[1]
+
+
+# -- rendering -------------------------------------------------------------------
+
+
+def machine_json(m: pb.Machine) -> dict[str, Any]:
+    return {
+        "machine_id": m.machine_id,
+        "hostname": m.hostname or None,
+        "harnesses": list(m.harnesses),
+        "online": m.online,
+        "registered_at": _ts(m, "registered_at"),
+    }
+
+
+def render_machines(machines: Sequence[pb.Machine]) -> str:
+    rows = []
+    for m in machines:
+        row = machine_json(m)
+        row["harnesses"] = ", ".join(m.harnesses)
+        rows.append(row)
+    return render_table(rows, MACHINE_COLUMNS, "no machines")
+
+
+def last_exit_json(a: pb.Agent) -> dict[str, Any] | None:
+    if not a.has_last_exit:
+        return None
+    signal = a.last_exit_signal
+    return {
+        # A process killed by a signal has no exit code.
+        "code": None if signal else a.last_exit_code,
+        "signal": signal or None,
+        "classification": a.last_exit_classification or None,
+        "at": _ts(a, "last_exit_at"),
+    }
+
+
+def last_exit_text(a: pb.Agent) -> str:
+    """`signal 9 (signal)`, `code 1 (crashed)`, or NO_VALUE if it never exited."""
+    if not a.has_last_exit:
+        return NO_VALUE
+    what = f"signal {a.last_exit_signal}" if a.last_exit_signal else f"code {a.last_exit_code}"
+    cls = a.last_exit_classification
+    return f"{what} ({cls})" if cls else what
+
+
+def agent_json(a: pb.Agent) -> dict[str, Any]:
+    return {
+        "chatroom": a.chatroom,
+        "role": a.role,
+        "machine_id": a.machine_id or None,
+        "desired_state": a.desired_state,
+        "status": a.status,
+        "pid": a.pid or None,
+        "restart_count": a.restart_count,
+        "last_exit": last_exit_json(a),
+        "next_restart_at": _ts(a, "next_restart_at"),
+    }
+
+
+def _agent_row(a: pb.Agent) -> dict[str, Any]:
+    row = agent_json(a)
+    row["pid"] = a.pid or NO_VALUE
+    row["last_exit"] = last_exit_text(a)
+    row["last_exit_at"] = _ts(a, "last_exit_at")
+    return row
+
+
+def render_agents(agents: Sequence[pb.Agent]) -> str:
+    return render_table([_agent_row(a) for a in agents], AGENT_COLUMNS, "no agents")
+
+
+def agent_line(a: pb.Agent) -> str:
+    """One line: `<chatroom>/<role> <status> (desired <state>) on <machine> pid <pid>
+    restarts <n>`, then the last exit if there was one."""
+    line = (
+        f"{a.chatroom}/{a.role} {a.status} (desired {a.desired_state})"
+        f" on {a.machine_id or NO_VALUE} pid {a.pid or NO_VALUE} restarts {a.restart_count}"
+    )
+    if a.has_last_exit:
+        line += f" last exit {last_exit_text(a)}"
+        at = _ts(a, "last_exit_at")
+        if at:
+            line += f" at {at}"
+    return line
+
+
+def command_json(c: pb.Command) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "machine_id": c.machine_id,
+        "type": _COMMAND_TYPE.get(c.type, "unknown"),
+        "chatroom": c.chatroom,
+        "role": c.role,
+        "command": c.command or None,
+        "status": c.status,
+        "created_at": _ts(c, "created_at"),
+        "deadline_at": _ts(c, "deadline_at"),
+        "reason": c.reason or None,
+    }
+
+
+def render_commands(commands: Sequence[pb.Command]) -> str:
+    rows = []
+    for c in commands:
+        row = command_json(c)
+        row["chatroom/role"] = f"{c.chatroom}/{c.role}"
+        rows.append(row)
+    return render_table(rows, COMMAND_COLUMNS, "no commands")
+
+
+# -- talking to the server -------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _machines(addr: str, timings: Timings) -> AsyncIterator[MachinesAsyncStub]:
+    ch = channel(addr, timings)
+    try:
+        await wait_ready(ch, addr)
+        try:
+            # The generated stub's overloads cannot tell an aio channel from a sync one.
+            yield cast("MachinesAsyncStub", pb_grpc.MachinesStub(ch))
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, addr) from None
+    finally:
+        await ch.close()
+
+
+def _harnesses(names: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        _check_name(n, "--harness")
+        if n not in out:
+            out.append(n)
+    return out
+
+
+async def register_machine(
+    addr: str,
+    timings: Timings,
+    machine_id: str,
+    hostname: str | None,
+    harnesses: Sequence[str],
+    credential_file: str | None,
+    as_json: bool,
+    data_dir: Path | None = None,
+) -> int:
+    _check_name(machine_id, "--machine-id")
+    path = (
+        Path(credential_file) if credential_file else default_credential_path(machine_id, data_dir)
+    ).absolute()
+    _prepare_credential_dir(path)
+    req = pb.RegisterMachineRequest(
+        machine_id=machine_id,
+        hostname=hostname if hostname is not None else socket.gethostname(),
+        harnesses=_harnesses(harnesses),
+    )
+    async with _machines(addr, timings) as stub:
+        reply = await stub.RegisterMachine(req, timeout=RPC_TIMEOUT)
+    try:
+        write_credential(path, reply.machine_id or machine_id, reply.credential)
+    except OSError as exc:
+        raise CliError(
+            f"registered machine {machine_id} but could not write its credential to {path}: "
+            f"{exc.strerror or exc}; register it again (that rotates the credential)"
+        ) from None
+    _emit(
+        as_json,
+        lambda: {"machine_id": machine_id, "credential_file": str(path)},
+        lambda: f"registered machine {machine_id}; credential written to {path} (mode 600)",
+    )
+    return 0
+
+
+async def list_machines(addr: str, timings: Timings, as_json: bool) -> int:
+    async with _machines(addr, timings) as stub:
+        reply = await stub.ListMachines(pb.ListMachinesRequest(), timeout=RPC_TIMEOUT)
+    if as_json:
+        _print_json([machine_json(m) for m in reply.machines])
+    else:
+        print(render_machines(reply.machines))
+    return 0
+
+
+async def list_agents(addr: str, timings: Timings, chatroom: str | None, as_json: bool) -> int:
+    if chatroom:
+        _check_name(chatroom, "--chatroom")
+    async with _machines(addr, timings) as stub:
+        reply = await stub.ListAgents(
+            pb.ListAgentsRequest(chatroom=chatroom or ""), timeout=RPC_TIMEOUT
+        )
+    if as_json:
+        _print_json([agent_json(a) for a in reply.agents])
+    else:
+        print(render_agents(reply.agents))
+    return 0
+
+
+async def agent_action(
+    addr: str, timings: Timings, action: str, chatroom: str, role: str, as_json: bool
+) -> int:
+    if action not in ("start", "stop"):
+        raise ValueError(f"unknown agent action {action!r}")
+    ref = pb.AgentRef(
+        chatroom=_check_name(chatroom, "--chatroom"), role=_check_name(role, "--role")
+    )
+    async with _machines(addr, timings) as stub:
+        call = stub.StartAgent if action == "start" else stub.StopAgent
+        agent = await call(ref, timeout=RPC_TIMEOUT)
+    _emit(as_json, lambda: agent_json(agent), lambda: agent_line(agent))
+    return 0
+
+
+async def list_commands(
+    addr: str, timings: Timings, machine: str | None, limit: int, as_json: bool
+) -> int:
+    if machine:
+        _check_name(machine, "--machine")
+    if limit < 0:
+        raise _usage(f"--limit must be zero (the server's default) or more, got {limit}")
+    req = pb.ListCommandsRequest(machine_id=machine or "", limit=limit)
+    async with _machines(addr, timings) as stub:
+        reply = await stub.ListCommands(req, timeout=RPC_TIMEOUT)
+    if as_json:
+        _print_json([command_json(c) for c in reply.commands])
+    else:
+        print(render_commands(reply.commands))
+    return 0
+
+
+# -- dispatch from cli.main ------------------------------------------------------
+
+
+async def run(
+    args: argparse.Namespace, addr: str, timings: Timings, data_dir: Path | None = None
+) -> int:
+    """Run the parsed command `args.command` (one of cli.main.MACHINE_COMMANDS)."""
+    cmd = args.command
+    if cmd == "machine":
+        return await register_machine(
+            addr,
+            timings,
+            args.machine_id,
+            args.hostname,
+            args.harness or [],
+            args.credential_file,
+            args.json,
+            data_dir,
+        )
+    if cmd == "machines":
+        return await list_machines(addr, timings, args.json)
+    if cmd == "agents":
+        return await list_agents(addr, timings, args.chatroom, args.json)
+    if cmd == "agent":
+        return await agent_action(
+            addr, timings, args.agent_command, args.chatroom, args.role, args.json
+        )
+    if cmd == "commands":
+        return await list_commands(addr, timings, args.machine, args.limit, args.json)
+    raise ValueError(f"not a machine command: {cmd!r}")

@@ -1,0 +1,200 @@
+"""The machine daemon: holds its presence, takes commands the moment they are issued,
+is the single authority over its agent processes, and reports every exit durably."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+
+from cli.session_client import SessionClient, Stop
+from daemon.children import Child, Children, Exit
+from daemon.outbox import Outbox
+from vigil.v1 import machines_pb2 as pb
+from vigil.v1 import machines_pb2_grpc as pb_grpc
+from vigil_core.server import client_options
+from vigil_core.timefmt import from_proto, to_proto
+from vigil_core.timings import Timings
+
+log = logging.getLogger("vigil.daemon")
+
+MACHINES_CHATROOM = "vigil.machines"
+_CLASS = {
+    "intentional": pb.EXIT_CLASSIFICATION_INTENTIONAL,
+    "signal": pb.EXIT_CLASSIFICATION_SIGNAL,
+    "exited_ok": pb.EXIT_CLASSIFICATION_EXITED_OK,
+    "crashed": pb.EXIT_CLASSIFICATION_CRASHED,
+}
+
+
+def _child_pb(c: Child) -> pb.Child:
+    return pb.Child(chatroom=c.chatroom, role=c.role, pid=c.pid, started_at=to_proto(c.started_at))
+
+
+class Daemon:
+    def __init__(
+        self,
+        addr: str,
+        machine_id: str,
+        credential: str,
+        state_dir: Path,
+        timings: Timings,
+        stop_agents_on_exit: bool = True,
+    ) -> None:
+        self.addr = addr
+        self.machine_id = machine_id
+        self.credential = credential
+        self.timings = timings
+        self.stop_agents_on_exit = stop_agents_on_exit
+        self.outbox = Outbox(state_dir / "outbox")
+        self.children = Children(state_dir, addr, self._exited)
+        self._stopping = asyncio.Event()
+        self._running: set[asyncio.Task[None]] = set()
+
+    def _exited(self, ex: Exit) -> None:
+        c = ex.child
+        self.outbox.add(
+            pb.ExitReport(
+                machine_id=self.machine_id,
+                child=_child_pb(c),
+                has_exit_code=ex.exit_code is not None,
+                exit_code=ex.exit_code or 0,
+                signal=ex.signal or 0,
+                exited_at=to_proto(ex.exited_at),
+                classification=_CLASS[ex.classification],
+            )
+        )
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        for ex in self.children.adopt():
+            self._exited(ex)  # gone while the daemon was away: report them
+        async with grpc.aio.insecure_channel(self.addr, options=client_options(self.timings)) as ch:
+            stub = pb_grpc.MachinesStub(ch)
+            presence = SessionClient(
+                ch,
+                self.addr,
+                MACHINES_CHATROOM,
+                self.machine_id,
+                "remote",
+                lambda line: log.info("presence: %s", line),
+            )
+            tasks = [
+                asyncio.create_task(self.outbox.run(stub, self.machine_id, self.credential)),
+                asyncio.create_task(self._sessions(stub)),
+                asyncio.create_task(self._presence(presence)),
+            ]
+            await self._stopping.wait()
+            log.info(
+                "stopping: %s",
+                "stopping agents" if self.stop_agents_on_exit else "leaving agents running",
+            )
+            if self.stop_agents_on_exit:
+                await asyncio.gather(*(self.children.stop(k) for k in list(self.children.running)))
+            # Give the exit reports of the agents we stopped a moment to be delivered.
+            for _ in range(40):
+                if not self.outbox.pending():
+                    break
+                await asyncio.sleep(0.05)
+            presence.request_stop(Stop("left", 0))
+            await asyncio.sleep(0.2)
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+        return 0
+
+    async def _presence(self, presence: SessionClient) -> None:
+        while not self._stopping.is_set():
+            try:
+                await presence.run()
+                return
+            except Exception as exc:  # unreachable at start: keep trying, we are a daemon
+                log.warning("presence: %s; retrying", exc)
+                await asyncio.sleep(1)
+
+    async def _sessions(self, stub: pb_grpc.MachinesStub) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._session(stub)
+                attempt = 0
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                ):
+                    log.error("the server refused this daemon: %s", exc.details())
+                    self._stopping.set()
+                    return
+                attempt += 1
+                log.info("daemon session: %s; reconnecting", exc.code().name)
+            await asyncio.sleep(min(2.0, 0.05 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1))
+
+    async def _session(self, stub: pb_grpc.MachinesStub) -> None:
+        call = stub.DaemonSession()
+        try:
+            # Reconcile: the full list of the children we still run.
+            await call.write(
+                pb.DaemonMessage(
+                    hello=pb.DaemonMessage.Hello(
+                        machine_id=self.machine_id,
+                        credential=self.credential,
+                        children=[_child_pb(c) for c in self.children.running.values()],
+                    )
+                )
+            )
+            welcome = await call.read()
+            if welcome is grpc.aio.EOF:
+                return
+            log.info("session open (reconciled, %d marked lost)", welcome.welcome.reconciled_lost)
+            done: set[int] = set()
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    return
+                if msg.WhichOneof("msg") == "command" and msg.command.id not in done:
+                    done.add(msg.command.id)
+                    task = asyncio.create_task(self._execute(call, msg.command))
+                    self._running.add(task)
+                    task.add_done_callback(self._running.discard)
+        finally:
+            call.cancel()
+
+    async def _execute(self, call: grpc.aio.StreamStreamCall, cmd: pb.Command) -> None:
+        key = (cmd.chatroom, cmd.role)
+        result = pb.DaemonMessage.CommandResult(command_id=cmd.id)
+        async with self.children.lock(key):  # one spawn lock per (chatroom, role)
+            if datetime.now(UTC) > from_proto(cmd.deadline_at):
+                result.outcome = "expired"
+                result.message = "arrived after its deadline; not executed"
+                log.warning("command %d (%s %s/%s) expired", cmd.id, _type(cmd), *key)
+            elif cmd.type == pb.COMMAND_TYPE_STOP:
+                await self.children.stop(key)
+                result.outcome = "done"
+            else:
+                child = self.children.running.get(key)
+                try:
+                    if child is None:
+                        child = await self.children.spawn(cmd.chatroom, cmd.role, cmd.command)
+                    result.outcome = "done"
+                    result.child.CopyFrom(_child_pb(child))
+                except (OSError, ValueError) as exc:
+                    result.outcome = "failed"
+                    result.message = f"cannot start {cmd.command!r}: {exc}"
+                    log.error("command %d: %s", cmd.id, result.message)
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await call.write(pb.DaemonMessage(result=result))
+
+
+def _type(cmd: pb.Command) -> str:
+    return "start" if cmd.type == pb.COMMAND_TYPE_START else "stop"

@@ -1,0 +1,418 @@
+"""The machine daemon end to end: real daemon processes running real agent processes
+against a real server and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+
+from tests import harness
+from tests.harness import LocalServer, local_server
+from vigil.v1 import machines_pb2 as mpb
+from vigil.v1 import machines_pb2_grpc as mpb_grpc
+from vigil.v1 import tasks_pb2 as tpb
+from vigil.v1 import tasks_pb2_grpc as tpb_grpc
+from vigil_core.timefmt import to_proto
+
+TIMINGS = harness.fast_timings(
+    restart_backoff_base_ms=200,
+    restart_backoff_cap_ms=2000,
+    circuit_exits=3,
+    circuit_window_ms=60_000,
+    circuit_cooldown_ms=4_000,
+)
+
+
+def worker(mode: str) -> str:
+    return f"{sys.executable} -m tests.agents.worker {mode}"
+
+
+class Machine:
+    def __init__(self, srv_addr: str, machine_id: str, tmp: Path, credential: str) -> None:
+        self.addr = srv_addr
+        self.machine_id = machine_id
+        self.state = tmp / f"daemon-{machine_id}"
+        self.cred_file = tmp / f"{machine_id}.credential"
+        self.credential = credential
+        fd = os.open(self.cred_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"machine_id": machine_id, "credential": credential}, f)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tmp / f"daemon-{machine_id}.log"
+
+    def start(self, addr: str | None = None) -> None:
+        self.proc = subprocess.Popen(
+            harness.vigil_cmd(
+                "daemon",
+                "start",
+                "--machine-id",
+                self.machine_id,
+                "--credential-file",
+                str(self.cred_file),
+                "--state-dir",
+                str(self.state),
+            ),
+            env=harness.child_env({"VIGIL_ADDR": addr or self.addr}),
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+        )
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(15)
+
+
+async def register(addr: str, machine_id: str, tmp: Path) -> Machine:
+    async with grpc.aio.insecure_channel(addr) as ch:
+        reply = await mpb_grpc.MachinesStub(ch).RegisterMachine(
+            mpb.RegisterMachineRequest(machine_id=machine_id, hostname="test")
+        )
+    return Machine(addr, machine_id, tmp, reply.credential)
+
+
+async def room(addr: str, command: str, name: str = "room", machine: str = "m1") -> None:
+    async with grpc.aio.insecure_channel(addr) as ch:
+        await tpb_grpc.TasksStub(ch).CreateChatroom(
+            tpb.CreateChatroomRequest(
+                name=name,
+                roles=[
+                    tpb.Role(
+                        role="builder", kind=tpb.ROLE_KIND_REMOTE, machine=machine, command=command
+                    ),
+                    tpb.Role(role="reviewer", kind=tpb.ROLE_KIND_CUSTOM),
+                ],
+            )
+        )
+
+
+async def agent(addr: str, role: str = "builder", name: str = "room") -> mpb.Agent:
+    async with grpc.aio.insecure_channel(addr) as ch:
+        reply = await mpb_grpc.MachinesStub(ch).ListAgents(mpb.ListAgentsRequest(chatroom=name))
+    return next(a for a in reply.agents if a.role == role)
+
+
+async def send(addr: str, text: str, role: str = "builder") -> tpb.Task:
+    async with grpc.aio.insecure_channel(addr) as ch:
+        return await tpb_grpc.TasksStub(ch).SendMessage(
+            tpb.SendMessageRequest(chatroom="room", role=role, text=text)
+        )
+
+
+async def commands(url: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch("SELECT * FROM tasks.commands ORDER BY id")
+    finally:
+        await conn.close()
+
+
+async def fetch(url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def wait_agent(addr: str, pred: object, what: str, timeout: float = 10) -> mpb.Agent:
+    async def check() -> mpb.Agent | None:
+        a = await agent(addr)
+        return a if pred(a) else None  # type: ignore[operator]
+
+    return await harness.wait_for(check, timeout, interval=0.005, what=what)  # type: ignore[no-any-return]
+
+
+async def test_sigkilled_agent_exit_is_recorded_and_its_pid_cleared(db_url: str, tmp: Path) -> None:
+    async with local_server(db_url, TIMINGS) as srv:
+        m = await register(srv.addr, "m1", tmp)
+        await room(srv.addr, worker("idle"))
+        m.start()
+        try:
+            await send(srv.addr, "start the agent")  # a need: nobody live -> start
+            running = await wait_agent(
+                srv.addr, lambda a: a.pid and a.status == "running", "agent running"
+            )
+            await harness.wait_live(db_url, "room", "builder")
+            killed = datetime.now(UTC)
+            os.kill(running.pid, signal.SIGKILL)
+            after = await wait_agent(srv.addr, lambda a: a.has_last_exit, "exit recorded", 5)
+            assert after.pid == 0
+            assert after.last_exit_signal == 9
+            assert after.last_exit_classification == "signal"
+            assert after.status in ("backoff", "starting", "running")
+            (row,) = await fetch(db_url, "SELECT * FROM tasks.agent_exits")
+            assert row["pid"] == running.pid and row["signal"] == 9
+            assert (row["recorded_at"] - killed).total_seconds() < 1.0
+        finally:
+            m.kill(signal.SIGTERM)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_100_concurrent_messages_make_one_stop_start_pair(
+    db_url: str, tmp: Path, replicas: int
+) -> None:
+    async with local_server(db_url, TIMINGS) as one, local_server(db_url, TIMINGS) as two:
+        servers = [one, two][:replicas]
+        m = await register(one.addr, "m1", tmp)
+        await room(one.addr, worker("sleep"))  # runs, never joins: the role stays in need
+        await asyncio.gather(*(send(servers[i % replicas].addr, f"t{i}") for i in range(100)))
+        cmds = await commands(db_url)
+        assert sorted(c["type"] for c in cmds) == ["start", "stop"]
+        assert {c["status"] for c in cmds} == {"pending"}
+        m.start()
+        try:
+
+            async def done() -> bool:
+                return {c["status"] for c in await commands(db_url)} == {"done"}
+
+            await harness.wait_for(done, 10, what="the pair executed")
+            # The agent runs but never joined: a new need makes a new pair.
+            await send(one.addr, "still nobody?")
+            cmds = await commands(db_url)
+            assert [c["type"] for c in cmds].count("start") == 2
+        finally:
+            m.kill(signal.SIGTERM)
+
+
+async def test_a_crash_loop_opens_the_circuit(db_url: str, tmp: Path) -> None:
+    async with local_server(db_url, TIMINGS) as srv:
+        m = await register(srv.addr, "m1", tmp)
+        await room(srv.addr, worker("crash"))
+        m.start()
+        try:
+            await send(srv.addr, "crash please")
+            opened = await wait_agent(
+                srv.addr, lambda a: a.status == "circuit_open", "circuit open", 15
+            )
+            exits = await fetch(db_url, "SELECT * FROM tasks.agent_exits ORDER BY exited_at")
+            assert len(exits) == 3 and all(e["classification"] == "crashed" for e in exits)
+            starts = [c for c in await commands(db_url) if c["type"] == "start"]
+            assert len(starts) == 3
+            gaps = [
+                (b["created_at"] - a["finished_at"]).total_seconds()
+                for a, b in itertools.pairwise(starts)
+            ]
+            assert gaps[1] > gaps[0] > 0.15, gaps  # backoff grows
+            kinds = [n["kind"] for n in await fetch(db_url, "SELECT * FROM tasks.notifications")]
+            assert "circuit_open" in kinds
+            assert opened.next_restart_at.ToDatetime(UTC) > datetime.now(UTC)
+            await asyncio.sleep(1.5)  # inside the cool-down: nothing restarts
+            await send(srv.addr, "and again")
+            assert len([c for c in await commands(db_url) if c["type"] == "start"]) == 3
+            assert (await agent(srv.addr)).status == "circuit_open"
+        finally:
+            m.kill(signal.SIGTERM)
+
+
+async def test_a_stopped_role_stays_stopped_and_custom_roles_are_never_restarted(
+    db_url: str, tmp: Path
+) -> None:
+    async with local_server(db_url, TIMINGS) as srv:
+        await register(srv.addr, "m1", tmp)
+        await room(srv.addr, worker("idle"))
+        async with grpc.aio.insecure_channel(srv.addr) as ch:
+            stopped = await mpb_grpc.MachinesStub(ch).StopAgent(
+                mpb.AgentRef(chatroom="room", role="builder")
+            )
+        assert stopped.desired_state == "stopped"
+        for i in range(5):
+            await send(srv.addr, f"b{i}")
+            await send(srv.addr, f"r{i}", role="reviewer")
+        await asyncio.sleep(0.5)
+        cmds = await commands(db_url)
+        assert [(c["type"], c["role"]) for c in cmds] == [("stop", "builder")]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async with grpc.aio.insecure_channel(srv.addr) as ch:
+                await mpb_grpc.MachinesStub(ch).StartAgent(
+                    mpb.AgentRef(chatroom="room", role="reviewer")
+                )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_agent_killed_mid_task_gives_the_task_to_the_next_agent(
+    db_url: str, tmp: Path
+) -> None:
+    async with local_server(db_url, TIMINGS) as srv:
+        m = await register(srv.addr, "m1", tmp)
+        await room(srv.addr, worker("work"))
+        m.start()
+        try:
+            sent = await send(srv.addr, "long job")
+
+            async def in_progress(attempt: int) -> tpb.Task | None:
+                async with grpc.aio.insecure_channel(srv.addr) as ch:
+                    t = await tpb_grpc.TasksStub(ch).GetTask(tpb.GetTaskRequest(id=sent.id))
+                return t if t.status == "in_progress" and t.attempt == attempt else None
+
+            await harness.wait_for(lambda: in_progress(0), 15, what="first agent working")
+            first = await agent(srv.addr)
+            killed = asyncio.get_running_loop().time()
+            os.kill(first.pid, signal.SIGKILL)
+
+            async def pending() -> bool:
+                async with grpc.aio.insecure_channel(srv.addr) as ch:
+                    t = await tpb_grpc.TasksStub(ch).GetTask(tpb.GetTaskRequest(id=sent.id))
+                return (t.status == "pending" and t.attempt == 1) or t.attempt == 1
+
+            await harness.wait_for(pending, 1.0, interval=0.005, what="task back to pending")
+            assert asyncio.get_running_loop().time() - killed < 1.0
+            await harness.wait_for(lambda: in_progress(1), 15, what="the next agent has it")
+            second = await agent(srv.addr)
+            assert second.pid not in (0, first.pid)
+            history = await fetch(
+                db_url,
+                "SELECT trigger FROM tasks.transitions WHERE task_id = $1 ORDER BY id",
+                uuid.UUID(sent.id),
+            )
+            assert [h["trigger"] for h in history] == [
+                "claimTask",
+                "startTask",
+                "recoverOrphaned",
+                "claimTask",
+                "startTask",
+            ]
+        finally:
+            m.kill(signal.SIGTERM)
+
+
+async def test_an_exit_while_the_server_is_down_is_reported_once_it_is_back(
+    db_url: str, tmp: Path
+) -> None:
+    port = harness.free_port()
+    addr = f"127.0.0.1:{port}"
+    async with local_server(db_url, TIMINGS, addr) as srv:
+        m = await register(srv.addr, "m1", tmp)
+        await room(srv.addr, worker("sleep"))
+        async with grpc.aio.insecure_channel(srv.addr) as ch:
+            await mpb_grpc.MachinesStub(ch).StartAgent(
+                mpb.AgentRef(chatroom="room", role="builder")
+            )
+        m.start()
+        running = await wait_agent(srv.addr, lambda a: a.pid != 0, "agent running")
+    try:
+        os.kill(running.pid, signal.SIGKILL)  # no server to tell
+        await asyncio.sleep(1.0)
+        outbox = list((m.state / "outbox").glob("*.json"))
+        assert len(outbox) == 1  # kept on disk until acknowledged
+        async with local_server(db_url, TIMINGS, addr) as srv:
+            await wait_agent(srv.addr, lambda a: a.has_last_exit, "exit reported", 15)
+            await asyncio.sleep(1.0)
+            rows = await fetch(db_url, "SELECT * FROM tasks.agent_exits")
+            assert len(rows) == 1 and rows[0]["signal"] == 9
+            assert list((m.state / "outbox").glob("*.json")) == []
+    finally:
+        m.kill(signal.SIGTERM)
+
+
+async def test_a_restarted_daemon_reconciles_its_children(db_url: str, tmp: Path) -> None:
+    async with local_server(db_url, TIMINGS) as srv:
+        m = await register(srv.addr, "m1", tmp)
+        async with grpc.aio.insecure_channel(srv.addr) as ch:
+            await tpb_grpc.TasksStub(ch).CreateChatroom(
+                tpb.CreateChatroomRequest(
+                    name="room",
+                    roles=[
+                        tpb.Role(
+                            role=r, kind=tpb.ROLE_KIND_REMOTE, machine="m1", command=worker("sleep")
+                        )
+                        for r in ("builder", "keeper")
+                    ],
+                )
+            )
+            for r in ("builder", "keeper"):
+                await mpb_grpc.MachinesStub(ch).StartAgent(mpb.AgentRef(chatroom="room", role=r))
+        m.start()
+        builder = await wait_agent(srv.addr, lambda a: a.pid != 0, "builder running")
+        keeper = await harness.wait_for(lambda: _running(srv, "keeper"), 10, what="keeper running")
+        m.kill(signal.SIGKILL)  # the daemon dies; its agents keep running
+        os.kill(builder.pid, signal.SIGKILL)  # one of them dies while nobody watches
+        await asyncio.sleep(0.5)
+        m.start()
+        try:
+            await wait_agent(
+                srv.addr, lambda a: a.pid == 0 and a.has_last_exit, "the dead one shown dead", 10
+            )
+            await asyncio.sleep(0.5)
+            alive = await agent(srv.addr, "keeper")
+            assert alive.pid == keeper.pid and alive.status == "running"
+            os.kill(keeper.pid, 0)  # really still running
+            rows = await fetch(db_url, "SELECT role FROM tasks.agent_exits")
+            assert [r["role"] for r in rows] == ["builder"]
+        finally:
+            m.kill(signal.SIGTERM)  # stops its agents intentionally
+
+
+async def _running(srv: LocalServer, role: str) -> mpb.Agent | None:
+    a = await agent(srv.addr, role)
+    return a if a.pid else None
+
+
+async def test_late_commands_expire_and_credentials_are_per_machine(db_url: str, tmp: Path) -> None:
+    timings = harness.fast_timings(command_deadline_ms=300)
+    async with local_server(db_url, timings) as srv:
+        m1 = await register(srv.addr, "m1", tmp)
+        m2 = await register(srv.addr, "m2", tmp)
+        await room(srv.addr, worker("sleep"), machine="m2")
+        async with grpc.aio.insecure_channel(srv.addr) as ch:
+            await mpb_grpc.MachinesStub(ch).StartAgent(
+                mpb.AgentRef(chatroom="room", role="builder")
+            )
+        await asyncio.sleep(0.6)  # past its deadline before any daemon sees it
+        m2.start()
+        try:
+
+            async def expired() -> bool:
+                return [c["status"] for c in await commands(db_url)] == ["expired"]
+
+            await harness.wait_for(expired, 10, what="command expired")
+            assert (await agent(srv.addr)).pid == 0  # not executed
+        finally:
+            m2.kill(signal.SIGTERM)
+        async with grpc.aio.insecure_channel(srv.addr) as ch:
+            stub = mpb_grpc.MachinesStub(ch)
+            report = mpb.ExitReport(
+                machine_id="m2",
+                credential=m1.credential,
+                child=mpb.Child(
+                    chatroom="room",
+                    role="builder",
+                    pid=4242,
+                    started_at=to_proto(datetime.now(UTC)),
+                ),
+                exited_at=to_proto(datetime.now(UTC)),
+                classification=mpb.EXIT_CLASSIFICATION_CRASHED,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ReportExit(report)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            report.machine_id = "m1"  # its own name, another machine's agent
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ReportExit(report)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            call = stub.DaemonSession()
+            await call.write(
+                mpb.DaemonMessage(
+                    hello=mpb.DaemonMessage.Hello(machine_id="m2", credential=m1.credential)
+                )
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            report.credential = "forged"
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ReportExit(report)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert await fetch(db_url, "SELECT * FROM tasks.agent_exits") == []
