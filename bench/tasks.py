@@ -256,6 +256,8 @@ LAG_PREFIX = "lag-"
 
 # Statements of the benchmark itself (filtered out of the pg_stat_statements count).
 BENCH_MARK = "/* bench */"
+# The first statement of asyncpg's reset query, run whenever a pool connection is released.
+POOL_RESET_MARK = "pg_advisory_unlock_all()"
 COUNT_NOTIFIED = f"{BENCH_MARK} SELECT count(*) FROM tasks.notifications WHERE kind = $1"
 
 
@@ -294,17 +296,19 @@ async def _insert_lag_tasks(conn: asyncpg.Connection, start: datetime) -> dict[s
     return {str(r["id"]): r["deadline_at"] for r in rows}
 
 
-async def _statements(conn: asyncpg.Connection) -> int:
-    """Statements the server sent to this database since the last reset."""
+async def _statements(conn: asyncpg.Connection) -> tuple[int, int]:
+    """(statements others sent to this database since the last reset, asyncpg pool
+    check-ins among them: the reset query a pool runs on each released connection)."""
     rows = await conn.fetch(
         "SELECT query, calls FROM pg_stat_statements "
         "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())"
     )
-    return sum(
-        r["calls"]
-        for r in rows
-        if "pg_stat_statements" not in r["query"] and BENCH_MARK not in r["query"]
-    )
+    theirs = [
+        r for r in rows if "pg_stat_statements" not in r["query"] and BENCH_MARK not in r["query"]
+    ]
+    total = sum(r["calls"] for r in theirs)
+    checkins = sum(r["calls"] for r in theirs if POOL_RESET_MARK in r["query"])
+    return total, checkins
 
 
 async def deadline_lag(ctx: Context) -> dict[str, Any]:
@@ -390,10 +394,12 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
         *common.cpu_notes(cpu_pct),
     ]
     if statements is not None:
+        handled = max(1, len(lags))
         notes.append(
-            f"pg_stat_statements: {statements} statements from the server in the window "
-            f"({statements / max(1, len(lags)):.1f} per handled deadline, BEGIN/COMMIT and the "
-            "scheduler's next-deadline reads included)"
+            f"pg_stat_statements: {statements[0]} statements from the server in the window, "
+            f"{statements[0] / handled:.1f} per handled deadline (BEGIN/COMMIT, the "
+            "scheduler's next-deadline reads and asyncpg's pool reset query included); "
+            f"pool check-ins {statements[1] / handled:.1f} per handled deadline"
         )
     if unknown:
         notes.append(f"{unknown} notifications for tasks the benchmark did not create")
@@ -410,7 +416,7 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
         server_scheduler_passes=passes,
         server_pass_mean_ms=pass_mean,
         server_lag_mean_ms=lag_mean,
-        statements_per_deadline=round(statements / max(1, len(lags)), 2)
+        statements_per_deadline=round(statements[0] / max(1, len(lags)), 2)
         if statements is not None
         else None,
         cpu_pct=cpu_pct,
@@ -726,9 +732,14 @@ async def _sql_lifecycles(pool: asyncpg.Pool, role: str, window: _Window, out: l
 
 
 async def _rate(
-    worker: Worker, target: Any, roles: list[str], meter: common.CpuMeter
+    worker: Worker,
+    target: Any,
+    roles: list[str],
+    meter: common.CpuMeter,
+    at_start: Callable[[], Awaitable[None]],
 ) -> tuple[list[float], float, dict[str, float]]:
-    """One worker per role; (latencies in the measured window, lifecycles/s, CPU)."""
+    """One worker per role; (latencies in the measured window, lifecycles/s, CPU).
+    `at_start` runs when the window opens (workers are running meanwhile)."""
     window = _Window(len(roles))
     samples: list[list[float]] = [[] for _ in roles]
     jobs = [asyncio.create_task(worker(target, r, window, samples[k])) for k, r in enumerate(roles)]
@@ -737,6 +748,7 @@ async def _rate(
     if not warmed.done():  # a worker broke during its warm-up
         warmed.cancel()
         await asyncio.gather(*jobs)
+    await at_start()
     meter.start()
     t0 = time.monotonic()
     window.end = t0 + RATE_WINDOW_S
@@ -750,28 +762,52 @@ async def _rate(
 async def tasks_lifecycle_rate(ctx: Context) -> dict[str, Any]:
     url = await ctx.new_database()
     roles = [f"w{k}" for k in range(RATE_WORKERS)]
+    conn = await asyncpg.connect(url)
     server = await ctx.start_server(url, TASK_ENV, "rate", args=UP)
+    m0: dict[str, float] = {}
+
+    async def grpc_start() -> None:
+        if ctx.pg_stat_statements:
+            await conn.execute("SELECT pg_stat_statements_reset()")
+        m0.update(await common.scrape(server.metrics_port))
+
+    async def sql_start() -> None:
+        if ctx.pg_stat_statements:
+            await conn.execute("SELECT pg_stat_statements_reset()")
+
     try:
         async with grpc.aio.insecure_channel(server.addr) as ch:
             await _create_room(tpb_grpc.TasksStub(ch), RATE_CHATROOM, roles)
         meter = common.CpuMeter(ctx, server.proc.pid, {})
-        grpc_ms, grpc_rate, grpc_cpu = await _rate(_grpc_lifecycles, server.addr, roles, meter)
+        grpc_ms, grpc_rate, grpc_cpu = await _rate(
+            _grpc_lifecycles, server.addr, roles, meter, grpc_start
+        )
+        grpc_stmts = await _statements(conn) if ctx.pg_stat_statements else None
+        m1 = await common.scrape(server.metrics_port)
     except Exception:
         print(f"server log (tail):\n{common.log_tail(server.log)}")
+        await conn.close()
         raise
     finally:
         await ctx.stop_server(server)
-    # Straight through asyncpg, on the same database with the server gone.
+    # Straight through asyncpg, on the same database with the server gone; each worker
+    # keeps its connection (no pool check-in between statements).
     pool = await asyncpg.create_pool(url, min_size=RATE_WORKERS, max_size=RATE_WORKERS)
     assert pool is not None
     try:
         meter = common.CpuMeter(ctx, 0, {})  # no server process (pid 0 counts nothing)
-        sql_ms, sql_rate, sql_cpu = await _rate(_sql_lifecycles, pool, roles, meter)
-        leftover = await pool.fetchval(
+        sql_ms, sql_rate, sql_cpu = await _rate(_sql_lifecycles, pool, roles, meter, sql_start)
+        sql_stmts = await _statements(conn) if ctx.pg_stat_statements else None
+        leftover = await conn.fetchval(
             f"{BENCH_MARK} SELECT count(*) FROM tasks.tasks WHERE status <> 'completed'"
         )
     finally:
         await pool.close()
+        await conn.close()
+    grpc_n = max(1, len(grpc_ms))
+    passes = common.metric(m1, "vigil_task_scheduler_pass_seconds_count") - common.metric(
+        m0, "vigil_task_scheduler_pass_seconds_count"
+    )
     notes = [
         f"{RATE_WORKERS} concurrent lifecycles (one role each) for {RATE_WINDOW_S:.0f} s each "
         "way, clients in the benchmark process; the latency columns are one gRPC lifecycle "
@@ -779,11 +815,21 @@ async def tasks_lifecycle_rate(ctx: Context) -> dict[str, Any]:
         f"gRPC: {grpc_rate:.0f} lifecycles/s; straight asyncpg (INSERT + 3 declare/UPDATE "
         f"transactions): {sql_rate:.0f} lifecycles/s, one lifecycle {_ms(sql_ms)}",
         f"asyncpg / gRPC = {sql_rate / grpc_rate:.1f}",
+        f"server scheduler passes per gRPC lifecycle: {passes / grpc_n:.2f}",
         f"CPU via gRPC, % of one core: server {grpc_cpu['server']:.0f}, postgres "
         f"{grpc_cpu['postgres']:.0f}, bench {grpc_cpu['bench']:.0f}, else {grpc_cpu['others']:.0f}",
         f"CPU via asyncpg: postgres {sql_cpu['postgres']:.0f}, bench {sql_cpu['bench']:.0f}, "
         f"else {sql_cpu['others']:.0f}",
     ]
+    if grpc_stmts is not None and sql_stmts is not None:
+        sql_n = max(1, len(sql_ms))
+        notes.append(
+            f"pg_stat_statements per lifecycle: via gRPC {grpc_stmts[0] / grpc_n:.1f} statements "
+            f"with {grpc_stmts[1] / grpc_n:.1f} pool check-ins (each a 4-statement reset query), "
+            f"straight {sql_stmts[0] / sql_n:.1f}"
+        )
+    if max(grpc_cpu["others"], sql_cpu["others"]) > common.NOISY_PCT:
+        notes.append("NOISY: other work on the machine during the measurement")
     return common.result(
         grpc_ms,
         Goal(),
@@ -792,6 +838,11 @@ async def tasks_lifecycle_rate(ctx: Context) -> dict[str, Any]:
         grpc_lifecycles_per_s=round(grpc_rate, 1),
         sql_lifecycles_per_s=round(sql_rate, 1),
         sql=common.summarize(sql_ms),
+        scheduler_passes_per_lifecycle=round(passes / grpc_n, 2),
+        statements_per_lifecycle_grpc=round(grpc_stmts[0] / grpc_n, 1) if grpc_stmts else None,
+        statements_per_lifecycle_sql=round(sql_stmts[0] / max(1, len(sql_ms)), 1)
+        if sql_stmts
+        else None,
         cpu_pct_grpc=grpc_cpu,
         cpu_pct_sql=sql_cpu,
     )
