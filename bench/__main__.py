@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 GROUPS: dict[str, str] = {
     "liveness": "bench.liveness",
     "tasks": "bench.tasks",
+    "daemon": "bench.daemon",
 }
 
 

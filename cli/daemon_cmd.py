@@ -19,6 +19,7 @@ async def daemon_start(
     state_dir: str | None,
     leave_agents: bool,
     timings: Timings,
+    metrics_addr: str | None = None,
 ) -> int:
     from cli.machine_cmds import default_credential_path, read_credential
     from daemon.runner import Daemon

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--leave-agents", action="store_true", help="on SIGTERM, leave agents running"
     )
     dm_start.add_argument("--addr", help=addr_help)
+    dm_start.add_argument(
+        "--metrics-addr", help="serve the daemon's Prometheus metrics here (HOST:PORT)"
+    )
 
     w = sub.add_parser(
         "wait-for-task",
@@ -297,6 +300,7 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             args.state_dir,
             args.leave_agents,
             settings.timings,
+            args.metrics_addr,
         )
     if args.command == "wait-for-task":
         from cli.durations import parse_duration

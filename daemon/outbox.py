@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from daemon.metrics import DaemonMetrics
 from vigil.v1 import machines_pb2 as pb
 from vigil.v1 import machines_pb2_grpc as pb_grpc
 from vigil_core.timefmt import from_proto, to_proto
@@ -29,7 +30,8 @@ _FATAL = {
 
 
 class Outbox:
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, metrics: DaemonMetrics) -> None:
+        self.metrics = metrics
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "refused").mkdir(exist_ok=True)
@@ -58,6 +60,7 @@ class Outbox:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        self.metrics.outbox.set(len(self.pending()))
         self._wake.set()
         return path
 
@@ -99,7 +102,9 @@ class Outbox:
                     if exc.code() in _FATAL:
                         log.error("exit report %s refused: %s", path.name, exc.details())
                         os.replace(path, self.folder / "refused" / path.name)
+                        self.metrics.reports.labels("refused").inc()
                         continue
+                    self.metrics.reports.labels("retry").inc()
                     failed = True
                     break
                 except (ValueError, KeyError) as exc:
@@ -108,6 +113,8 @@ class Outbox:
                     continue
                 path.unlink(missing_ok=True)
                 self.sent += 1
+                self.metrics.reports.labels("sent").inc()
+            self.metrics.outbox.set(len(self.pending()))
             if failed:
                 attempt += 1
                 delay = min(5.0, 0.05 * 2 ** min(attempt, 7)) * random.uniform(0.5, 1.0)

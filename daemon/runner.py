@@ -12,9 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from cli.session_client import SessionClient, Stop
 from daemon.children import Child, Children, Exit
+from daemon.metrics import DaemonMetrics
 from daemon.outbox import Outbox
 from vigil.v1 import machines_pb2 as pb
 from vigil.v1 import machines_pb2_grpc as pb_grpc
@@ -46,19 +48,23 @@ class Daemon:
         state_dir: Path,
         timings: Timings,
         stop_agents_on_exit: bool = True,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
+        self.metrics = metrics or DaemonMetrics(CollectorRegistry())
         self.addr = addr
         self.machine_id = machine_id
         self.credential = credential
         self.timings = timings
         self.stop_agents_on_exit = stop_agents_on_exit
-        self.outbox = Outbox(state_dir / "outbox")
+        self.outbox = Outbox(state_dir / "outbox", self.metrics)
         self.children = Children(state_dir, addr, self._exited)
         self._stopping = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
 
     def _exited(self, ex: Exit) -> None:
         c = ex.child
+        self.metrics.exits.labels(ex.classification).inc()
+        self.metrics.children.set(len(self.children.running))
         self.outbox.add(
             pb.ExitReport(
                 machine_id=self.machine_id,
@@ -192,6 +198,8 @@ class Daemon:
                     result.outcome = "failed"
                     result.message = f"cannot start {cmd.command!r}: {exc}"
                     log.error("command %d: %s", cmd.id, result.message)
+        self.metrics.commands.labels(_type(cmd), result.outcome).inc()
+        self.metrics.children.set(len(self.children.running))
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await call.write(pb.DaemonMessage(result=result))
 

@@ -402,6 +402,19 @@ class Agents:
     async def clean_join(self, chatroom: str, role: str) -> None:
         await self.svc.store.db.fetchval(Q["reset_circuit"], chatroom, role, self.svc.clock.now())
 
+    async def refresh_metrics(self) -> None:
+        m = self.svc.metrics
+        for row in await self.svc.store.db.fetch(Q["circuit_states"]):
+            m.circuit_open.labels(row["chatroom"], row["role"]).set(1 if row["open"] else 0)
+        m.machines.set(await self.svc.store.db.fetchval(Q["count_machines"]))
+        if self.svc.presence.synced.is_set():
+            online = sum(
+                1
+                for (chatroom, _role), p in self.svc.presence.roles.items()
+                if chatroom == MACHINES_CHATROOM and p.live
+            )
+            m.daemons_online.set(online)
+
     # -- a person's wishes -------------------------------------------------------
 
     async def set_desired(self, chatroom: str, role: str, desired: str) -> Any:

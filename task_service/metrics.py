@@ -93,6 +93,9 @@ class TaskMetrics:
             "Machine daemons with a live presence.",
             registry=registry,
         )
+        self.machines = Gauge(
+            "vigil_machines_registered", "Registered machines.", registry=registry
+        )
         self.waiting_agents = Gauge(
             "vigil_task_waiting_agents",
             "AwaitTask streams open on this replica.",

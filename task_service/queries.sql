@@ -294,3 +294,9 @@ SELECT id FROM tasks.tasks WHERE chatroom = $1 AND role = $2
 -- name: notify_machine
 -- Wake the daemon session of a machine on every replica. $1 machine_id
 SELECT pg_notify('vigil_commands', $1);
+
+-- name: circuit_states
+SELECT chatroom, role, status = 'circuit_open' AS open FROM tasks.agents;
+
+-- name: count_machines
+SELECT count(*) FROM tasks.machines;

@@ -576,6 +576,7 @@ class TaskService:
                 for status in fsm.STATUSES:
                     self.metrics.tasks.labels(status).set(counts.get(status, 0))
                 self.metrics.needs_attention.set(attention)
+                await self.agents.refresh_metrics()
             except StorageError as exc:
                 log.debug("task counts: %s", exc)
             await asyncio.sleep(2)
