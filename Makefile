@@ -6,15 +6,16 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/vigil/v1/*.proto)
 GEN_STAMP := vigil/v1/.generated
 
-.PHONY: run test test-fast bench lint typecheck proto install clean
+.PHONY: run test test-fast bench lint typecheck proto install clean prometheus-tools promcheck
 
 run: $(STAMP) $(GEN_STAMP)
 	$(BIN)/vigil up
 
-test: $(STAMP) $(GEN_STAMP)
+test: $(STAMP) $(GEN_STAMP) prometheus-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(MAKE) promcheck
 	$(BIN)/pytest -q
 
 test-fast: $(STAMP) $(GEN_STAMP)
@@ -31,6 +32,25 @@ typecheck: $(STAMP) $(GEN_STAMP)
 	$(BIN)/mypy
 
 install: $(STAMP)
+
+# Prometheus and promtool (Debian's `prometheus` package) for the rule checks and the
+# end-to-end alert test. Installed only when missing; needs root (or sudo). The package's
+# service is not started in a container (no init system / policy-rc.d), and the tests run
+# their own Prometheus on a free loopback port either way.
+prometheus-tools:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		echo "installing Debian's prometheus package (prometheus, promtool)"; \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; \
+	fi
+
+# Prometheus scrape config and alert rules: syntax, and the rules' unit tests.
+promcheck: prometheus-tools
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool check rules deploy/prometheus/rules/*.yml
+	promtool test rules deploy/prometheus/tests/*.yml
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)

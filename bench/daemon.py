@@ -79,19 +79,27 @@ def _write_credential(path: Path, machine_id: str, credential: str) -> None:
         json.dump({"machine_id": machine_id, "credential": credential}, f)
 
 
-def _is_agent(pid: int) -> bool:
-    """The pid is (still) one of our worker processes, not a reused pid."""
+def _is_agent(pid: int, addr: str | None = None) -> bool:
+    """The pid is (still) one of our worker processes, not a reused pid; with `addr`, one
+    started for that server (read from its environment)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if addr else []
     except (OSError, IndexError):
         return False
-    return state != "Z" and AGENT_MODULE.encode() in cmdline
+    if state == "Z" or AGENT_MODULE.encode() not in cmdline:
+        return False
+    return addr is None or (
+        f"VIGIL_ADDR={addr}".encode() in env and f"VIGIL_CHATROOM={KILL_CHATROOM}".encode() in env
+    )
 
 
-def _kill_leftovers(pids: set[int]) -> list[int]:
-    """SIGKILL any agent the daemon left behind; the pids that were still there."""
-    left = [pid for pid in sorted(pids) if _is_agent(pid)]
+def _kill_leftovers(addr: str) -> list[int]:
+    """SIGKILL any agent of this run the daemon left behind (they run in sessions of their
+    own, so nothing else ends them); the pids that were still there."""
+    left = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
+    left = [pid for pid in left if _is_agent(pid, addr)]
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -318,8 +326,7 @@ async def kill_to_recorded(ctx: Context) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 await asyncio.to_thread(daemon.wait, 5)
-        # The agents run in sessions of their own: none may outlive the benchmark.
-        leftovers = _kill_leftovers(seen_pids)
+        leftovers = _kill_leftovers(server.addr)
         ctx.reaper.forget_finished()
         await ctx.stop_server(server)
 
@@ -369,6 +376,7 @@ async def kill_to_recorded(ctx: Context) -> dict[str, Any]:
         server_exit_report_count=count,
         cpu_pct=cpu_pct,
         elapsed_s=round(elapsed, 1),
+        samples_ms=[round(x, 2) for x in latencies],  # in kill order
     )
 
 

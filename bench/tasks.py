@@ -252,6 +252,7 @@ LAG_LEAD_S = 20.0  # from the insert to the window's start
 LAG_WINDOW_S = 60.0
 LAG_GRACE_S = 30.0  # after the window, for stragglers, before giving up
 LAG_GOAL = Goal(p99_ms=1000)
+LAG_STRETCH_S = 10.0  # lags and CPU are also reported per stretch of this length
 LAG_PREFIX = "lag-"
 
 # Statements of the benchmark itself (filtered out of the pg_stat_statements count).
@@ -325,11 +326,20 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
         # The measured stretch: the minute the deadlines fall in, and until all are handled.
         await asyncio.sleep(max(0.0, (start - datetime.now(UTC)).total_seconds()))
         meter.start()
+        # Where the CPU went in each stretch, to set against the lags of its deadlines.
+        stretch = common.CpuMeter(ctx, server.proc.pid, {})
+        stretch.start()
+        stretches: list[tuple[datetime, dict[str, float]]] = []  # (end, CPU)
         give_up = start + timedelta(seconds=LAG_WINDOW_S + LAG_GRACE_S)
         notified = 0
         while True:
             notified = await conn.fetchval(COUNT_NOTIFIED, "pending_timeout")
-            if notified >= LAG_TASKS or datetime.now(UTC) > give_up:
+            now = datetime.now(UTC)
+            done = notified >= LAG_TASKS or now > give_up
+            if done or now >= start + timedelta(seconds=LAG_STRETCH_S * (len(stretches) + 1)):
+                stretches.append((now, stretch.stop()))
+                stretch.start()
+            if done:
                 break
             await asyncio.sleep(0.5)
         cpu_pct = meter.stop()
@@ -357,6 +367,7 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
         await ctx.stop_server(server)
 
     lags = []
+    lag_ids = []
     unknown = dupes = 0
     for r in rows:
         deadline = originals.get(str(r["task_id"]))
@@ -364,8 +375,22 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
             unknown += 1
             continue
         lags.append((r["at"] - deadline).total_seconds() * 1000)
+        lag_ids.append(str(r["task_id"]))
         dupes += r["n"] > 1
     early = sum(1 for x in lags if x < 0)
+    by_stretch = []
+    lo = start
+    for end, pct in stretches:
+        part = sorted(
+            lag for tid, lag in zip(lag_ids, lags, strict=True) if lo <= originals[tid] < end
+        )
+        if part:
+            by_stretch.append(
+                f"{(lo - start).total_seconds():.0f}-{(end - start).total_seconds():.0f} s: "
+                f"p99 {common.percentile(part, 99):.0f} ms, server {pct['server']:.0f}%, "
+                f"others {pct['others']:.0f}%"
+            )
+        lo = end
     state_text = {
         f"{r['status']}/attempt {r['attempt']}/rearmed {r['rearmed']}": r["n"] for r in states
     }
@@ -392,6 +417,8 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
         if passes and lag_mean is not None
         else "server: no scheduler pass observed in its metrics",
         *common.cpu_notes(cpu_pct),
+        f"by {LAG_STRETCH_S:.0f} s of deadlines (lag p99; CPU in % of one core): "
+        + "; ".join(by_stretch),
     ]
     if statements is not None:
         handled = max(1, len(lags))

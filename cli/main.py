@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     ts_serve.add_argument("--addr", help="listen address")
     ts_serve.add_argument("--metrics-addr", help="metrics address")
 
+    sub.add_parser(
+        "demo",
+        help="a guided tour on a throwaway database (about a minute; leaves nothing running)",
+    )
+
     dm = sub.add_parser("daemon", help="this machine's daemon (runs remote agents)")
     dm_sub = dm.add_subparsers(
         dest="daemon_command", metavar="ACTION", parser_class=_Parser, required=True
@@ -290,6 +295,10 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         from cli.serve import serve
 
         return await serve(settings, ("tasks",))
+    if args.command == "demo":
+        from cli.demo import demo
+
+        return await demo(settings.database_url)
     if args.command == "daemon":
         from cli.daemon_cmd import daemon_start
 

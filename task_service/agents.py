@@ -147,13 +147,19 @@ class Agents:
             tx.woken_machines.add(machine_id)
         return issued
 
-    async def maybe_restart(self, tx: TaskTx, chatroom: str, role: str, reason: str) -> bool:
+    async def maybe_restart(
+        self, tx: TaskTx, chatroom: str, role: str, reason: str, *, stuck: bool = False
+    ) -> bool:
         """A task needs this remote role and nobody is live for it: restart its agent,
-        unless a person stopped it, it is already starting, or it is backing off."""
+        unless a person stopped it, it is already starting, or it is backing off. An
+        agent whose process runs is left alone (between two tasks it is briefly not
+        live) unless `stuck`: it has not taken a pending task for the whole timeout."""
         agent = await tx.conn.fetchrow(Q["lock_agent"], chatroom, role)
         if agent is None or agent["desired_state"] != "running":
             return False
         if agent["status"] in ("starting", "backoff", "circuit_open") and not agent["half_open"]:
+            return False
+        if agent["status"] == "running" and not stuck:
             return False
         role_row = await tx.lock_role(chatroom, role)
         assert role_row is not None
@@ -161,6 +167,14 @@ class Agents:
             tx, chatroom, role, agent["machine_id"], reason, role_row.command
         )
         if issued:
+            await tx.notify(
+                "restart_requested",
+                chatroom,
+                role,
+                None,
+                None,
+                f"restart requested for remote role {chatroom}/{role}: {reason}",
+            )
             await tx.conn.execute(
                 Q["update_agent"],
                 chatroom,
@@ -188,7 +202,11 @@ class Agents:
         if outcome not in ("done", "failed", "expired"):
             raise InvalidArgument(f"outcome must be done, failed or expired, got {outcome!r}")
         row = await self.mark_command(machine_id, command_id, outcome, message or None)
-        if row is None or outcome != "done" or row["type"] != "start" or child is None:
+        if row is None or row["type"] != "start":
+            return
+        if outcome != "done" or child is None:
+            # Not started (expired or failed): the next need may issue a new start.
+            await self.svc.store.db.fetchval(Q["start_not_done"], row["chatroom"], row["role"])
             return
         async with self.svc.store.tx() as tx:
             agent = await tx.conn.fetchrow(Q["lock_agent"], row["chatroom"], row["role"])

@@ -146,14 +146,6 @@ SELECT pg_notify('vigil_notifications', $1);
 -- Wake every replica's waiters of a role. $1 'chatroom/role'
 SELECT pg_notify('vigil_tasks', $1);
 
--- name: insert_restart_request
--- At most one pending per role: a concurrent second insert does nothing.
--- $1 chatroom, $2 role, $3 task_id, $4 reason
-INSERT INTO tasks.restart_requests (chatroom, role, task_id, reason)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (chatroom, role) WHERE status = 'pending' DO NOTHING
-RETURNING id;
-
 -- name: history
 -- $1 task id
 SELECT * FROM tasks.transitions WHERE task_id = $1 ORDER BY id;
@@ -300,3 +292,8 @@ SELECT chatroom, role, status = 'circuit_open' AS open FROM tasks.agents;
 
 -- name: count_machines
 SELECT count(*) FROM tasks.machines;
+
+-- name: start_not_done
+-- A start that expired or failed leaves the agent stopped. $1 chatroom, $2 role
+UPDATE tasks.agents SET status = 'stopped' WHERE chatroom = $1 AND role = $2
+  AND status = 'starting' AND pid IS NULL;

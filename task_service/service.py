@@ -457,17 +457,9 @@ class TaskService:
             )
             return
         if d.action == "restart":
-            request = await tx.request_restart(task.chatroom, task.role, task.id, d.reason)
-            self.metrics.restart_requests.labels("issued" if request else "deduplicated").inc()
-            if request is not None:
-                await tx.notify(
-                    "restart_requested",
-                    task.chatroom,
-                    task.role,
-                    task.id,
-                    task.attempt,
-                    f"restart requested for remote role {task.chatroom}/{task.role}: {d.reason}",
-                )
+            # Nobody took this pending task for the whole timeout: restart the role's
+            # agent even if its process runs (it is stuck); at most one pair at a time.
+            await self.agents.maybe_restart(tx, task.chatroom, task.role, d.reason, stuck=True)
         elif d.action == "notify":
             assert d.notification_kind is not None
             await tx.notify(

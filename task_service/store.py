@@ -120,15 +120,6 @@ class TaskTx:
         self.notifications.append(n)
         return n
 
-    async def request_restart(
-        self, chatroom: str, role: str, task_id: str | None, reason: str
-    ) -> int | None:
-        """The new request's id, or None when one is already pending for the role."""
-        value = await self.conn.fetchval(
-            Q["insert_restart_request"], chatroom, role, task_id, reason
-        )
-        return int(value) if value is not None else None
-
     async def announce(self) -> None:
         for chatroom, role in self.woken_roles:
             await self.conn.execute(Q["notify_role"], f"{chatroom}/{role}")

@@ -32,19 +32,3 @@ CREATE TABLE tasks.notifications (
 );
 CREATE UNIQUE INDEX notifications_once ON tasks.notifications (kind, task_id, attempt)
     WHERE task_id IS NOT NULL;
-
--- A request that the role's daemon restart its agent. At most one pending per role,
--- enforced here (partial unique index + INSERT … ON CONFLICT DO NOTHING).
-CREATE TABLE tasks.restart_requests (
-    id bigserial PRIMARY KEY,
-    chatroom text NOT NULL,
-    role text NOT NULL,
-    task_id uuid REFERENCES tasks.tasks (id),
-    reason text NOT NULL,
-    status text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'done', 'cancelled')),
-    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    finished_at timestamptz,
-    FOREIGN KEY (chatroom, role) REFERENCES tasks.roles (chatroom, role)
-);
-CREATE UNIQUE INDEX restart_requests_one_pending ON tasks.restart_requests (chatroom, role)
-    WHERE status = 'pending';

@@ -164,7 +164,8 @@ async def test_sigkilled_agent_exit_is_recorded_and_its_pid_cleared(db_url: str,
 async def test_100_concurrent_messages_make_one_stop_start_pair(
     db_url: str, tmp: Path, replicas: int
 ) -> None:
-    async with local_server(db_url, TIMINGS) as one, local_server(db_url, TIMINGS) as two:
+    timings = harness.fast_timings(task_pending_timeout_ms=1500)
+    async with local_server(db_url, timings) as one, local_server(db_url, timings) as two:
         servers = [one, two][:replicas]
         m = await register(one.addr, "m1", tmp)
         await room(one.addr, worker("sleep"))  # runs, never joins: the role stays in need
@@ -179,10 +180,18 @@ async def test_100_concurrent_messages_make_one_stop_start_pair(
                 return {c["status"] for c in await commands(db_url)} == {"done"}
 
             await harness.wait_for(done, 10, what="the pair executed")
-            # The agent runs but never joined: a new need makes a new pair.
+            # Its process runs: more messages restart nothing...
             await send(one.addr, "still nobody?")
-            cmds = await commands(db_url)
-            assert [c["type"] for c in cmds].count("start") == 2
+            assert len(await commands(db_url)) == 2
+
+            # ...but it never took the pending task: past the pending timeout, that new
+            # need makes a new pair (once).
+            async def second_pair() -> bool:
+                return [c["type"] for c in await commands(db_url)].count("start") == 2
+
+            await harness.wait_for(second_pair, 5, what="a second restart pair")
+            await asyncio.sleep(0.5)
+            assert [c["type"] for c in await commands(db_url)].count("start") == 2
         finally:
             m.kill(signal.SIGTERM)
 
