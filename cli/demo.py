@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -45,6 +46,7 @@ DEMO_ENV = {
     "VIGIL_CIRCUIT_EXITS": "3",
     "VIGIL_CIRCUIT_WINDOW_MS": "60000",
     "VIGIL_CIRCUIT_COOLDOWN_MS": "60000",
+    "VIGIL_SHUTDOWN_GRACE_MS": "500",
 }
 MACHINE = "demo-machine"
 
@@ -73,6 +75,7 @@ class Demo:
 
 async def demo(database_url: str | None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="vigil-demo-"))
+    logging.getLogger().setLevel(logging.WARNING)  # the story is the output, not the logs
     pg = None
     daemon: subprocess.Popen[bytes] | None = None
     d = Demo()
