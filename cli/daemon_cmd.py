@@ -6,9 +6,13 @@ import os
 import sys
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from cli.rpc import CliError, channel, wait_ready
+from daemon.metrics import DaemonMetrics
 from vigil_core import validation
 from vigil_core.errors import VigilError
+from vigil_core.server import start_metrics
 from vigil_core.timings import Timings
 
 
@@ -41,12 +45,19 @@ async def daemon_start(
         await wait_ready(ch, addr)
     finally:
         await ch.close()
+    registry = CollectorRegistry()
+    metrics = DaemonMetrics(registry)
+    where = ""
+    if metrics_addr:
+        port = start_metrics(metrics_addr, registry)
+        where = f", metrics http://{metrics_addr.rsplit(':', 1)[0]}:{port}/metrics"
     print(
-        f"vigil: daemon for machine {machine_id} serving {addr} (state in {folder})",
+        f"vigil: daemon for machine {machine_id} serving {addr} (state in {folder}{where})",
         file=sys.stderr,
         flush=True,
     )
-    return await Daemon(addr, machine_id, credential, folder, timings, not leave_agents).run()
+    daemon = Daemon(addr, machine_id, credential, folder, timings, not leave_agents, metrics)
+    return await daemon.run()
 
 
 def main() -> None:
