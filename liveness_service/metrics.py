@@ -16,6 +16,12 @@ class LivenessMetrics:
             ["kind", "status"],
             registry=registry,
         )
+        self.role_live = Gauge(
+            "vigil_role_live",
+            "1 while the role's participant is live, 0 when offline (one series per role).",
+            ["chatroom", "role", "kind"],
+            registry=registry,
+        )
         self.heartbeats = Counter(
             "vigil_heartbeats_total", "Heartbeats received.", registry=registry
         )

@@ -116,4 +116,10 @@ ORDER BY revision
 LIMIT $3;
 
 -- name: count_by_kind_status
-SELECT kind, status, count(*) AS n FROM liveness.participants GROUP BY kind, status;
+-- Agents only: daemons' own presence (chatroom vigil.machines) is counted elsewhere.
+SELECT kind, status, count(*) AS n FROM liveness.participants
+WHERE chatroom <> 'vigil.machines' GROUP BY kind, status;
+
+-- name: roles_live
+SELECT chatroom, role, kind, status = 'live' AS live FROM liveness.participants
+WHERE chatroom <> 'vigil.machines';

@@ -424,6 +424,10 @@ class Liveness:
                         self.metrics.participants.labels(kind, status).set(0)
                 for kind, status, n in counts:
                     self.metrics.participants.labels(kind, status).set(n)
+                roles = await self.store.roles_live()
+                self.metrics.role_live.clear()
+                for chatroom, role, kind, live in roles:
+                    self.metrics.role_live.labels(chatroom, role, kind).set(1 if live else 0)
             except StorageError as exc:
                 log.debug("participant counts: %s", exc)
             await asyncio.sleep(2)

@@ -199,6 +199,10 @@ class LivenessStore:
         rows = await self.db.fetch(Q["events_since"], revision, chatroom, limit)
         return [PresenceEvent.from_row(r) for r in rows]
 
+    async def roles_live(self) -> list[tuple[str, str, str, bool]]:
+        rows = await self.db.fetch(Q["roles_live"])
+        return [(r["chatroom"], r["role"], r["kind"], r["live"]) for r in rows]
+
     async def counts(self) -> list[tuple[str, str, int]]:
         rows = await self.db.fetch(Q["count_by_kind_status"])
         return [(r["kind"], r["status"], r["n"]) for r in rows]

@@ -17,6 +17,11 @@ class TaskMetrics:
             "Open tasks past the redelivery cap, waiting for a person.",
             registry=registry,
         )
+        self.oldest_overdue = Gauge(
+            "vigil_task_oldest_overdue_seconds",
+            "How long the oldest passed deadline has waited to be handled (0: none).",
+            registry=registry,
+        )
         self.transitions = Counter(
             "vigil_task_transitions_total",
             "Task status transitions, by FSM trigger.",

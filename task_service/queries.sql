@@ -164,6 +164,11 @@ SELECT * FROM tasks.notifications WHERE id > $1 ORDER BY id LIMIT $2;
 -- name: count_by_status
 SELECT status, count(*) AS n FROM tasks.tasks GROUP BY status;
 
+-- name: oldest_overdue
+-- Seconds the oldest passed, unhandled deadline is overdue (0 when none). $1 now
+SELECT coalesce(extract(epoch FROM $1 - min(deadline_at)), 0)::float8
+FROM tasks.tasks WHERE deadline_at < $1;
+
 -- name: count_needs_attention
 SELECT count(*) FROM tasks.tasks WHERE needs_attention AND status NOT IN ('completed', 'closed');
 

@@ -568,6 +568,7 @@ class TaskService:
                 for status in fsm.STATUSES:
                     self.metrics.tasks.labels(status).set(counts.get(status, 0))
                 self.metrics.needs_attention.set(attention)
+                self.metrics.oldest_overdue.set(await self.store.oldest_overdue(self.clock.now()))
                 await self.agents.refresh_metrics()
             except StorageError as exc:
                 log.debug("task counts: %s", exc)

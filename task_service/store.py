@@ -216,6 +216,9 @@ class TaskStore:
     async def mark_delivered(self, connection_id: str, epoch: int, now: datetime) -> None:
         await self.db.fetchval(Q["mark_delivered"], connection_id, epoch, now)
 
+    async def oldest_overdue(self, now: datetime) -> float:
+        return float(await self.db.fetchval(Q["oldest_overdue"], now))
+
     async def counts(self) -> tuple[dict[str, int], int]:
         rows = await self.db.fetch(Q["count_by_status"])
         attention = await self.db.fetchval(Q["count_needs_attention"])
