@@ -215,6 +215,7 @@ async def send_to_receipt(ctx: Context) -> dict[str, Any]:
     )
     claims = delta("vigil_task_transitions_total", trigger="claimTask")
     completes = delta("vigil_task_transitions_total", trigger="completeTask")
+    passes = delta("vigil_task_scheduler_pass_seconds_count")
     notes = [
         f"{len(latencies)} tasks in {elapsed:.1f} s, one at a time, each sent once the server "
         f"showed the agent waiting (+{RECEIPT_SETTLE_S * 1000:.0f} ms); "
@@ -223,7 +224,9 @@ async def send_to_receipt(ctx: Context) -> dict[str, Any]:
         f"server: created -> written to the agent, mean {delivery_mean:.2f} ms"
         if delivery_mean is not None
         else "server: no delivery observed in its metrics",
-        f"server transitions in the window: claimTask {claims:.0f}, completeTask {completes:.0f}",
+        f"server transitions in the window: claimTask {claims:.0f}, completeTask {completes:.0f}; "
+        f"scheduler passes {passes:.0f} ({passes / max(1, len(latencies)):.1f} per task: a send "
+        "and a claim each wake the deadline scheduler)",
         *common.cpu_notes(cpu_pct),
     ]
     return common.result(
@@ -350,6 +353,10 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
             f"{BENCH_MARK} SELECT task_id, min(created_at) AS at, count(*) AS n "
             "FROM tasks.notifications WHERE kind = 'pending_timeout' GROUP BY task_id"
         )
+        longest_gap = await conn.fetchval(
+            f"{BENCH_MARK} SELECT max(gap) FROM (SELECT created_at - lag(created_at) "
+            "OVER (ORDER BY created_at) AS gap FROM tasks.notifications) g"
+        )
         other_kinds = await conn.fetch(
             f"{BENCH_MARK} SELECT kind, count(*) AS n FROM tasks.notifications "
             "WHERE kind <> 'pending_timeout' GROUP BY kind"
@@ -412,7 +419,10 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
         f"notification before its deadline: {early}; other notifications: "
         f"{ {r['kind']: r['n'] for r in other_kinds} or 'none' }",
         f"tasks afterwards: {state_text}",
-        f"server: {passes:.0f} scheduler passes, mean {pass_mean:.2f} ms; "
+        "longest time between two consecutive notifications (a stall would show here): "
+        + (f"{longest_gap.total_seconds() * 1000:.0f} ms" if longest_gap else "-"),
+        f"server: {passes:.0f} scheduler passes ({len(lags) / max(1, passes):.1f} deadlines "
+        f"per pass), mean {pass_mean:.2f} ms; "
         f"its own lag histogram: {lag_n:.0f} observations, mean {lag_mean:.2f} ms"
         if passes and lag_mean is not None
         else "server: no scheduler pass observed in its metrics",

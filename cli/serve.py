@@ -69,6 +69,14 @@ async def serve(
                 f"replica {settings.replica_id})"
             )
             print(line, file=sys.stderr, flush=True)
+            log.info(
+                "serving %s on %s:%d, metrics on %s:%d",
+                ", ".join(services),
+                host,
+                server.port,
+                mhost,
+                metrics_port,
+            )
             view = None
             if ui:
                 from cli import live_view
@@ -78,6 +86,7 @@ async def serve(
             if view is not None:
                 view.cancel()
             print(f"vigil: signal {sig}: shutting down gracefully", file=sys.stderr, flush=True)
+            log.info("signal %d: shutting down gracefully", sig)
         finally:
             await server.stop()
     finally:

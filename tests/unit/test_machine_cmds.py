@@ -126,11 +126,18 @@ def test_missing_credential_file(tmp_path: Path) -> None:
     assert "vigil machine register" in message
 
 
-def test_unreadable_credential_file(tmp_path: Path) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file")
+def test_unreadable_credential_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _raw(tmp_path, b'{"machine_id": "m", "credential": "x"}')
     path.chmod(0o000)
+    real_open = Path.open
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> object:
+        # Root reads any file whatever its mode: make the refusal explicit instead.
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", refuse)
     with pytest.raises(CliError) as exc:
         machine_cmds.read_credential(path)
     assert _one_line(exc) == f"cannot read credential file {path}: Permission denied"
