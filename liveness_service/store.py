@@ -99,6 +99,20 @@ class LivenessStore:
         except _DB_ERRORS as exc:
             raise StorageError(f"join failed: {exc}") from exc
 
+    async def _change_one(
+        self, query: str, event: str, now: datetime, *args: object
+    ) -> Participant | None:
+        """Run a conditional single-row update; record its event when it matched."""
+        try:
+            async with self.db.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(Q[query], *args)
+                if row is None:
+                    return None
+                (ev,) = await self._record(conn, event, [row], now)
+                return ev.participant
+        except _DB_ERRORS as exc:
+            raise StorageError(f"{query} failed: {exc}") from exc
+
     async def mark_offline(
         self,
         chatroom: str,
@@ -109,17 +123,9 @@ class LivenessStore:
         reason: str,
     ) -> Participant | None:
         """Offline if still live with that epoch and connection; None when it was not."""
-        try:
-            async with self.db.pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    Q["mark_offline"], chatroom, role, epoch, connection_id, now, reason, 0
-                )
-                if row is None:
-                    return None
-                (ev,) = await self._record(conn, "offline", [row], now)
-                return ev.participant
-        except _DB_ERRORS as exc:
-            raise StorageError(f"leave failed: {exc}") from exc
+        return await self._change_one(
+            "mark_offline", "offline", now, chatroom, role, epoch, connection_id, now, reason, 0
+        )
 
     async def resume(
         self,
@@ -130,17 +136,10 @@ class LivenessStore:
         now: datetime,
         ready_until: datetime,
     ) -> Participant | None:
-        try:
-            async with self.db.pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(
-                    Q["resume"], chatroom, role, epoch, connection_id, now, ready_until, 0
-                )
-                if row is None:
-                    return None
-                (ev,) = await self._record(conn, "resumed", [row], now)
-                return ev.participant
-        except _DB_ERRORS as exc:
-            raise StorageError(f"resume failed: {exc}") from exc
+        """The same participant on a new stream, if still live, same epoch and in time."""
+        return await self._change_one(
+            "resume", "resumed", now, chatroom, role, epoch, connection_id, now, ready_until, 0
+        )
 
     async def get(self, chatroom: str, role: str) -> Participant | None:
         row = await self.db.fetchrow(Q["get_participant"], chatroom, role)
