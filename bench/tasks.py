@@ -256,6 +256,7 @@ LAG_WINDOW_S = 60.0
 LAG_GRACE_S = 30.0  # after the window, for stragglers, before giving up
 LAG_GOAL = Goal(p99_ms=1000)
 LAG_STRETCH_S = 10.0  # lags and CPU are also reported per stretch of this length
+LAG_SLOW_MS = 100.0  # and CPU while deadlines lagged more than this vs the rest
 LAG_PREFIX = "lag-"
 
 # Statements of the benchmark itself (filtered out of the pg_stat_statements count).
@@ -315,6 +316,57 @@ async def _statements(conn: asyncpg.Connection) -> tuple[int, int]:
     return total, checkins
 
 
+def _lag_by_time(
+    start: datetime,
+    samples: list[tuple[datetime, dict[str, float]]],
+    lags: list[tuple[datetime, float]],
+) -> tuple[list[str], str]:
+    """Lags against where the CPU went when their deadlines fell: a line per stretch of
+    LAG_STRETCH_S, and the CPU while deadlines lagged more than LAG_SLOW_MS vs the rest."""
+    by_deadline = sorted(lags)
+    stretches: dict[int, tuple[list[float], list[dict[str, float]]]] = {}
+    slow: list[dict[str, float]] = []
+    fine: list[dict[str, float]] = []
+    lo = start
+    i = 0
+    for end, pct in samples:
+        part = []
+        while i < len(by_deadline) and by_deadline[i][0] < end:
+            if by_deadline[i][0] >= lo:
+                part.append(by_deadline[i][1])
+            i += 1
+        if part:
+            (slow if max(part) > LAG_SLOW_MS else fine).append(pct)
+            k = int((lo - start).total_seconds() // LAG_STRETCH_S)
+            entry = stretches.setdefault(k, ([], []))
+            entry[0].extend(part)
+            entry[1].append(pct)
+        lo = end
+
+    def mean(pcts: list[dict[str, float]], key: str) -> float:
+        return sum(p[key] for p in pcts) / len(pcts) if pcts else float("nan")
+
+    lines = [
+        f"{k * LAG_STRETCH_S:.0f}-{(k + 1) * LAG_STRETCH_S:.0f} s: "
+        f"p99 {common.percentile(sorted(part), 99):.0f} ms, server {mean(pcts, 'server'):.0f}%, "
+        f"others {mean(pcts, 'others'):.0f}%"
+        for k, (part, pcts) in sorted(stretches.items())
+    ]
+    if not slow:
+        return lines, (
+            f"no half-second stretch had a deadline lagging > {LAG_SLOW_MS:.0f} ms "
+            f"({len(fine)} stretches)"
+        )
+    note = (
+        f"while deadlines lagged > {LAG_SLOW_MS:.0f} ms ({len(slow)} of {len(slow) + len(fine)} "
+        f"half-second samples): server {mean(slow, 'server'):.0f}%, postgres "
+        f"{mean(slow, 'postgres'):.0f}%, others {mean(slow, 'others'):.0f}% of a core; "
+        f"otherwise server {mean(fine, 'server'):.0f}%, postgres {mean(fine, 'postgres'):.0f}%, "
+        f"others {mean(fine, 'others'):.0f}%"
+    )
+    return lines, note
+
+
 async def deadline_lag(ctx: Context) -> dict[str, Any]:
     url = await ctx.new_database()
     server = await ctx.start_server(url, TASK_ENV, "deadline", args=UP)
@@ -329,22 +381,20 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
         # The measured stretch: the minute the deadlines fall in, and until all are handled.
         await asyncio.sleep(max(0.0, (start - datetime.now(UTC)).total_seconds()))
         meter.start()
-        # Where the CPU went in each stretch, to set against the lags of its deadlines.
-        stretch = common.CpuMeter(ctx, server.proc.pid, {})
-        stretch.start()
-        stretches: list[tuple[datetime, dict[str, float]]] = []  # (end, CPU)
+        # Where the CPU went, every poll (~0.5 s), to set against the lags of the deadlines
+        # that fell meanwhile.
+        sampler = common.CpuMeter(ctx, server.proc.pid, {})
+        sampler.start()
+        samples: list[tuple[datetime, dict[str, float]]] = []  # (end, CPU since the last)
         give_up = start + timedelta(seconds=LAG_WINDOW_S + LAG_GRACE_S)
         notified = 0
         while True:
-            notified = await conn.fetchval(COUNT_NOTIFIED, "pending_timeout")
-            now = datetime.now(UTC)
-            done = notified >= LAG_TASKS or now > give_up
-            if done or now >= start + timedelta(seconds=LAG_STRETCH_S * (len(stretches) + 1)):
-                stretches.append((now, stretch.stop()))
-                stretch.start()
-            if done:
-                break
             await asyncio.sleep(0.5)
+            notified = await conn.fetchval(COUNT_NOTIFIED, "pending_timeout")
+            samples.append((datetime.now(UTC), sampler.stop()))
+            sampler.start()
+            if notified >= LAG_TASKS or datetime.now(UTC) > give_up:
+                break
         cpu_pct = meter.stop()
         handled_at = datetime.now(UTC)
         statements = await _statements(conn) if ctx.pg_stat_statements else None
@@ -385,19 +435,9 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
         lag_ids.append(str(r["task_id"]))
         dupes += r["n"] > 1
     early = sum(1 for x in lags if x < 0)
-    by_stretch = []
-    lo = start
-    for end, pct in stretches:
-        part = sorted(
-            lag for tid, lag in zip(lag_ids, lags, strict=True) if lo <= originals[tid] < end
-        )
-        if part:
-            by_stretch.append(
-                f"{(lo - start).total_seconds():.0f}-{(end - start).total_seconds():.0f} s: "
-                f"p99 {common.percentile(part, 99):.0f} ms, server {pct['server']:.0f}%, "
-                f"others {pct['others']:.0f}%"
-            )
-        lo = end
+    by_stretch, slow_note = _lag_by_time(
+        start, samples, [(originals[t], lag) for t, lag in zip(lag_ids, lags, strict=True)]
+    )
     state_text = {
         f"{r['status']}/attempt {r['attempt']}/rearmed {r['rearmed']}": r["n"] for r in states
     }
@@ -429,6 +469,7 @@ async def deadline_lag(ctx: Context) -> dict[str, Any]:
         *common.cpu_notes(cpu_pct),
         f"by {LAG_STRETCH_S:.0f} s of deadlines (lag p99; CPU in % of one core): "
         + "; ".join(by_stretch),
+        slow_note,
     ]
     if statements is not None:
         handled = max(1, len(lags))

@@ -333,7 +333,7 @@ class Agents:
                 str(task_id), f"its agent process {c.pid} exited ({ex.classification})"
             )
         if next_restart is not None:
-            self.svc.poke()
+            self.svc.poke(next_restart)
         return True
 
     async def _after_crash(

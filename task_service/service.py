@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from task_service import fsm, policy
@@ -74,6 +74,7 @@ class TaskService:
         self._waiters: dict[tuple[str, str], set[asyncio.Event]] = {}
         self._notification_watchers: set[asyncio.Event] = set()
         self._poke = asyncio.Event()
+        self._wake_at: datetime | None = None  # when the scheduler wakes next by itself
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
 
@@ -106,7 +107,9 @@ class TaskService:
     # -- wake-ups -------------------------------------------------------------
 
     def _role_woken(self, payload: str) -> None:
-        self._poke.set()  # a new pending deadline may be the earliest
+        # A task became pending (here or on another replica): its deadline is a pending
+        # timeout from now, which only matters if it is earlier than the next wake-up.
+        self.poke(self.clock.now() + timedelta(milliseconds=self.timings.task_pending_timeout_ms))
         if not payload:
             for events in self._waiters.values():
                 for ev in events:
@@ -120,9 +123,11 @@ class TaskService:
         for ev in self._notification_watchers:
             ev.set()
 
-    def poke(self) -> None:
-        """A deadline or restart time may now be earlier than the one slept towards."""
-        self._poke.set()
+    def poke(self, at: datetime | None = None) -> None:
+        """Wake the scheduler if `at` (a new deadline or restart time; None: unknown)
+        is earlier than the time it sleeps towards; most new deadlines are not."""
+        if at is None or self._wake_at is None or at < self._wake_at:
+            self._poke.set()
 
     def after_commit(self, tx: TaskTx) -> None:
         for machine in tx.woken_machines:
@@ -250,7 +255,7 @@ class TaskService:
         if task is None:
             return None
         self.metrics.transitions.labels("claimTask").inc()
-        self._poke.set()  # the acknowledged deadline may be the earliest now
+        self.poke(deadline)  # the acknowledged deadline may be the earliest now
         return task
 
     def delivered(self, task: Task) -> None:
@@ -513,8 +518,10 @@ class TaskService:
                 log.warning("deadline pass failed, retrying: %s", exc)
                 sleep = 1.0
             if sleep > 0:
+                self._wake_at = self.clock.now() + timedelta(seconds=sleep)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._poke.wait(), sleep)
+                self._wake_at = None
 
     # -- queries ----------------------------------------------------------------
 

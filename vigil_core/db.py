@@ -38,10 +38,21 @@ async def resolve_url(database_url: str | None, data_dir: Path) -> str:
         raise StorageError(f"could not start the embedded PostgreSQL in {data_dir}: {exc}") from exc
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """What a released connection needs, and no more. asyncpg's default runs four
+    statements (unlock advisory locks, CLOSE ALL, UNLISTEN *, RESET ALL) on every
+    release: one more round trip on every request. Vigil's pool connections never take
+    session advisory locks (only transaction ones), never LISTEN (listeners have their
+    own connections), keep no cursors and SET nothing beyond a transaction (set_config
+    with is_local). Only a transaction left open by a cancelled request must go."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
     try:
         pool = await asyncpg.create_pool(
-            url, min_size=min_size, max_size=max_size, command_timeout=30
+            url, min_size=min_size, max_size=max_size, command_timeout=30, reset=_reset
         )
     except (OSError, asyncpg.PostgresError) as exc:
         raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
