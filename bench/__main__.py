@@ -1,5 +1,7 @@
 """`python -m bench [GROUP ...] [--only NAME ...]`: run benchmark groups against a real
-PostgreSQL and real server processes, print a table and write bench/results/latest.json.
+PostgreSQL and real server processes, print a table, write bench/results/latest.json and
+the report docs/bench/REPORT.md with its plots (`--report-only`: just the report, from the
+results file).
 
 A group is a module with `async def run(ctx: Context) -> dict[str, dict]` (benchmark name
 -> result), registered in GROUPS. The exit code is 0 when every benchmark ran, whether or
@@ -23,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, report
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
@@ -59,7 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--out", type=Path, default=common.RESULTS_DIR / "latest.json", help="results file"
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite docs/bench/REPORT.md and its plots from the results file",
+    )
+    p.add_argument("--report-dir", type=Path, default=report.DOCS_DIR, help="report directory")
     args = p.parse_args(argv)
+    if args.report_only:
+        print(f"report: {report.write(args.out, args.report_dir)}")
+        return 0
     groups = args.groups or list(GROUPS)
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     common.print_table(results)
     common.write_results(results, args.out)
+    print(f"report: {report.write(args.out, args.report_dir)}")
     broken = [name for name, r in results.items() if "error" in r]
     missed = [name for name, r in results.items() if "error" not in r and not r.get("pass")]
     print(f"total {time.monotonic() - started:.0f} s; results in {args.out}")

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -95,9 +96,10 @@ def result(
     notes: Sequence[str] = (),
     **extra: Any,
 ) -> dict[str, Any]:
-    """One benchmark's entry in the report: percentiles, goal, pass/fail, and extras.
-    `checks` are further conditions of passing (name -> held)."""
-    summary = summarize(values_ms)
+    """One benchmark's entry in the report: percentiles, goal, pass/fail, the samples
+    (for the plots) and extras. `checks` are further conditions of passing (name -> held)."""
+    values = list(values_ms)
+    summary = summarize(values)
     missed = goal.misses(summary) + [name for name, ok in (checks or {}).items() if not ok]
     goal_text = goal.describe()
     if checks:
@@ -108,8 +110,24 @@ def result(
         "pass": not missed,
         "missed": missed,
         "notes": list(notes),
+        **stored_samples(values),
         **extra,
     }
+
+
+MAX_STORED_SAMPLES = 10_000
+
+
+def stored_samples(values_ms: Sequence[float]) -> dict[str, Any]:
+    """The samples as kept in the results file: all of them, in measurement order, up to
+    MAX_STORED_SAMPLES; beyond that, that many evenly spaced order statistics (sorted),
+    which keep the distribution (and its tail) for the plots."""
+    if len(values_ms) <= MAX_STORED_SAMPLES:
+        return {"samples_ms": [round(x, 3) for x in values_ms]}
+    v = sorted(values_ms)
+    k = MAX_STORED_SAMPLES
+    picked = [v[round(i * (len(v) - 1) / (k - 1))] for i in range(k)]
+    return {"samples_ms": [round(x, 3) for x in picked], "samples_thinned_from": len(v)}
 
 
 # -- processes -------------------------------------------------------------------
@@ -410,9 +428,27 @@ async def environment() -> AsyncIterator[Context]:
 # -- the report ----------------------------------------------------------------------
 
 
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    return None
+
+
 def machine_info() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "memory_gib": _memory_gib(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -473,7 +509,19 @@ def write_results(results: Mapping[str, Any], path: Path) -> None:
     for name, r in results.items():
         doc[name] = {**r, "date": machine["date"]}
     doc["machine"] = machine
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    path.write_text(dumps(doc))
+
+
+_NUMBER_LIST = re.compile(r"\[\s*(-?[0-9][-+0-9.eE]*(?:,\s*-?[0-9][-+0-9.eE]*)*)\s*\]")
+
+
+def dumps(doc: Any) -> str:
+    """Indented JSON with lists of numbers (the samples) on one line each."""
+    text = json.dumps(doc, indent=2)
+    one_line = _NUMBER_LIST.sub(
+        lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text
+    )
+    return one_line + "\n"
 
 
 def python_cmd(module: str, *args: str) -> list[str]:

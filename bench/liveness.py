@@ -6,6 +6,9 @@ kill_to_offline  SIGKILL a real `vigil wait-for-task` process; time until the se
 heartbeat_load   1,000 participants heartbeating every second on one server process,
                  driven by separate load-generator processes; heartbeat ack latency,
                  throughput, database statements per heartbeat, expiries, memory.
+streams_scaling  one server, participants added step by step (500, 1,000, 1,500, ...)
+                 until heartbeat ack p99 passes 100 ms: the most streams it sustains, its
+                 heartbeats/s, and server RSS per stream.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -356,11 +360,244 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
     )
 
 
+# -- streams_scaling ---------------------------------------------------------------------
+
+SCALE_STEPS = (500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000)
+SCALE_PER_PROCESS = 500  # streams per load-generator process (each step adds processes)
+SCALE_PER_CHANNEL = 50  # streams per TCP connection
+SCALE_SETTLE_S = 3.0
+SCALE_WINDOW_S = 10.0
+SCALE_ACK_GRACE_S = 1.0  # after the window, for its last acks, before the samples are read
+SCALE_BUDGET_S = 150.0  # no new step starts after this long
+SCALE_P99_MS = 100.0
+SCALE_MIN_RATE = 0.95  # heartbeats/s achieved vs offered, for a step to count as sustained
+SCALE_MIN_STREAMS = 1000
+SCALE_CHATROOM = "bench-scale"
+
+
+def _take_part(path: Path) -> dict[str, Any] | None:
+    """A generator's dumped samples (the file is then removed), or None if not there yet."""
+    try:
+        doc: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    path.unlink()
+    return doc
+
+
+async def _dump_parts(
+    clients: list[tuple[subprocess.Popen[bytes], Path]], outs: list[Path], part: list[int]
+) -> list[dict[str, Any]]:
+    """SIGUSR1 every generator; its samples since the previous dump."""
+    for proc, _ in clients:
+        proc.send_signal(signal.SIGUSR1)
+    docs = []
+    deadline = time.monotonic() + 60
+    for i, ((proc, log), out) in enumerate(zip(clients, outs, strict=True)):
+        part[i] += 1
+        path = Path(f"{out}.part{part[i]}")
+        while (doc := _take_part(path)) is None:
+            if proc.poll() is not None:
+                raise RuntimeError(f"load client exited {proc.returncode}:\n{common.log_tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"load client did not dump its samples: {log}")
+            await asyncio.sleep(0.05)
+        docs.append(doc)
+    return docs
+
+
+async def streams_scaling(ctx: Context) -> dict[str, Any]:
+    url = await ctx.new_database()
+    server = await ctx.start_server(url, LOAD_ENV, "scale")
+    clients: list[tuple[subprocess.Popen[bytes], Path]] = []
+    outs: list[Path] = []
+    parts: list[int] = []
+    steps: list[dict[str, Any]] = []
+    step_acks: list[list[float]] = []
+    started = time.monotonic()
+    stopped_because = f"reached the last step ({SCALE_STEPS[-1]})"
+    try:
+        await asyncio.sleep(1.0)
+        rss_idle = common.rss_mb(server.proc.pid)
+        participants = 0
+        for target in SCALE_STEPS:
+            if time.monotonic() - started > SCALE_BUDGET_S:
+                stopped_because = f"time budget ({SCALE_BUDGET_S:.0f} s) spent"
+                break
+            print(f"[liveness] streams_scaling: {target} participants", flush=True)
+            new_clients = []
+            add = target - participants
+            chunks = [SCALE_PER_PROCESS] * (add // SCALE_PER_PROCESS)
+            if add % SCALE_PER_PROCESS:
+                chunks.append(add % SCALE_PER_PROCESS)
+            t_join = time.monotonic()
+            for k, count in enumerate(chunks):
+                idx = len(clients)
+                out = ctx.tmp / f"scale-{idx}.json"
+                name = f"scale-client-{idx}"
+                cmd = common.python_cmd(
+                    "bench.load_client",
+                    "--addr", server.addr,
+                    "--chatroom", SCALE_CHATROOM,
+                    "--shard", str(k),
+                    "--shards", str(len(chunks)),
+                    "--count", str(count),
+                    "--channels", str(max(1, count // SCALE_PER_CHANNEL)),
+                    "--interval-ms", LOAD_ENV["VIGIL_HEARTBEAT_INTERVAL_MS"],
+                    "--join-timeout", "120",
+                    "--out", str(out),
+                )  # fmt: skip
+                # Roles must not collide with the earlier steps' participants.
+                cmd += ["--role-offset", str(participants + sum(chunks[:k]))]
+                proc = ctx.spawn(cmd, harness.child_env(), name)
+                clients.append((proc, ctx.tmp / f"{name}.log"))
+                new_clients.append(clients[-1])
+                outs.append(out)
+                parts.append(0)
+            await _wait_joined(new_clients, timeout=150)
+            join_s = time.monotonic() - t_join
+            participants = target
+            await asyncio.sleep(SCALE_SETTLE_S)
+
+            m0 = await common.scrape(server.metrics_port)
+            meter = common.CpuMeter(
+                ctx, server.proc.pid, {"load generators": [proc.pid for proc, _ in clients]}
+            )
+            meter.start()
+            t0 = time.time()
+            await asyncio.sleep(SCALE_WINDOW_S)
+            t1 = time.time()
+            cpu_pct = meter.stop()
+            m1 = await common.scrape(server.metrics_port)
+            rss = common.rss_mb(server.proc.pid)
+            await asyncio.sleep(SCALE_ACK_GRACE_S)
+            docs = await _dump_parts(clients, outs, parts)
+
+            acks: list[float] = []
+            lags: list[float] = []
+            for doc in docs:
+                for sent, ack, lag in zip(
+                    doc["send_wall"], doc["ack_ms"], doc["lag_ms"], strict=True
+                ):
+                    if t0 <= sent < t1:
+                        acks.append(ack)
+                        lags.append(lag)
+            not_ok = sum(d["not_ok"] for d in docs)
+            stream_errors = sum(d["stream_error_count"] for d in docs)
+            window = t1 - t0
+
+            def delta(name: str, m0: Any = m0, m1: Any = m1, **labels: str) -> float:
+                return common.metric(m1, name, **labels) - common.metric(m0, name, **labels)
+
+            beats_s = delta("vigil_heartbeats_total") / window
+            expired = delta("vigil_participant_offline_total", reason="ttl_expired")
+            ack = common.summarize(acks)
+            lag = common.summarize(lags)
+            sustained = (
+                ack.get("p99_ms", math.inf) <= SCALE_P99_MS
+                and beats_s >= SCALE_MIN_RATE * participants
+                and not_ok == 0
+                and stream_errors == 0
+                and expired == 0
+            )
+            step = {
+                "participants": participants,
+                "heartbeats_per_s": round(beats_s, 1),
+                "acks": ack.get("n", 0),
+                "ack_median_ms": ack.get("median_ms"),
+                "ack_p90_ms": ack.get("p90_ms"),
+                "ack_p99_ms": ack.get("p99_ms"),
+                "ack_max_ms": ack.get("max_ms"),
+                "generator_lag_p99_ms": lag.get("p99_ms"),
+                "server_rss_mb": round(rss, 1),
+                "rss_per_stream_kib": round((rss - rss_idle) * 1024 / participants, 1),
+                "open_streams": common.metric(m1, "vigil_session_streams"),
+                "not_ok": not_ok,
+                "stream_errors": stream_errors,
+                "ttl_expired": expired,
+                "generator_processes": len(clients),
+                "join_s": round(join_s, 1),
+                "cpu_pct": cpu_pct,
+                "sustained": sustained,
+            }
+            steps.append(step)
+            step_acks.append(acks)
+            print(
+                f"[liveness] streams_scaling: {participants} participants, "
+                f"{beats_s:.0f} beats/s, ack p50 {ack.get('median_ms')} / p99 "
+                f"{ack.get('p99_ms')} ms, RSS {rss:.0f} MiB, "
+                f"{'sustained' if sustained else 'NOT sustained'}",
+                flush=True,
+            )
+            if not sustained:
+                stopped_because = f"{participants} participants not sustained"
+                break
+
+        for proc, _ in clients:
+            proc.send_signal(signal.SIGTERM)
+        for proc, log in clients:
+            code = await asyncio.to_thread(proc.wait, 60)
+            if code != 0:
+                raise RuntimeError(f"load client exited {code}:\n{common.log_tail(log)}")
+    except Exception:
+        print(f"server log (tail):\n{common.log_tail(server.log)}")
+        raise
+    finally:
+        for proc, _ in clients:
+            if proc.poll() is None:
+                proc.kill()
+                await asyncio.to_thread(proc.wait, 5)
+        await ctx.stop_server(server)
+    elapsed = time.monotonic() - started
+
+    good = [i for i, st in enumerate(steps) if st["sustained"]]
+    best = steps[good[-1]] if good else None
+    acks = step_acks[good[-1]] if good else []
+    notes = [
+        f"one `vigil liveness serve` process; participants heartbeat every "
+        f"{LOAD_ENV['VIGIL_HEARTBEAT_INTERVAL_MS']} ms, added step by step by load-generator "
+        f"processes of up to {SCALE_PER_PROCESS} streams ({SCALE_PER_CHANNEL} per connection) "
+        f"on the same machine; each step measured over {SCALE_WINDOW_S:.0f} s",
+        f"a step is sustained when ack p99 ≤ {SCALE_P99_MS:g} ms, heartbeats/s ≥ "
+        f"{SCALE_MIN_RATE:.0%} of participants, every beat OK and nobody expired; "
+        f"stopped: {stopped_because} ({elapsed:.0f} s)",
+        f"server RSS idle {rss_idle:.1f} MiB; RSS per stream = (RSS - idle) / participants",
+        f"the load generators compete with the server for the machine's {os.cpu_count()} "
+        "cores: the limit found is the machine's (server + generators), a floor for the "
+        "server alone",
+    ]
+    if best is not None:
+        notes.insert(
+            0,
+            f"max sustained: {best['participants']} streams, {best['heartbeats_per_s']:.0f} "
+            f"heartbeats/s, ack p50 {best['ack_median_ms']} / p99 {best['ack_p99_ms']} ms, "
+            f"{best['rss_per_stream_kib']} KiB RSS per stream",
+        )
+    return common.result(
+        acks,
+        Goal(),
+        checks={
+            f"≥ {SCALE_MIN_STREAMS} streams with ack p99 ≤ {SCALE_P99_MS:g} ms": bool(
+                best and best["participants"] >= SCALE_MIN_STREAMS
+            )
+        },
+        notes=notes,
+        max_streams=best["participants"] if best else 0,
+        max_heartbeats_per_s=best["heartbeats_per_s"] if best else 0.0,
+        rss_per_stream_kib=best["rss_per_stream_kib"] if best else None,
+        server_rss_idle_mb=round(rss_idle, 1),
+        steps=steps,
+        stopped_because=stopped_because,
+        elapsed_s=round(elapsed, 1),
+    )
+
+
 # -- the group --------------------------------------------------------------------------
 
 BENCHMARKS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "kill_to_offline": kill_to_offline,
     "heartbeat_load": heartbeat_load,
+    "streams_scaling": streams_scaling,
 }
 
 

@@ -10,6 +10,10 @@ joined, runs until SIGTERM/SIGINT, then writes its samples as JSON to --out.
 
 With several generator processes, give each its own --shard; stream i of shard k is the
 global participant i * shards + k, so every process's beats cover the whole interval.
+
+On SIGUSR1 it writes the samples taken since the previous SIGUSR1 to `OUT.partN` (N
+counting from 1) and prints `DUMPED N`, and goes on (streams_scaling reads its windows
+this way while the load keeps running).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import signal
 import sys
 import time
@@ -52,12 +57,13 @@ async def _hold(
     samples: Samples,
     join_gate: asyncio.Semaphore,
     stop: asyncio.Event,
+    role_offset: int = 0,
 ) -> None:
     call = stub.Session()
     async with join_gate:
         join = pb.JoinRequest(
             chatroom=chatroom,
-            role=f"p{index:05d}",
+            role=f"p{role_offset + index:05d}",
             kind=pb.AGENT_KIND_CUSTOM,
             connection_id=str(uuid.uuid4()),
         )
@@ -112,6 +118,27 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(args.addr, options=options) for _ in range(args.channels)]
     samples = Samples()
+    dumped = {"parts": 0, "upto": 0}
+
+    def dump() -> None:
+        lo, hi = dumped["upto"], len(samples.ack_ms)
+        dumped["parts"] += 1
+        dumped["upto"] = hi
+        part = f"{args.out}.part{dumped['parts']}"
+        doc = {
+            "send_wall": samples.send_wall[lo:hi].tolist(),
+            "ack_ms": samples.ack_ms[lo:hi].tolist(),
+            "lag_ms": samples.lag_ms[lo:hi].tolist(),
+            "not_ok": samples.not_ok,
+            "stream_error_count": len(samples.stream_errors),
+            "stream_errors": samples.stream_errors[:5],
+        }
+        with open(part + ".tmp", "w") as f:
+            json.dump(doc, f)
+        os.replace(part + ".tmp", part)
+        print(f"DUMPED {dumped['parts']}", flush=True)
+
+    loop.add_signal_handler(signal.SIGUSR1, dump)
     gate = asyncio.Semaphore(args.join_concurrency)
     tasks: list[asyncio.Task[None]] = []
     try:
@@ -131,6 +158,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         samples,
                         gate,
                         stop,
+                        args.role_offset,
                     )
                 )
             )
@@ -179,6 +207,7 @@ def main() -> int:
     p.add_argument("--interval-ms", type=int, default=1000)
     p.add_argument("--join-concurrency", type=int, default=25)
     p.add_argument("--join-timeout", type=float, default=60)
+    p.add_argument("--role-offset", type=int, default=0, help="added to role numbers")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     doc = asyncio.run(run(args))

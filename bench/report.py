@@ -1,0 +1,361 @@
+"""The benchmark report: docs/bench/REPORT.md and its plots (PNG), written from a results
+file (bench/results/latest.json).
+
+    python -m bench --report-only      # regenerate from the last results
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tests import harness
+
+DOCS_DIR = harness.ROOT / "docs" / "bench"
+README = harness.ROOT / "README.md"
+README_START = "<!-- bench:headline (written by python -m bench; do not edit) -->"
+README_END = "<!-- /bench:headline -->"
+REPORT = "REPORT.md"
+SCALING_PNG = "streams_scaling.png"
+
+# The order of the report's table; benchmarks not listed follow in the file's order.
+ORDER = (
+    "kill_to_offline",
+    "heartbeat_load",
+    "streams_scaling",
+    "send_to_receipt",
+    "kill_to_recorded",
+    "deadline_lag",
+    "scheduler_pass_flat",
+    "tasks_lifecycle_rate",
+)
+# Latency distributions plotted (when the results hold their samples).
+LATENCY_PLOTS = {
+    "kill_to_offline": "SIGKILL of a session holder → server records it offline",
+    "heartbeat_load": "heartbeat ack, 1,000 participants on one server",
+    "send_to_receipt": "SendMessage → the waiting agent holds the task",
+    "kill_to_recorded": "SIGKILL of a daemon's agent → exit recorded by the server",
+    "deadline_lag": "task deadline → its notification created (10,000 deadlines)",
+    "tasks_lifecycle_rate": "one full task lifecycle through gRPC (4 concurrent)",
+}
+
+
+def _benchmarks(doc: Mapping[str, Any]) -> list[str]:
+    names = [n for n in doc if n != "machine" and isinstance(doc[n], dict)]
+    return [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
+
+
+def fmt_ms(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, int | float):
+        return f"{value:.1f}" if value >= 100 else f"{value:.2f}"
+    return str(value)
+
+
+def verdict(r: Mapping[str, Any]) -> str:
+    if "error" in r:
+        return "BROKEN"
+    return "pass" if r.get("pass") else "**MISSED**"
+
+
+def machine_line(m: Mapping[str, Any]) -> str:
+    mem = f", {m['memory_gib']} GiB RAM" if m.get("memory_gib") else ""
+    return (
+        f"{m.get('cores')} cores ({m.get('cpu_model', 'unknown CPU')}){mem}, "
+        f"Python {m.get('python')}, {m.get('platform')}"
+    )
+
+
+def _latency_goal(r: Mapping[str, Any]) -> str:
+    """The latency part of a goal ("median ≤ 20 ms, p99 ≤ 100 ms"), without the checks."""
+    return str(r.get("goal", "")).split(";")[0]
+
+
+def headline(doc: Mapping[str, Any]) -> list[str]:
+    """The figures the README quotes, one Markdown bullet each."""
+    out = []
+
+    def lat(name: str, label: str) -> None:
+        r = doc.get(name)
+        if r and "median_ms" in r:
+            out.append(
+                f"{label}: median {fmt_ms(r['median_ms'])} ms, p99 {fmt_ms(r['p99_ms'])} ms "
+                f"({verdict(r)}; goal {_latency_goal(r)})"
+            )
+
+    lat("kill_to_offline", "kill → offline")
+    hb = doc.get("heartbeat_load")
+    if hb and "median_ms" in hb:
+        out.append(
+            f"heartbeat ack at 1,000 participants: median {fmt_ms(hb['median_ms'])} ms, "
+            f"p99 {fmt_ms(hb['p99_ms'])} ms, {hb.get('heartbeats_per_s', 0):.0f} heartbeats/s "
+            f"({verdict(hb)}; goal {_latency_goal(hb)})"
+        )
+    lat("send_to_receipt", "send → receipt")
+    lat("kill_to_recorded", "kill → recorded (daemon)")
+    dl = doc.get("deadline_lag")
+    if dl and "p99_ms" in dl:
+        out.append(
+            f"deadline lag: p99 {fmt_ms(dl['p99_ms'])} ms over {dl.get('n'):,} deadlines "
+            f"({verdict(dl)}; goal {_latency_goal(dl)})"
+        )
+    sp = doc.get("scheduler_pass_flat")
+    if sp and "ratio" in sp:
+        sizes = sp.get("sizes", {})
+        small, big = (sizes.get(k, {}).get("median_ms") for k in ("10000", "1000000"))
+        out.append(
+            f"scheduler pass, 1,000,000 vs 10,000 rows: ratio {sp['ratio']:.2f} "
+            f"(medians {fmt_ms(big)} / {fmt_ms(small)} ms; {verdict(sp)}, goal ≤ 2)"
+        )
+    sc = doc.get("streams_scaling")
+    if sc and "max_streams" in sc:
+        out.append(
+            f"streams held by one liveness server with ack p99 ≤ 100 ms: {sc['max_streams']:,} "
+            f"({sc.get('max_heartbeats_per_s', 0):.0f} heartbeats/s, "
+            f"{sc.get('rss_per_stream_kib')} KiB RSS per stream; generators on the same machine)"
+        )
+    lc = doc.get("tasks_lifecycle_rate")
+    if lc and "grpc_lifecycles_per_s" in lc:
+        g, s = lc["grpc_lifecycles_per_s"], lc["sql_lifecycles_per_s"]
+        out.append(
+            f"task lifecycles/s (send → claim → start → complete): {g:.1f} through gRPC, "
+            f"{s:.1f} as the bare statements through asyncpg (ratio {s / g:.1f}x)"
+        )
+    return out
+
+
+# -- plots -----------------------------------------------------------------------------
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_latency(name: str, r: Mapping[str, Any], title: str, path: Path) -> None:
+    plt = _plt()
+    samples = sorted(r["samples_ms"])
+    fig, (hist, cdf) = plt.subplots(1, 2, figsize=(10, 3.6))
+    n = len(samples)
+    hist.hist(samples, bins=min(60, max(10, n // 3)), color="#4477aa")
+    hist.set_xlabel("ms")
+    hist.set_ylabel("samples" + (" (log)" if n > 1000 else ""))
+    if n > 1000:
+        hist.set_yscale("log")
+    cdf.plot(samples, [(i + 1) / n for i in range(n)], color="#4477aa")
+    if samples and samples[0] > 0 and samples[-1] > 20 * samples[len(samples) // 2]:
+        cdf.set_xscale("log")  # a long tail: the log scale shows it and the body both
+    cdf.set_xlabel("ms" + (" (log)" if cdf.get_xscale() == "log" else ""))
+    cdf.set_ylabel("fraction ≤ x")
+    cdf.set_ylim(0, 1.01)
+    for ax in (hist, cdf):
+        for key, style in (("median_ms", "--"), ("p99_ms", ":")):
+            if r.get(key) is not None:
+                ax.axvline(r[key], color="#cc6677", linestyle=style, label=key[:-3])
+        ax.grid(alpha=0.3)
+    cdf.legend(loc="lower right")
+    thinned = r.get("samples_thinned_from")
+    count = f"n = {r.get('n')}" + (f", {n} quantiles plotted" if thinned else "")
+    fig.suptitle(f"{name}: {title} ({count})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_scaling(r: Mapping[str, Any], path: Path) -> None:
+    plt = _plt()
+    steps = r["steps"]
+    x = [s["participants"] for s in steps]
+    fig, (lat, mem) = plt.subplots(1, 2, figsize=(10, 3.6))
+    lat.plot(x, [s["ack_p99_ms"] for s in steps], "o-", label="ack p99", color="#cc6677")
+    lat.plot(x, [s["ack_median_ms"] for s in steps], "o-", label="ack median", color="#4477aa")
+    lat.axhline(100, color="grey", linestyle="--", label="100 ms")
+    lat.set_yscale("log")
+    lat.set_xlabel("participants (1 heartbeat/s each)")
+    lat.set_ylabel("heartbeat ack, ms")
+    lat.legend()
+    rate = lat.twinx()
+    rate.plot(x, [s["heartbeats_per_s"] for s in steps], "s:", color="#228833")
+    rate.set_ylabel("heartbeats/s achieved", color="#228833")
+    mem.plot(x, [s["server_rss_mb"] for s in steps], "o-", color="#4477aa")
+    mem.set_xlabel("participants")
+    mem.set_ylabel("server RSS, MiB")
+    per = mem.twinx()
+    per.plot(x, [s["rss_per_stream_kib"] for s in steps], "s:", color="#ccbb44")
+    per.set_ylabel("RSS per stream, KiB", color="#aa9922")
+    per.set_ylim(0, max(s["rss_per_stream_kib"] for s in steps) * 1.3)
+    for ax in (lat, mem):
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"streams_scaling: one liveness server; max sustained {r.get('max_streams')} streams",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -- the Markdown ------------------------------------------------------------------------
+
+
+def _table(doc: Mapping[str, Any], names: list[str]) -> list[str]:
+    lines = [
+        "| benchmark | n | median ms | p90 ms | p99 ms | max ms | goal | result |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for name in names:
+        r = doc[name]
+        cells = [fmt_ms(r.get(k)) for k in ("median_ms", "p90_ms", "p99_ms", "max_ms")]
+        goal = str(r.get("goal", "")).replace("|", "\\|")
+        lines.append(
+            f"| {name} | {r.get('n', '-')} | {' | '.join(cells)} | {goal} | {verdict(r)} |"
+        )
+    return lines
+
+
+def _scaling_table(r: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| participants | heartbeats/s | ack median ms | ack p99 ms | ack max ms "
+        "| generator lag p99 ms | server RSS MiB | RSS/stream KiB | CPU server / generators "
+        "/ other work (% of a core) | sustained |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for s in r["steps"]:
+        cpu = s.get("cpu_pct", {})
+        lines.append(
+            f"| {s['participants']} | {s['heartbeats_per_s']:.0f} | {fmt_ms(s['ack_median_ms'])} "
+            f"| {fmt_ms(s['ack_p99_ms'])} | {fmt_ms(s['ack_max_ms'])} "
+            f"| {fmt_ms(s['generator_lag_p99_ms'])} | {s['server_rss_mb']:.1f} "
+            f"| {s['rss_per_stream_kib']:.1f} "
+            f"| {cpu.get('server', 0):.0f} / {cpu.get('load generators', 0):.0f} "
+            f"/ {max(0.0, cpu.get('others', 0)):.0f} "
+            f"| {'yes' if s['sustained'] else '**no**'} |"
+        )
+    return lines
+
+
+def write(results_path: Path, out_dir: Path = DOCS_DIR) -> Path:
+    """Write REPORT.md and the PNGs from `results_path`; returns the report's path."""
+    doc = json.loads(results_path.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):
+        old.unlink()
+    machine = doc.get("machine", {})
+    names = _benchmarks(doc)
+    dates = sorted({doc[n].get("date", "") for n in names} - {""})
+
+    md = [
+        "# Vigil benchmarks",
+        "",
+        "Generated by `make bench` (`python -m bench`; `python -m bench --report-only` "
+        f"rewrites this page from `bench/results/{results_path.name}`). Do not edit by hand.",
+        "",
+        f"- **Machine:** {machine_line(machine)}",
+        f"- **Run:** {' … '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else '?'} (UTC; "
+        "the date each benchmark's figures were written)",
+        "- **Setup:** everything on one machine over loopback: an embedded PostgreSQL "
+        "(fsync off), the Vigil server processes, and the load generators and agents, "
+        "which compete with the server for the same cores.",
+        "",
+        "## Headline figures",
+        "",
+        *[f"- {line}" for line in headline(doc)],
+        "",
+        "## All benchmarks",
+        "",
+        *_table(doc, names),
+        "",
+        "Latencies are per sample, in milliseconds; percentiles interpolate between closest "
+        "ranks. A benchmark whose goal is not a latency (scheduler_pass_flat, "
+        "tasks_lifecycle_rate, streams_scaling) still reports the latency it measured.",
+        "",
+    ]
+
+    sc = doc.get("streams_scaling")
+    if sc and sc.get("steps"):
+        plot_scaling(sc, out_dir / SCALING_PNG)
+        md += [
+            "## Streams held by one liveness server",
+            "",
+            f"Participants added step by step until heartbeat ack p99 passed 100 ms: the last "
+            f"sustained step is **{sc['max_streams']:,} streams at "
+            f"{sc['max_heartbeats_per_s']:.0f} heartbeats/s**, "
+            f"{sc.get('rss_per_stream_kib')} KiB of server RSS per stream "
+            f"(idle server {sc.get('server_rss_idle_mb')} MiB). Stopped: "
+            f"{sc.get('stopped_because')}.",
+            "",
+            *_scaling_table(sc),
+            "",
+            f"![streams scaling]({SCALING_PNG})",
+            "",
+        ]
+
+    plots = [n for n in names if n in LATENCY_PLOTS and doc[n].get("samples_ms")]
+    if plots:
+        md += ["## Latency distributions", ""]
+        for name in plots:
+            png = f"latency_{name}.png"
+            plot_latency(name, doc[name], LATENCY_PLOTS[name], out_dir / png)
+            md += [f"### {name}", "", f"![{name}]({png})", ""]
+
+    md += ["## Notes per benchmark", ""]
+    for name in names:
+        r = doc[name]
+        notes = list(r.get("notes") or [])
+        if "error" in r:
+            notes.append(f"BROKEN: {r['error']}")
+        notes += [f"MISSED: {m}" for m in r.get("missed") or []]
+        md += [f"### {name}", "", f"Run {r.get('date', '?')}.", ""]
+        md += [f"- {n}" for n in notes] + [""]
+
+    md += [
+        "## Noise",
+        "",
+        f"The machine has {machine.get('cores')} cores. The load generators, agents, "
+        "PostgreSQL and the server share them, so tail latencies include time spent "
+        "waiting for a core, and every figure above is a floor for what the server "
+        "achieves on a machine of its own. Each benchmark records where the CPU went "
+        "during its window (notes above); a window where other work on the machine used "
+        "more than a quarter of a core is marked NOISY. Runs on a shared or virtual machine "
+        "vary by tens of percent from run to run, most in the p99 and max columns.",
+        "",
+    ]
+    path = out_dir / REPORT
+    path.write_text("\n".join(md))
+    if out_dir == DOCS_DIR:
+        update_readme(doc, README)
+    return path
+
+
+def readme_block(doc: Mapping[str, Any]) -> list[str]:
+    names = _benchmarks(doc)
+    dates = sorted({doc[n].get("date", "")[:10] for n in names} - {""})
+    when = " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else "?"
+    return [
+        README_START,
+        f"From [the latest report](docs/bench/{REPORT}) ({when}), measured on "
+        f"{machine_line(doc.get('machine', {}))}, with the load generators, agents and "
+        "PostgreSQL on the same machine:",
+        "",
+        *[f"- {line}" for line in headline(doc)],
+        README_END,
+    ]
+
+
+def update_readme(doc: Mapping[str, Any], readme: Path) -> None:
+    """Replace the headline block of the README's Benchmarks section (between the
+    markers) with the figures of `doc`, so that the README quotes the latest report."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return
+    block = "\n".join(readme_block(doc))
+    readme.write_text(text[:start] + block + text[end + len(README_END) :])
