@@ -36,6 +36,7 @@ class Outbox:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / "refused").mkdir(exist_ok=True)
         self._wake = asyncio.Event()
+        self._sending = asyncio.Lock()
         self.sent = 0
 
     def add(self, report: pb.ExitReport) -> Path:
@@ -88,12 +89,13 @@ class Outbox:
             classification=d["classification"],
         )
 
-    async def run(self, stub: pb_grpc.MachinesStub, machine_id: str, credential: str) -> None:
-        """Send every report until acknowledged, retrying with jittered backoff."""
-        attempt = 0
-        while True:
-            self._wake.clear()
-            failed = False
+    async def send_pending(
+        self, stub: pb_grpc.MachinesStub, machine_id: str, credential: str
+    ) -> bool:
+        """Send every report on disk, oldest first; False if the server could not be
+        reached (the rest stay for the next try). Sending twice is harmless: the server
+        records each incarnation once."""
+        async with self._sending:
             for path in self.pending():
                 try:
                     report = self._load(path, machine_id, credential)
@@ -105,21 +107,29 @@ class Outbox:
                         self.metrics.reports.labels("refused").inc()
                         continue
                     self.metrics.reports.labels("retry").inc()
-                    failed = True
-                    break
+                    return False
                 except (ValueError, KeyError) as exc:
                     log.error("exit report %s is unreadable: %s", path.name, exc)
                     os.replace(path, self.folder / "refused" / path.name)
                     continue
+                finally:
+                    self.metrics.outbox.set(len(self.pending()))
                 path.unlink(missing_ok=True)
                 self.sent += 1
                 self.metrics.reports.labels("sent").inc()
             self.metrics.outbox.set(len(self.pending()))
-            if failed:
-                attempt += 1
-                delay = min(5.0, 0.05 * 2 ** min(attempt, 7)) * random.uniform(0.5, 1.0)
-            else:
+            return True
+
+    async def run(self, stub: pb_grpc.MachinesStub, machine_id: str, credential: str) -> None:
+        """Send every report until acknowledged, retrying with jittered backoff."""
+        attempt = 0
+        while True:
+            self._wake.clear()
+            if await self.send_pending(stub, machine_id, credential):
                 attempt = 0
                 delay = 5.0  # nothing to send: wait to be woken
+            else:
+                attempt += 1
+                delay = min(5.0, 0.05 * 2 ** min(attempt, 7)) * random.uniform(0.5, 1.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)

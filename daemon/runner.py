@@ -147,6 +147,10 @@ class Daemon:
             await asyncio.sleep(min(2.0, 0.05 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1))
 
     async def _session(self, stub: pb_grpc.MachinesStub) -> None:
+        # Exits recorded while we were away go first: reconciliation below would
+        # otherwise record those agents as merely lost (daemon_lost), losing their
+        # exit code and signal.
+        await self.outbox.send_pending(stub, self.machine_id, self.credential)
         call = stub.DaemonSession()
         try:
             # Reconcile: the full list of the children we still run.
