@@ -77,6 +77,10 @@ class EventHub:
         self._subs.add(sub)
         return sub
 
+    def wake_all(self) -> None:
+        for sub in list(self._subs):
+            sub.wake.set()
+
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
 

@@ -111,6 +111,7 @@ class Liveness:
         """Graceful shutdown: tell every stream to reconnect after a jittered delay and
         mark nobody offline; write the beats held in memory."""
         self.draining = True
+        self.hub.wake_all()  # watches end now; their clients resume from their revision
         jitter = self.timings.reconnect_jitter_ms
         for s in list(self.sessions.values()):
             s.detached = True
@@ -400,7 +401,7 @@ class Liveness:
                         break
                     if not events:
                         break
-                while not sub.overflowed:
+                while not sub.overflowed and not self.draining:
                     await sub.wake.wait()
                     sub.wake.clear()
                     while not sub.queue.empty():
@@ -412,6 +413,8 @@ class Liveness:
                             yield ev
             finally:
                 self.hub.unsubscribe(sub)
+            if self.draining:
+                return
             log.info("presence watcher fell behind; re-reading from revision %d", last)
 
     async def _refresh_counts(self) -> None:

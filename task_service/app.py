@@ -52,7 +52,9 @@ class TaskApp:
         await self.svc.start()
 
     async def drain(self) -> None:
-        pass  # waiting agents simply reconnect; nothing is claimed for them yet
+        # Our own watch of the liveness service must not hold the server's grace open.
+        # Waiting agents simply ask again elsewhere; nothing is claimed for them yet.
+        await self.svc.presence.stop()
 
     async def close(self) -> None:
         await self.svc.close()
