@@ -66,8 +66,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only rewrite docs/bench/REPORT.md and its plots from the results file",
     )
-    p.add_argument("--report-dir", type=Path, default=report.DOCS_DIR, help="report directory")
+    p.add_argument(
+        "--report-dir",
+        type=Path,
+        help="report directory (default: docs/bench for the default results file, else "
+        "a 'report' folder beside --out, so a trial run never rewrites the published report)",
+    )
     args = p.parse_args(argv)
+    if args.report_dir is None:
+        default_out = common.RESULTS_DIR / "latest.json"
+        args.report_dir = (
+            report.DOCS_DIR
+            if args.out.resolve() == default_out.resolve()
+            else args.out.parent / "report"
+        )
     if args.report_only:
         print(f"report: {report.write(args.out, args.report_dir)}")
         return 0

@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.request
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -526,3 +527,25 @@ def dumps(doc: Any) -> str:
 
 def python_cmd(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+async def run_group(
+    group: str,
+    benchmarks: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]],
+    ctx: Context,
+) -> dict[str, Any]:
+    """Run a group's benchmarks (those in ctx.only, if given); a benchmark that breaks
+    is recorded as an error and the group goes on."""
+    results: dict[str, Any] = {}
+    for name, bench in benchmarks.items():
+        if ctx.only and name not in ctx.only:
+            continue
+        print(f"[{group}] {name} ...", flush=True)
+        t = time.monotonic()
+        try:
+            results[name] = await bench(ctx)
+        except Exception as exc:
+            traceback.print_exc()
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "pass": False}
+        print(f"[{group}] {name} done in {time.monotonic() - t:.1f} s", flush=True)
+    return results

@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import time
-import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -602,16 +601,4 @@ BENCHMARKS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
 
 
 async def run(ctx: Context) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for name, bench in BENCHMARKS.items():
-        if ctx.only and name not in ctx.only:
-            continue
-        print(f"[liveness] {name} ...", flush=True)
-        t = time.monotonic()
-        try:
-            results[name] = await bench(ctx)
-        except Exception as exc:
-            traceback.print_exc()
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "pass": False}
-        print(f"[liveness] {name} done in {time.monotonic() - t:.1f} s", flush=True)
-    return results
+    return await common.run_group("liveness", BENCHMARKS, ctx)

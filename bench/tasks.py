@@ -24,7 +24,6 @@ import signal
 import subprocess
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -937,16 +936,4 @@ BENCHMARKS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
 
 
 async def run(ctx: Context) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    for name, bench in BENCHMARKS.items():
-        if ctx.only and name not in ctx.only:
-            continue
-        print(f"[tasks] {name} ...", flush=True)
-        t = time.monotonic()
-        try:
-            results[name] = await bench(ctx)
-        except Exception as exc:
-            traceback.print_exc()
-            results[name] = {"error": f"{type(exc).__name__}: {exc}", "pass": False}
-        print(f"[tasks] {name} done in {time.monotonic() - t:.1f} s", flush=True)
-    return results
+    return await common.run_group("tasks", BENCHMARKS, ctx)
