@@ -54,6 +54,24 @@ class ExitInfo:
     classification: str
 
 
+_AGENT_FIELDS = (
+    "status",
+    "pid",
+    "process_started_at",
+    "next_restart_at",
+    "circuit_opened_at",
+    "half_open",
+    "restart_count",
+)
+
+
+async def _update_agent(tx: TaskTx, agent: Any, **changes: Any) -> None:
+    """Write an agent row: the given fields changed, the others as read (locked)."""
+    assert set(changes) <= set(_AGENT_FIELDS), set(changes) - set(_AGENT_FIELDS)
+    values = [changes[f] if f in changes else agent[f] for f in _AGENT_FIELDS]
+    await tx.conn.execute(Q["update_agent"], agent["chatroom"], agent["role"], *values)
+
+
 def _hash(credential: str) -> bytes:
     return hashlib.sha256(credential.encode()).digest()
 
@@ -175,17 +193,13 @@ class Agents:
                 None,
                 f"restart requested for remote role {chatroom}/{role}: {reason}",
             )
-            await tx.conn.execute(
-                Q["update_agent"],
-                chatroom,
-                role,
-                "starting",
-                agent["pid"],
-                agent["process_started_at"],
-                None,
-                agent["circuit_opened_at"],
-                False,
-                agent["restart_count"] + 1,
+            await _update_agent(
+                tx,
+                agent,
+                status="starting",
+                next_restart_at=None,
+                half_open=False,
+                restart_count=agent["restart_count"] + 1,
             )
         return issued
 
@@ -212,17 +226,13 @@ class Agents:
             agent = await tx.conn.fetchrow(Q["lock_agent"], row["chatroom"], row["role"])
             if agent is None:
                 return
-            await tx.conn.execute(
-                Q["update_agent"],
-                row["chatroom"],
-                row["role"],
-                "running",
-                child.pid,
-                child.started_at,
-                None,
-                agent["circuit_opened_at"],
-                agent["half_open"],
-                agent["restart_count"],
+            await _update_agent(
+                tx,
+                agent,
+                status="running",
+                pid=child.pid,
+                process_started_at=child.started_at,
+                next_restart_at=None,
             )
 
     async def reconcile(self, machine_id: str, children: Iterable[ChildInfo]) -> int:
@@ -238,16 +248,13 @@ class Agents:
                 child = running.get(key)
                 if child is not None:
                     if agent["pid"] != child.pid or agent["status"] != "running":
-                        await tx.conn.execute(
-                            Q["update_agent"],
-                            *key,
-                            "running",
-                            child.pid,
-                            child.started_at,
-                            None,
-                            agent["circuit_opened_at"],
-                            agent["half_open"],
-                            agent["restart_count"],
+                        await _update_agent(
+                            tx,
+                            agent,
+                            status="running",
+                            pid=child.pid,
+                            process_started_at=child.started_at,
+                            next_restart_at=None,
                         )
                 elif agent["pid"] is not None:
                     info = ChildInfo(*key, agent["pid"], agent["process_started_at"] or now)
@@ -315,17 +322,15 @@ class Agents:
                 status = "crashed"
                 if agent["desired_state"] == "running":
                     status, next_restart, opened = await self._after_crash(tx, agent, now)
-            await tx.conn.execute(
-                Q["update_agent"],
-                c.chatroom,
-                c.role,
-                status,
-                None,
-                None,
-                next_restart,
-                opened,
-                half,
-                agent["restart_count"],
+            await _update_agent(
+                tx,
+                agent,
+                status=status,
+                pid=None,
+                process_started_at=None,
+                next_restart_at=next_restart,
+                circuit_opened_at=opened,
+                half_open=half,
             )
             task_id = await tx.conn.fetchval(Q["active_task_of_role"], c.chatroom, c.role)
         if task_id is not None:
@@ -377,17 +382,7 @@ class Agents:
             for agent in await tx.conn.fetch(Q["due_restarts"], now):
                 key = (agent["chatroom"], agent["role"])
                 half = agent["status"] == "circuit_open"
-                await tx.conn.execute(
-                    Q["update_agent"],
-                    *key,
-                    agent["status"],
-                    agent["pid"],
-                    agent["process_started_at"],
-                    None,
-                    agent["circuit_opened_at"],
-                    half,
-                    agent["restart_count"],
-                )
+                await _update_agent(tx, agent, next_restart_at=None, half_open=half)
                 if agent["desired_state"] != "running":
                     continue
                 role = await tx.lock_role(*key)
@@ -400,16 +395,13 @@ class Agents:
                     role.command,
                 )
                 if issued:
-                    await tx.conn.execute(
-                        Q["update_agent"],
-                        *key,
-                        "starting",
-                        agent["pid"],
-                        agent["process_started_at"],
-                        None,
-                        agent["circuit_opened_at"],
-                        half,
-                        agent["restart_count"] + 1,
+                    await _update_agent(
+                        tx,
+                        agent,
+                        status="starting",
+                        next_restart_at=None,
+                        half_open=half,
+                        restart_count=agent["restart_count"] + 1,
                     )
         self.svc.after_commit(tx)
 
@@ -462,17 +454,8 @@ class Agents:
                     deadline,
                     "stopped by a person",
                 )
-                await tx.conn.execute(
-                    Q["update_agent"],
-                    chatroom,
-                    role,
-                    agent["status"],
-                    agent["pid"],
-                    agent["process_started_at"],
-                    None,
-                    None,
-                    False,
-                    agent["restart_count"],
+                await _update_agent(
+                    tx, agent, next_restart_at=None, circuit_opened_at=None, half_open=False
                 )
             else:
                 await tx.conn.fetchval(
@@ -485,17 +468,13 @@ class Agents:
                     deadline,
                     "started by a person",
                 )
-                await tx.conn.execute(
-                    Q["update_agent"],
-                    chatroom,
-                    role,
-                    "starting",
-                    agent["pid"],
-                    agent["process_started_at"],
-                    None,
-                    None,
-                    False,
-                    agent["restart_count"],
+                await _update_agent(
+                    tx,
+                    agent,
+                    status="starting",
+                    next_restart_at=None,
+                    circuit_opened_at=None,
+                    half_open=False,
                 )
             await tx.conn.execute(Q["notify_machine"], agent["machine_id"])
             tx.woken_machines.add(agent["machine_id"])
