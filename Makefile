@@ -61,13 +61,9 @@ $(STAMP): pyproject.toml requirements.lock
 proto: $(GEN_STAMP)
 
 # Generated code is never committed or edited by hand: it comes from here only.
-$(GEN_STAMP): $(PROTOS) $(STAMP)
-	rm -rf vigil
-	mkdir -p vigil/v1
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I protos \
-		--python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. $(PROTOS)
-	touch vigil/__init__.py vigil/v1/__init__.py vigil/py.typed
+$(GEN_STAMP): $(PROTOS) $(STAMP) tools/protos.py
+	$(BIN)/python tools/protos.py
 	touch $@
 
 clean:
-	rm -rf $(VENV) vigil build *.egg-info
+	rm -rf $(VENV) vigil/v1/*_pb2* $(GEN_STAMP) build dist *.egg-info

@@ -36,15 +36,15 @@ from prometheus_client import CollectorRegistry
 
 from bench import common
 from bench.common import Context, Goal
-from task_service.metrics import TaskMetrics
-from task_service.service import TaskService
-from task_service.store import ROLE_CHANNEL, Q, TaskStore
 from tests import harness
+from vigil.core.clock import SystemClock
+from vigil.core.db import Database, open_database
+from vigil.core.timings import Timings
+from vigil.task_service.metrics import TaskMetrics
+from vigil.task_service.service import TaskService
+from vigil.task_service.store import ROLE_CHANNEL, Q, TaskStore
 from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
-from vigil_core.clock import SystemClock
-from vigil_core.db import Database, open_database
-from vigil_core.timings import Timings
 
 # Heartbeats every second with a TTL far away (no participant expires by accident), and a
 # pending timeout far beyond any run: a re-armed deadline never comes due twice.

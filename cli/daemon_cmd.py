@@ -8,12 +8,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from cli.rpc import CliError, channel, wait_ready
-from daemon.metrics import DaemonMetrics
-from vigil_core import validation
-from vigil_core.errors import VigilError
-from vigil_core.server import start_metrics
-from vigil_core.timings import Timings
+from vigil.cli.rpc import CliError, channel, wait_ready
+from vigil.core import validation
+from vigil.core.errors import VigilError
+from vigil.core.server import start_metrics
+from vigil.core.timings import Timings
+from vigil.daemon.metrics import DaemonMetrics
 
 
 async def daemon_start(
@@ -25,8 +25,8 @@ async def daemon_start(
     timings: Timings,
     metrics_addr: str | None = None,
 ) -> int:
-    from cli.machine_cmds import default_credential_path, read_credential
-    from daemon.runner import Daemon
+    from vigil.cli.machine_cmds import default_credential_path, read_credential
+    from vigil.daemon.runner import Daemon
 
     try:
         validation.name(machine_id, "--machine-id")
@@ -62,6 +62,6 @@ async def daemon_start(
 
 def main() -> None:
     """The `vigil-daemon` entry point: `vigil daemon start` under its own name."""
-    from cli.main import main as vigil_main
+    from vigil.cli.main import main as vigil_main
 
     sys.exit(vigil_main(["daemon", "start", *sys.argv[1:]]))

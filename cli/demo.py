@@ -22,16 +22,16 @@ from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
-from liveness_service.app import LivenessApp
-from liveness_service.app import migrations as liveness_migrations
-from task_service.app import TaskApp
-from task_service.app import migrations as task_migrations
-from task_service.model import Role
-from vigil_core import migrations
-from vigil_core.clock import SystemClock
-from vigil_core.db import open_database
-from vigil_core.server import create_server
-from vigil_core.timings import Timings
+from vigil.core import migrations
+from vigil.core.clock import SystemClock
+from vigil.core.db import open_database
+from vigil.core.server import create_server
+from vigil.core.timings import Timings
+from vigil.liveness_service.app import LivenessApp
+from vigil.liveness_service.app import migrations as liveness_migrations
+from vigil.task_service.app import TaskApp
+from vigil.task_service.app import migrations as task_migrations
+from vigil.task_service.model import Role
 
 T = TypeVar("T")
 
@@ -129,7 +129,7 @@ async def _story(d: Demo, tasks: TaskApp, addr: str, tmp: Path) -> subprocess.Po
     svc = tasks.svc
     agents = svc.agents
     room = "demo"
-    agent_cmd = f"{sys.executable} -m cli.example_agent"
+    agent_cmd = f"{sys.executable} -m vigil.cli.example_agent"
     await svc.presence.synced.wait()
 
     d.step("1. a machine and its daemon")
@@ -143,7 +143,7 @@ async def _story(d: Demo, tasks: TaskApp, addr: str, tmp: Path) -> subprocess.Po
         [
             sys.executable,
             "-m",
-            "cli",
+            "vigil.cli",
             "daemon",
             "start",
             "--machine-id",

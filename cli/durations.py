@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from cli.rpc import CliError
+from vigil.cli.rpc import CliError
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from vigil_core.db import Database
-from vigil_core.errors import StorageError
+from vigil.core.db import Database
+from vigil.core.errors import StorageError
 
 REFRESH_S = 1.0
 CLEAR = "\x1b[H\x1b[2J"

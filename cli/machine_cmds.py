@@ -21,11 +21,19 @@ from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
-from cli.rpc import CliError, channel, rpc_error, wait_ready
-from cli.task_cmds import RPC_TIMEOUT, _check_name, _emit, _print_json, _ts, _usage, render_table
+from vigil.cli.rpc import CliError, channel, rpc_error, wait_ready
+from vigil.cli.task_cmds import (
+    RPC_TIMEOUT,
+    _check_name,
+    _emit,
+    _print_json,
+    _ts,
+    _usage,
+    render_table,
+)
+from vigil.core.timings import Timings
 from vigil.v1 import machines_pb2 as pb
 from vigil.v1 import machines_pb2_grpc as pb_grpc
-from vigil_core.timings import Timings
 
 if TYPE_CHECKING:
     from vigil.v1.machines_pb2_grpc import MachinesAsyncStub

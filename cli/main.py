@@ -9,10 +9,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from cli.rpc import CliError
-from vigil_core import logs
-from vigil_core.config import Settings
-from vigil_core.errors import ConfigError, VigilError
+from vigil.cli.rpc import CliError
+from vigil.core import logs
+from vigil.core.config import Settings
+from vigil.core.errors import ConfigError, VigilError
 
 # The task commands, run by cli.task_cmds (listed here so --help needs no import of it).
 TASK_COMMANDS = frozenset({"chatroom", "chatrooms", "send", "task", "tasks", "notifications"})
@@ -286,27 +286,27 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     ui = args.command == "up" and not args.no_ui and sys.stdout.isatty()
     logs.configure(settings.log_level, log_format, settings.data_dir / "vigil.log" if ui else None)
     if args.command == "up":
-        from cli.serve import serve
+        from vigil.cli.serve import serve
 
         return await serve(settings, ui=ui)
     if args.command == "liveness":
         if args.liveness_command != "serve":
             raise CliError("usage: vigil liveness serve", 2)
-        from cli.serve import serve
+        from vigil.cli.serve import serve
 
         return await serve(settings, ("liveness",))
     if args.command == "task-service":
         if args.task_service_command != "serve":
             raise CliError("usage: vigil task-service serve", 2)
-        from cli.serve import serve
+        from vigil.cli.serve import serve
 
         return await serve(settings, ("tasks",))
     if args.command == "demo":
-        from cli.demo import demo
+        from vigil.cli.demo import demo
 
         return await demo(settings.database_url)
     if args.command == "daemon":
-        from cli.daemon_cmd import daemon_start
+        from vigil.cli.daemon_cmd import daemon_start
 
         return await daemon_start(
             settings.addr,
@@ -318,8 +318,8 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             args.metrics_addr,
         )
     if args.command == "wait-for-task":
-        from cli.durations import parse_duration
-        from cli.wait_for_task import wait_for_task
+        from vigil.cli.durations import parse_duration
+        from vigil.cli.wait_for_task import wait_for_task
 
         timeout = parse_duration(args.timeout, "--timeout") if args.timeout else None
         return await wait_for_task(
@@ -332,17 +332,17 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             as_json=args.json,
         )
     if args.command == "participants":
-        from cli.participants import participants
+        from vigil.cli.participants import participants
 
         return await participants(
             settings.addr, args.chatroom, args.live, args.json, settings.timings
         )
     if args.command in TASK_COMMANDS:
-        from cli.task_cmds import run
+        from vigil.cli.task_cmds import run
 
         return await run(args, settings.addr, settings.timings)
     if args.command in MACHINE_COMMANDS:
-        from cli.machine_cmds import run as run_machine
+        from vigil.cli.machine_cmds import run as run_machine
 
         return await run_machine(args, settings.addr, settings.timings, settings.data_dir)
     parser.print_help()

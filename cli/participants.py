@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cli.rpc import channel, rpc_error, wait_ready
+from vigil.cli.rpc import channel, rpc_error, wait_ready
+from vigil.core.timefmt import from_proto, rfc3339
+from vigil.core.timings import Timings
 from vigil.v1 import liveness_pb2 as pb
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
-from vigil_core.timefmt import from_proto, rfc3339
-from vigil_core.timings import Timings
 
 _KIND = {pb.AGENT_KIND_REMOTE: "remote", pb.AGENT_KIND_CUSTOM: "custom"}
 _STATUS = {pb.PARTICIPANT_STATUS_LIVE: "live", pb.PARTICIPANT_STATUS_OFFLINE: "offline"}

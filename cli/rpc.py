@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from vigil_core.config import parse_addr
-from vigil_core.server import client_options
-from vigil_core.timings import Timings
+from vigil.core.config import parse_addr
+from vigil.core.server import client_options
+from vigil.core.timings import Timings
 
 
 class CliError(Exception):

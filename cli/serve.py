@@ -9,16 +9,16 @@ import sys
 
 from prometheus_client import CollectorRegistry
 
-from liveness_service.app import LivenessApp
-from liveness_service.app import migrations as liveness_migrations
-from task_service.app import TaskApp
-from task_service.app import migrations as task_migrations
-from vigil_core import migrations
-from vigil_core.clock import SystemClock
-from vigil_core.config import Settings
-from vigil_core.db import open_database, resolve_url
-from vigil_core.errors import ConfigError
-from vigil_core.server import Service, create_server, start_metrics, wait_for_signal
+from vigil.core import migrations
+from vigil.core.clock import SystemClock
+from vigil.core.config import Settings
+from vigil.core.db import open_database, resolve_url
+from vigil.core.errors import ConfigError
+from vigil.core.server import Service, create_server, start_metrics, wait_for_signal
+from vigil.liveness_service.app import LivenessApp
+from vigil.liveness_service.app import migrations as liveness_migrations
+from vigil.task_service.app import TaskApp
+from vigil.task_service.app import migrations as task_migrations
 
 log = logging.getLogger("vigil")
 
@@ -79,7 +79,7 @@ async def serve(
             )
             view = None
             if ui:
-                from cli import live_view
+                from vigil.cli import live_view
 
                 view = asyncio.create_task(live_view.run(db, line))
             sig = await wait_for_signal()

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from cli.rpc import CliError
+from vigil.cli.rpc import CliError
 from vigil.v1 import liveness_pb2 as pb
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
 

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import grpc
 
-from cli.rpc import CliError, channel, rpc_error, wait_ready
+from vigil.cli.rpc import CliError, channel, rpc_error, wait_ready
+from vigil.core import validation
+from vigil.core.errors import VigilError
+from vigil.core.timefmt import from_proto, rfc3339
+from vigil.core.timings import Timings
 from vigil.v1 import tasks_pb2 as pb
 from vigil.v1 import tasks_pb2_grpc as pb_grpc
-from vigil_core import validation
-from vigil_core.errors import VigilError
-from vigil_core.timefmt import from_proto, rfc3339
-from vigil_core.timings import Timings
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message

@@ -10,13 +10,13 @@ import sys
 
 import grpc
 
-from cli.rpc import CliError, channel, rpc_error, wait_ready
-from cli.session_client import SessionClient, Stop
+from vigil.cli.rpc import CliError, channel, rpc_error, wait_ready
+from vigil.cli.session_client import SessionClient, Stop
+from vigil.core import validation
+from vigil.core.errors import VigilError
+from vigil.core.timings import Timings
 from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
-from vigil_core import validation
-from vigil_core.errors import VigilError
-from vigil_core.timings import Timings
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -31,7 +31,7 @@ def _say(line: str) -> None:
 
 def print_task(task: tpb.Task, as_json: bool) -> None:
     """The task, on stdout, with the commands that start and complete it."""
-    from cli.task_cmds import task_json
+    from vigil.cli.task_cmds import task_json
 
     start = f"vigil task start {task.id} --attempt {task.attempt}"
     complete = f"vigil task complete {task.id} --attempt {task.attempt}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from daemon import proc
+from vigil.daemon import proc
 
 log = logging.getLogger(__name__)
 

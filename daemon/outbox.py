@@ -15,10 +15,10 @@ from typing import Any
 
 import grpc
 
-from daemon.metrics import DaemonMetrics
+from vigil.core.timefmt import from_proto, to_proto
+from vigil.daemon.metrics import DaemonMetrics
 from vigil.v1 import machines_pb2 as pb
 from vigil.v1 import machines_pb2_grpc as pb_grpc
-from vigil_core.timefmt import from_proto, to_proto
 
 log = logging.getLogger(__name__)
 

@@ -14,15 +14,15 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-from cli.session_client import SessionClient, Stop
-from daemon.children import Child, Children, Exit
-from daemon.metrics import DaemonMetrics
-from daemon.outbox import Outbox
+from vigil.cli.session_client import SessionClient, Stop
+from vigil.core.server import client_options
+from vigil.core.timefmt import from_proto, to_proto
+from vigil.core.timings import Timings
+from vigil.daemon.children import Child, Children, Exit
+from vigil.daemon.metrics import DaemonMetrics
+from vigil.daemon.outbox import Outbox
 from vigil.v1 import machines_pb2 as pb
 from vigil.v1 import machines_pb2_grpc as pb_grpc
-from vigil_core.server import client_options
-from vigil_core.timefmt import from_proto, to_proto
-from vigil_core.timings import Timings
 
 log = logging.getLogger("vigil.daemon")
 

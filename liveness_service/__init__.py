@@ -1,5 +1,5 @@
 """The liveness service: who is alive (participants: agents waiting for work)."""
 
-from liveness_service.app import LivenessApp
+from vigil.liveness_service.app import LivenessApp
 
 __all__ = ["LivenessApp"]

@@ -5,15 +5,15 @@ from __future__ import annotations
 import grpc
 from prometheus_client import CollectorRegistry
 
-from liveness_service.metrics import LivenessMetrics
-from liveness_service.service import Liveness
-from liveness_service.servicer import SERVICE_NAME, LivenessServicer
-from liveness_service.store import MIGRATIONS, LivenessStore
+from vigil.core.clock import Clock
+from vigil.core.db import Database
+from vigil.core.migrations import Migration, discover
+from vigil.core.timings import Timings
+from vigil.liveness_service.metrics import LivenessMetrics
+from vigil.liveness_service.service import Liveness
+from vigil.liveness_service.servicer import SERVICE_NAME, LivenessServicer
+from vigil.liveness_service.store import MIGRATIONS, LivenessStore
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
-from vigil_core.clock import Clock
-from vigil_core.db import Database
-from vigil_core.migrations import Migration, discover
-from vigil_core.timings import Timings
 
 
 def migrations() -> list[Migration]:

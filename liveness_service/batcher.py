@@ -8,10 +8,10 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
-from liveness_service.metrics import LivenessMetrics
-from liveness_service.model import Key
-from liveness_service.store import LivenessStore
-from vigil_core.errors import StorageError
+from vigil.core.errors import StorageError
+from vigil.liveness_service.metrics import LivenessMetrics
+from vigil.liveness_service.model import Key
+from vigil.liveness_service.store import LivenessStore
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,14 @@ class HeartbeatBatcher:
         store: LivenessStore,
         interval_s: float,
         metrics: LivenessMetrics,
-        on_result: Callable[[Key, int, datetime, bool], None],
+        on_result: Callable[[Key, int, datetime, str], None],
     ) -> None:
         self._store = store
         self._interval = interval_s
         self._metrics = metrics
         self._on_result = on_result
         self._pending: dict[Key, Beat] = {}
-        self._waiters: dict[Key, list[asyncio.Future[bool]]] = {}
+        self._waiters: dict[Key, list[asyncio.Future[str]]] = {}
         self._urgent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -44,11 +44,11 @@ class HeartbeatBatcher:
 
     async def submit_and_wait(
         self, key: Key, epoch: int, ready_until: datetime, beat_at: datetime
-    ) -> bool:
-        """Queue a beat and wait until it is written; True if the participant was
-        still live with that epoch (so the beat counted)."""
+    ) -> str:
+        """Queue a beat and wait until it is written: "ok" if the participant was still
+        live with that epoch (the beat counted), else "superseded" or "rejoin_required"."""
         self.submit(key, epoch, ready_until, beat_at)
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(fut)
         self._urgent.set()
         return await fut
@@ -101,8 +101,8 @@ class HeartbeatBatcher:
             self._metrics.flush_statements.inc()
             self._metrics.flush_rows.inc(len(rows))
             for k, (epoch, ready_until, _) in batch.items():
-                ok = (k[0], k[1], epoch) in updated
-                self._on_result(k, epoch, ready_until, ok)
+                status = updated.get((k[0], k[1], epoch), "rejoin_required")
+                self._on_result(k, epoch, ready_until, status)
                 for f in waiters.get(k, []):
                     if not f.done():
-                        f.set_result(ok)
+                        f.set_result(status)

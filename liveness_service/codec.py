@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from liveness_service.model import Participant, PresenceEvent
+from vigil.core.timefmt import to_proto
+from vigil.liveness_service.model import Participant, PresenceEvent
 from vigil.v1 import liveness_pb2 as pb
-from vigil_core.timefmt import to_proto
 
 KIND_TO_PB = {"remote": pb.AGENT_KIND_REMOTE, "custom": pb.AGENT_KIND_CUSTOM}
 KIND_FROM_PB = {v: k for k, v in KIND_TO_PB.items()}

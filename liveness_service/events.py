@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import asyncpg
 
-from liveness_service.model import PresenceEvent
-from liveness_service.store import NOTIFY_CHANNEL, LivenessStore
-from vigil_core.errors import StorageError
+from vigil.core.errors import StorageError
+from vigil.liveness_service.model import PresenceEvent
+from vigil.liveness_service.store import NOTIFY_CHANNEL, LivenessStore
 
 log = logging.getLogger(__name__)
 

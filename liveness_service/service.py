@@ -11,22 +11,22 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from liveness_service.batcher import HeartbeatBatcher
-from liveness_service.events import EventHub
-from liveness_service.metrics import LivenessMetrics
-from liveness_service.model import (
+from vigil.core import validation
+from vigil.core.clock import Clock
+from vigil.core.errors import FailedPrecondition, InvalidArgument, StorageError, Unavailable
+from vigil.core.timings import Timings
+from vigil.liveness_service.batcher import HeartbeatBatcher
+from vigil.liveness_service.events import EventHub
+from vigil.liveness_service.metrics import LivenessMetrics
+from vigil.liveness_service.model import (
     CLIENT_LEAVE_REASONS,
     KINDS,
     Key,
     Participant,
     PresenceEvent,
 )
-from liveness_service.store import LivenessStore
-from liveness_service.sweeper import TtlSweeper
-from vigil_core import validation
-from vigil_core.clock import Clock
-from vigil_core.errors import FailedPrecondition, InvalidArgument, StorageError, Unavailable
-from vigil_core.timings import Timings
+from vigil.liveness_service.store import LivenessStore
+from vigil.liveness_service.sweeper import TtlSweeper
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,9 @@ class Liveness:
         session.ready_until = ready_until
         p = session.participant
         if session.stored_ready_until - now <= self._write_through:
-            ok = await self.batcher.submit_and_wait(p.key, p.epoch, ready_until, now)
-            if not ok:
-                session.lose(REJOIN_REQUIRED)
+            status = await self.batcher.submit_and_wait(p.key, p.epoch, ready_until, now)
+            if status != OK:
+                session.lose(status)
                 return Push("heartbeat", status=session.lost_status)
         else:
             self.batcher.submit(p.key, p.epoch, ready_until, now)
@@ -232,9 +232,8 @@ class Liveness:
         self.metrics.heartbeats.inc()
         now = self.clock.now()
         ready_until = now + self._ttl
-        if await self.batcher.submit_and_wait((chatroom, role), epoch, ready_until, now):
-            return OK, ready_until
-        return REJOIN_REQUIRED, None
+        status = await self.batcher.submit_and_wait((chatroom, role), epoch, ready_until, now)
+        return (status, ready_until) if status == OK else (status, None)
 
     async def _fenced(
         self, chatroom: str, role: str, epoch: int, connection_id: str, what: str
@@ -341,14 +340,14 @@ class Liveness:
 
     # -- what other parts tell us ------------------------------------------
 
-    def _beat_written(self, key: Key, epoch: int, ready_until: datetime, ok: bool) -> None:
+    def _beat_written(self, key: Key, epoch: int, ready_until: datetime, status: str) -> None:
         session = self.sessions.get((key[0], key[1], epoch))
         if session is None:
             return
-        if ok:
+        if status == OK:
             session.stored_ready_until = max(session.stored_ready_until, ready_until)
         else:
-            session.lose(REJOIN_REQUIRED)
+            session.lose(status)
 
     def _expired(self, participants: list[Participant]) -> None:
         for p in participants:

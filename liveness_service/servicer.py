@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from liveness_service import codec
-from liveness_service.service import OK, Liveness, Push
-from liveness_service.service import Session as LiveSession
+from vigil.core.errors import FailedPrecondition, InvalidArgument, VigilError, grpc_errors
+from vigil.core.timefmt import to_proto
+from vigil.liveness_service import codec
+from vigil.liveness_service.service import OK, Liveness, Push
+from vigil.liveness_service.service import Session as LiveSession
 from vigil.v1 import liveness_pb2 as pb
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
-from vigil_core.errors import FailedPrecondition, InvalidArgument, VigilError, grpc_errors
-from vigil_core.timefmt import to_proto
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import asyncpg
 
-from liveness_service.model import Participant, PresenceEvent
-from vigil_core.db import Database
-from vigil_core.errors import StorageError
-from vigil_core.sql import load_queries
+from vigil.core.db import Database
+from vigil.core.errors import StorageError
+from vigil.core.sql import load_queries
+from vigil.liveness_service.model import Participant, PresenceEvent
 
 Q = load_queries(Path(__file__).with_name("queries.sql"))
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -147,8 +147,10 @@ class LivenessStore:
 
     async def flush_heartbeats(
         self, beats: list[tuple[str, str, int, datetime, datetime]]
-    ) -> set[tuple[str, str, int]]:
-        """Write many beats in one statement; returns the (chatroom, role, epoch) it updated."""
+    ) -> dict[tuple[str, str, int], str]:
+        """Write many beats in one statement. Each (chatroom, role, epoch) maps to what the
+        beat's participant is told: ok, superseded (a newer epoch holds the role) or
+        rejoin_required (it is no longer live)."""
         self.heartbeat_statements += 1
         rows = await self.db.fetch(
             Q["flush_heartbeats"],
@@ -158,7 +160,16 @@ class LivenessStore:
             [b[3] for b in beats],
             [b[4] for b in beats],
         )
-        return {(r["chatroom"], r["role"], r["epoch"]) for r in rows}
+        return {
+            (r["chatroom"], r["role"], r["epoch"]): (
+                "ok"
+                if r["ok"]
+                else "superseded"
+                if (r["current_epoch"] or 0) > r["epoch"]
+                else "rejoin_required"
+            )
+            for r in rows
+        }
 
     async def next_deadline(self) -> datetime | None:
         value: datetime | None = await self.db.fetchval(Q["next_deadline"])

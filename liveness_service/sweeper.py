@@ -9,10 +9,10 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from liveness_service.model import Participant
-from liveness_service.store import LivenessStore
-from vigil_core.clock import Clock
-from vigil_core.errors import StorageError
+from vigil.core.clock import Clock
+from vigil.core.errors import StorageError
+from vigil.liveness_service.model import Participant
+from vigil.liveness_service.store import LivenessStore
 
 log = logging.getLogger(__name__)
 

@@ -15,19 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from task_service import policy
-from task_service.store import Q, TaskTx
-from vigil_core import validation
-from vigil_core.errors import (
+from vigil.core import validation
+from vigil.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
     Unauthenticated,
 )
+from vigil.task_service import policy
+from vigil.task_service.store import Q, TaskTx
 
 if TYPE_CHECKING:
-    from task_service.service import TaskService
+    from vigil.task_service.service import TaskService
 
 log = logging.getLogger(__name__)
 

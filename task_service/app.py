@@ -5,18 +5,18 @@ from __future__ import annotations
 import grpc
 from prometheus_client import CollectorRegistry
 
-from task_service.machines_servicer import SERVICE_NAME as MACHINES_SERVICE_NAME
-from task_service.machines_servicer import MachinesServicer
-from task_service.metrics import TaskMetrics
-from task_service.service import TaskService
-from task_service.servicer import SERVICE_NAME, TasksServicer
-from task_service.store import MIGRATIONS, TaskStore
+from vigil.core.clock import Clock
+from vigil.core.db import Database
+from vigil.core.migrations import Migration, discover
+from vigil.core.timings import Timings
+from vigil.task_service.machines_servicer import SERVICE_NAME as MACHINES_SERVICE_NAME
+from vigil.task_service.machines_servicer import MachinesServicer
+from vigil.task_service.metrics import TaskMetrics
+from vigil.task_service.service import TaskService
+from vigil.task_service.servicer import SERVICE_NAME, TasksServicer
+from vigil.task_service.store import MIGRATIONS, TaskStore
 from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2_grpc as pb_grpc
-from vigil_core.clock import Clock
-from vigil_core.db import Database
-from vigil_core.migrations import Migration, discover
-from vigil_core.timings import Timings
 
 
 def migrations() -> list[Migration]:

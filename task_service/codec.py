@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from task_service.model import Chatroom, Notification, Role, Task, Transition
+from vigil.task_service.model import Chatroom, Notification, Role, Task, Transition
 from vigil.v1 import tasks_pb2 as pb
 
 KIND_TO_PB = {"remote": pb.ROLE_KIND_REMOTE, "custom": pb.ROLE_KIND_CUSTOM}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from vigil_core.errors import FailedPrecondition, InvalidArgument
+from vigil.core.errors import FailedPrecondition, InvalidArgument
 
 PENDING = "pending"
 ACKNOWLEDGED = "acknowledged"

@@ -10,12 +10,12 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from task_service.agents import Agents, ChildInfo, ExitInfo
+from vigil.core import validation
+from vigil.core.errors import FailedPrecondition, InvalidArgument, VigilError, grpc_errors
+from vigil.core.timefmt import from_proto
+from vigil.task_service.agents import Agents, ChildInfo, ExitInfo
 from vigil.v1 import machines_pb2 as pb
 from vigil.v1 import machines_pb2_grpc as pb_grpc
-from vigil_core import validation
-from vigil_core.errors import FailedPrecondition, InvalidArgument, VigilError, grpc_errors
-from vigil_core.timefmt import from_proto
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Machines"].full_name
 Ctx: TypeAlias = grpc.aio.ServicerContext

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from task_service import fsm
-from vigil_core.errors import InvalidArgument
-from vigil_core.timings import Timings
+from vigil.core.errors import InvalidArgument
+from vigil.core.timings import Timings
+from vigil.task_service import fsm
 
 RoleKind = Literal["remote", "custom"]
 Action = Literal["wait", "extend", "recover", "restart", "notify", "give_up"]

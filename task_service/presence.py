@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from vigil.core.server import client_options
+from vigil.core.timings import Timings
 from vigil.v1 import liveness_pb2 as lpb
 from vigil.v1 import liveness_pb2_grpc as lpb_grpc
-from vigil_core.server import client_options
-from vigil_core.timings import Timings
 
 log = logging.getLogger(__name__)
 

@@ -11,22 +11,22 @@ from collections.abc import AsyncIterator, Coroutine
 from datetime import datetime, timedelta
 from typing import Any
 
-from task_service import fsm, policy
-from task_service.agents import COMMAND_CHANNEL, MACHINES_CHATROOM, Agents
-from task_service.metrics import TaskMetrics
-from task_service.model import Chatroom, Notification, Role, Task, Transition
-from task_service.presence import Presence, PresenceFollower
-from task_service.store import NOTIFICATION_CHANNEL, ROLE_CHANNEL, TaskStore, TaskTx
-from vigil_core import validation
-from vigil_core.clock import Clock
-from vigil_core.errors import (
+from vigil.core import validation
+from vigil.core.clock import Clock
+from vigil.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     StorageError,
 )
-from vigil_core.pg_listen import Listener
-from vigil_core.timings import Timings
+from vigil.core.pg_listen import Listener
+from vigil.core.timings import Timings
+from vigil.task_service import fsm, policy
+from vigil.task_service.agents import COMMAND_CHANNEL, MACHINES_CHATROOM, Agents
+from vigil.task_service.metrics import TaskMetrics
+from vigil.task_service.model import Chatroom, Notification, Role, Task, Transition
+from vigil.task_service.presence import Presence, PresenceFollower
+from vigil.task_service.store import NOTIFICATION_CHANNEL, ROLE_CHANNEL, TaskStore, TaskTx
 
 log = logging.getLogger(__name__)
 

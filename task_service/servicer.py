@@ -8,11 +8,11 @@ from typing import TypeAlias
 
 import grpc
 
-from task_service import codec
-from task_service.service import TaskService
+from vigil.core.errors import grpc_errors
+from vigil.task_service import codec
+from vigil.task_service.service import TaskService
 from vigil.v1 import tasks_pb2 as pb
 from vigil.v1 import tasks_pb2_grpc as pb_grpc
-from vigil_core.errors import grpc_errors
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tasks"].full_name
 

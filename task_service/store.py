@@ -12,10 +12,10 @@ from typing import Any
 
 import asyncpg
 
-from task_service.model import Chatroom, Notification, Role, Task, Transition
-from vigil_core.db import Database
-from vigil_core.errors import AlreadyExists, FailedPrecondition, StorageError
-from vigil_core.sql import load_queries
+from vigil.core.db import Database
+from vigil.core.errors import AlreadyExists, FailedPrecondition, StorageError
+from vigil.core.sql import load_queries
+from vigil.task_service.model import Chatroom, Notification, Role, Task, Transition
 
 Q = load_queries(Path(__file__).with_name("queries.sql"))
 MIGRATIONS = Path(__file__).with_name("migrations")

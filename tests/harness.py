@@ -22,17 +22,17 @@ import asyncpg
 import grpc
 from prometheus_client import CollectorRegistry
 
-from liveness_service.app import LivenessApp
-from liveness_service.app import migrations as liveness_migrations
-from task_service.app import TaskApp
-from task_service.app import migrations as task_migrations
+from vigil.core import migrations
+from vigil.core.clock import SystemClock
+from vigil.core.db import Database, open_database
+from vigil.core.server import Server, create_server
+from vigil.core.timings import Timings
+from vigil.liveness_service.app import LivenessApp
+from vigil.liveness_service.app import migrations as liveness_migrations
+from vigil.task_service.app import TaskApp
+from vigil.task_service.app import migrations as task_migrations
 from vigil.v1 import liveness_pb2 as pb
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
-from vigil_core import migrations
-from vigil_core.clock import SystemClock
-from vigil_core.db import Database, open_database
-from vigil_core.server import Server, create_server
-from vigil_core.timings import Timings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,7 +124,7 @@ async def local_server(
 
 async def make_room(srv: LocalServer, name: str = "room", *custom_roles: str) -> None:
     """A chatroom whose roles (default: builder) are custom agents."""
-    from task_service.model import Role
+    from vigil.task_service.model import Role
 
     roles = [Role(r, "custom") for r in (custom_roles or ("builder",))]
     await srv.tasks.svc.create_chatroom(name, roles)
@@ -134,7 +134,7 @@ async def make_room(srv: LocalServer, name: str = "room", *custom_roles: str) ->
 
 
 def vigil_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli", *args]
+    return [sys.executable, "-m", "vigil.cli", *args]
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

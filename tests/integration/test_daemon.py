@@ -20,11 +20,11 @@ import pytest
 
 from tests import harness
 from tests.harness import LocalServer, local_server
+from vigil.core.timefmt import to_proto
 from vigil.v1 import machines_pb2 as mpb
 from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
-from vigil_core.timefmt import to_proto
 
 TIMINGS = harness.fast_timings(
     restart_backoff_base_ms=200,

@@ -12,8 +12,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from cli.live_view import Snapshot, render
 from tests import harness
+from vigil.cli.live_view import Snapshot, render
 
 
 def test_render_shows_every_section() -> None:

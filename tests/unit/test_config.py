@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vigil_core.config import Settings, parse_addr
-from vigil_core.errors import ConfigError
-from vigil_core.timings import Timings
+from vigil.core.config import Settings, parse_addr
+from vigil.core.errors import ConfigError
+from vigil.core.timings import Timings
 
 
 def test_defaults_are_the_original_plan() -> None:

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from cli.durations import parse_duration
-from cli.rpc import CliError
-from liveness_service.store import MIGRATIONS, Q
-from vigil_core import validation
-from vigil_core.errors import InvalidArgument
-from vigil_core.migrations import discover
-from vigil_core.sql import load_queries
+from vigil.cli.durations import parse_duration
+from vigil.cli.rpc import CliError
+from vigil.core import validation
+from vigil.core.errors import InvalidArgument
+from vigil.core.migrations import discover
+from vigil.core.sql import load_queries
+from vigil.liveness_service.store import MIGRATIONS, Q
 
 
 def test_load_queries_strips_comments_and_names_each(tmp_path: Path) -> None:

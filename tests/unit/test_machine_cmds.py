@@ -14,13 +14,13 @@ from typing import Any
 import grpc
 import pytest
 
-from cli import machine_cmds
-from cli.main import MACHINE_COMMANDS, build_parser
-from cli.rpc import CliError
+from vigil.cli import machine_cmds
+from vigil.cli.main import MACHINE_COMMANDS, build_parser
+from vigil.cli.rpc import CliError
+from vigil.core.timefmt import to_proto
+from vigil.core.timings import Timings
 from vigil.v1 import machines_pb2 as pb
 from vigil.v1 import machines_pb2_grpc as pb_grpc
-from vigil_core.timefmt import to_proto
-from vigil_core.timings import Timings
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 T0_TEXT = "2025-03-01T12:00:00.123456Z"

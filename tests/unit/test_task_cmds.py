@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from cli import task_cmds
-from cli.main import build_parser
-from cli.rpc import CliError
+from vigil.cli import task_cmds
+from vigil.cli.main import build_parser
+from vigil.cli.rpc import CliError
+from vigil.core.timefmt import to_proto
 from vigil.v1 import tasks_pb2 as pb
-from vigil_core.timefmt import to_proto
 
 TASK_ID = "0b7f5e1c-6a0e-4c43-9a7f-3f2d1f1e2a10"
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)

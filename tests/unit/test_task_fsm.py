@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from task_service import fsm
-from vigil_core.errors import FailedPrecondition, InvalidArgument
+from vigil.core.errors import FailedPrecondition, InvalidArgument
+from vigil.task_service import fsm
 
 MIGRATION = Path(fsm.__file__).with_name("migrations") / "0001_tasks.sql"
 

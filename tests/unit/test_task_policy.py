@@ -7,7 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from task_service.policy import (
+from vigil.core.clock import FakeClock
+from vigil.core.errors import InvalidArgument
+from vigil.core.timings import Timings
+from vigil.task_service.policy import (
     ACK_TIMEOUT,
     PENDING_TIMEOUT,
     REDELIVERY_CAP,
@@ -19,9 +22,6 @@ from task_service.policy import (
     decide_on_claimer_gone,
     restart_delay,
 )
-from vigil_core.clock import FakeClock
-from vigil_core.errors import InvalidArgument
-from vigil_core.timings import Timings
 
 T = Timings()  # the plan's defaults: pending 5 min, ack 2 min, 3 attempts
 PENDING_S = T.task_pending_timeout_ms / 1000

@@ -14,9 +14,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
-from vigil_core.config import parse_addr
-from vigil_core.errors import ConfigError
-from vigil_core.timings import Timings
+from vigil.core.config import parse_addr
+from vigil.core.errors import ConfigError
+from vigil.core.timings import Timings
 
 log = logging.getLogger(__name__)
 

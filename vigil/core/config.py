@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vigil_core.errors import ConfigError
-from vigil_core.timings import Timings
+from vigil.core.errors import ConfigError
+from vigil.core.timings import Timings
 
 DEFAULT_ADDR = "127.0.0.1:7070"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"

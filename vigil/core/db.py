@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from vigil_core.errors import StorageError
+from vigil.core.errors import StorageError
 
 log = logging.getLogger(__name__)
 

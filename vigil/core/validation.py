@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from vigil_core.errors import InvalidArgument
+from vigil.core.errors import InvalidArgument
 
 MAX_NAME = 64
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from vigil_core.errors import ConfigError
+from vigil.core.errors import ConfigError
 
 # name -> (environment variable, default in ms or count; None means derived)
 _ENV: dict[str, tuple[str, int | None]] = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import asyncpg
 
-from vigil_core.errors import StorageError
+from vigil.core.errors import StorageError
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _LOCK_KEY = 0x5649_4749  # "VIGI": one lock for every service's migrations
