@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests import harness
+from vigil import testing as harness
 
 TEMPLATE = "vigil_bench_template"
 RESULTS_DIR = harness.ROOT / "bench" / "results"

@@ -1,6 +1,6 @@
 """Machine-daemon benchmarks.
 
-kill_to_recorded  SIGKILL the agent of a remote role: a `tests.agents.worker sleep`
+kill_to_recorded  SIGKILL the agent of a remote role: a `vigil.testing.agent sleep`
                   process that a real `vigil daemon start` runs for a real `vigil up`.
                   Time from the kill until the server records the exit
                   (`tasks.agent_exits.recorded_at`, the server's timestamp) with
@@ -27,7 +27,9 @@ import grpc
 
 from bench import common
 from bench.common import Context, Goal
-from tests import harness
+from vigil import testing as harness
+from vigil.core.vocab import AgentStatus
+from vigil.v1 import common_pb2
 from vigil.v1 import machines_pb2 as mpb
 from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2 as tpb
@@ -46,7 +48,7 @@ POLL_S = 0.001  # how often the exits table is read while waiting for a kill's r
 KILL_GOAL = Goal(median_ms=20, p99_ms=100)
 KILL_CHATROOM = "bench-daemon"
 MACHINE = "m1"
-AGENT_MODULE = "tests.agents.worker"
+AGENT_MODULE = "vigil.testing.agent"
 HOUR_MS = "3600000"
 # This measures reporting, not restarting: no automatic restart within the run (the
 # benchmark restarts the agents itself), and no circuit opening after 3 exits of a role.
@@ -251,7 +253,10 @@ async def kill_to_recorded(ctx: Context) -> dict[str, Any]:
                 name=KILL_CHATROOM,
                 roles=[
                     tpb.Role(
-                        role=r, kind=tpb.ROLE_KIND_REMOTE, machine=MACHINE, command=_agent_cmd()
+                        role=r,
+                        kind=common_pb2.AGENT_KIND_REMOTE,
+                        machine=MACHINE,
+                        command=_agent_cmd(),
                     )
                     for r in roles
                 ],
@@ -288,7 +293,7 @@ async def kill_to_recorded(ctx: Context) -> dict[str, Any]:
                 reported.append((row["recorded_at"] - row["exited_at"]).total_seconds() * 1000)
                 signals[str(row["signal"])] += 1
                 classes[str(row["classification"])] += 1
-                statuses[after.status] += 1
+                statuses[AgentStatus.from_pb(after.status).value] += 1
                 if row["signal"] != 9 or row["classification"] != "signal":
                     bad_exits.append(
                         f"{role} pid {pid}: recorded signal {row['signal']}, "

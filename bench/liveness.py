@@ -30,7 +30,7 @@ import asyncpg
 
 from bench import common
 from bench.common import Context, Goal
-from tests import harness
+from vigil import testing as harness
 
 NOTIFY_CHANNEL = "vigil_liveness"
 PARTICIPANT_SQL = "SELECT * FROM liveness.participants WHERE chatroom = $1 AND role = $2"

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from vigil.v1 import common_pb2
 from vigil.v1 import liveness_pb2 as pb
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
 
@@ -64,7 +65,7 @@ async def _hold(
         join = pb.JoinRequest(
             chatroom=chatroom,
             role=f"p{role_offset + index:05d}",
-            kind=pb.AGENT_KIND_CUSTOM,
+            kind=common_pb2.AGENT_KIND_CUSTOM,
             connection_id=str(uuid.uuid4()),
         )
         try:

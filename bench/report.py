@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tests import harness
+from vigil import testing as harness
 
 DOCS_DIR = harness.ROOT / "docs" / "bench"
 README = harness.ROOT / "README.md"

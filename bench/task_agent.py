@@ -24,6 +24,7 @@ import uuid
 
 import grpc
 
+from vigil.v1 import common_pb2
 from vigil.v1 import liveness_pb2 as lpb
 from vigil.v1 import liveness_pb2_grpc as lpb_grpc
 from vigil.v1 import tasks_pb2 as tpb
@@ -65,7 +66,7 @@ async def run(args: argparse.Namespace) -> int:
                 join=lpb.JoinRequest(
                     chatroom=args.chatroom,
                     role=args.role,
-                    kind=lpb.AGENT_KIND_CUSTOM,
+                    kind=common_pb2.AGENT_KIND_CUSTOM,
                     connection_id=conn,
                 )
             )

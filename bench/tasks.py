@@ -36,13 +36,17 @@ from prometheus_client import CollectorRegistry
 
 from bench import common
 from bench.common import Context, Goal
-from tests import harness
+from vigil import testing as harness
+from vigil.client import ClientConfig
 from vigil.core.clock import SystemClock
 from vigil.core.db import Database, open_database
 from vigil.core.timings import Timings
+from vigil.core.vocab import TaskStatus
+from vigil.task_service.agents_store import AgentStore
 from vigil.task_service.metrics import TaskMetrics
 from vigil.task_service.service import TaskService
 from vigil.task_service.store import ROLE_CHANNEL, Q, TaskStore
+from vigil.v1 import common_pb2
 from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
 
@@ -59,7 +63,7 @@ UP = ("up",)  # liveness and tasks in one process, as deployed by default
 async def _create_room(stub: tpb_grpc.TasksStub, name: str, roles: list[str]) -> None:
     await stub.CreateChatroom(
         tpb.CreateChatroomRequest(
-            name=name, roles=[tpb.Role(role=r, kind=tpb.ROLE_KIND_CUSTOM) for r in roles]
+            name=name, roles=[tpb.Role(role=r, kind=common_pb2.AGENT_KIND_CUSTOM) for r in roles]
         )
     )
 
@@ -635,7 +639,13 @@ async def _pass_db(ctx: Context, size: int) -> _PassDb:
         # marked synced and empty (nobody live), so each due task takes the path a real
         # scheduler takes for a custom role nobody runs: notify, re-arm the deadline.
         svc = TaskService(
-            TaskStore(db), url, "", Timings(), SystemClock(), TaskMetrics(CollectorRegistry())
+            TaskStore(db),
+            AgentStore(db),
+            url,
+            ClientConfig(),
+            Timings(),
+            SystemClock(),
+            TaskMetrics(CollectorRegistry()),
         )
         svc.presence.synced.set()
         return _PassDb(size, conn, db, svc, due, setup_s, await _due_plan(conn))
@@ -766,7 +776,7 @@ async def _grpc_lifecycles(addr: str, role: str, window: _Window, out: list[floa
             ref = tpb.TaskRef(id=sent.id, attempt=reply.task.attempt, actor=role)
             await stub.StartTask(ref)
             final = await stub.CompleteTask(ref)
-            if final.status != "completed":
+            if final.status != TaskStatus.COMPLETED.to_pb():
                 raise RuntimeError(f"{role}: task ended {final.status}")
             if window.open:
                 out.append((time.perf_counter() - t0) * 1000)
@@ -819,7 +829,9 @@ async def _rate(
     `at_start` runs when the window opens (workers are running meanwhile)."""
     window = _Window(len(roles))
     samples: list[list[float]] = [[] for _ in roles]
-    jobs = [asyncio.create_task(worker(target, r, window, samples[k])) for k, r in enumerate(roles)]
+    jobs: list[asyncio.Task[None]] = [
+        asyncio.ensure_future(worker(target, r, window, samples[k])) for k, r in enumerate(roles)
+    ]
     warmed = asyncio.create_task(window.warmed.wait())
     await asyncio.wait([warmed, *jobs], return_when=asyncio.FIRST_COMPLETED)
     if not warmed.done():  # a worker broke during its warm-up

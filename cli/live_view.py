@@ -1,5 +1,6 @@
 """The live terminal view of `vigil up`: participants, agents with their status and
-last exit, tasks by status and recent notifications, redrawn every second."""
+last exit, tasks by status and recent notifications, redrawn every second. It reads
+through the public API, like any other client."""
 
 from __future__ import annotations
 
@@ -7,21 +8,43 @@ import asyncio
 import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import TextIO
 
-from vigil.core.db import Database
-from vigil.core.errors import StorageError
+from google.protobuf.message import Message
+
+from vigil.cli.machine_cmds import last_exit_text
+from vigil.cli.task_cmds import name_of
+from vigil.client import Client, ClientConfig, RPCError
+from vigil.core.timefmt import from_proto
+from vigil.core.vocab import (
+    MACHINES_CHATROOM,
+    AgentKind,
+    AgentStatus,
+    DesiredState,
+    NotificationKind,
+    OfflineReason,
+    ParticipantStatus,
+    TaskStatus,
+)
+from vigil.v1 import liveness_pb2 as lpb
+from vigil.v1 import machines_pb2 as mpb
+from vigil.v1 import tasks_pb2 as tpb
 
 REFRESH_S = 1.0
 CLEAR = "\x1b[H\x1b[2J"
+ROWS = 15
 
 
 @dataclass
 class Snapshot:
-    participants: list[Any] = field(default_factory=list)
-    agents: list[Any] = field(default_factory=list)
-    tasks: dict[str, int] = field(default_factory=dict)
-    notifications: list[Any] = field(default_factory=list)
+    participants: list[lpb.Participant] = field(default_factory=list)
+    agents: list[mpb.Agent] = field(default_factory=list)
+    tasks: dict[TaskStatus, int] = field(default_factory=dict)
+    notifications: list[tpb.Notification] = field(default_factory=list)
+
+
+def _when(msg: Message, name: str) -> datetime | None:
+    return from_proto(getattr(msg, name)) if msg.HasField(name) else None
 
 
 def _age(ts: datetime | None, now: datetime) -> str:
@@ -47,12 +70,12 @@ def render(snap: Snapshot, header: str, now: datetime | None = None) -> str:
     lines += _table(
         [
             [
-                f"{p['chatroom']}/{p['role']}",
-                p["kind"],
-                p["status"],
-                str(p["epoch"]),
-                p["offline_reason"] or "-",
-                _age(p["offline_at"] or p["joined_at"], now),
+                f"{p.chatroom}/{p.role}",
+                name_of(AgentKind, p.kind),
+                name_of(ParticipantStatus, p.status),
+                str(p.epoch),
+                name_of(OfflineReason, p.offline_reason) if p.offline_reason else "-",
+                _age(_when(p, "offline_at") or _when(p, "joined_at"), now),
             ]
             for p in snap.participants
         ],
@@ -62,57 +85,54 @@ def render(snap: Snapshot, header: str, now: datetime | None = None) -> str:
     lines += _table(
         [
             [
-                f"{a['chatroom']}/{a['role']}",
-                a["machine_id"],
-                a["desired_state"],
-                a["status"],
-                str(a["pid"] or "-"),
-                str(a["restart_count"]),
-                _last_exit(a),
-                _age(a["last_exit_at"], now),
+                f"{a.chatroom}/{a.role}",
+                a.machine_id,
+                name_of(DesiredState, a.desired_state),
+                name_of(AgentStatus, a.status),
+                str(a.pid or "-"),
+                str(a.restart_count),
+                last_exit_text(a) if a.has_last_exit else "-",
+                _age(_when(a, "last_exit_at"), now),
             ]
             for a in snap.agents
         ],
         ["ROLE", "MACHINE", "DESIRED", "STATUS", "PID", "RESTARTS", "LAST EXIT", "WHEN"],
     )
-    counts = "  ".join(f"{k} {v}" for k, v in sorted(snap.tasks.items())) or "(none)"
+    counts = "  ".join(f"{k} {v}" for k, v in sorted(snap.tasks.items()) if v) or "(none)"
     lines += ["", "TASKS", f"  {counts}", "", "NOTIFICATIONS"]
     lines += [
-        f"  {n['created_at'].strftime('%H:%M:%S')} [{n['kind']}] {n['message'][:100]}"
+        f"  {(_when(n, 'created_at') or now).strftime('%H:%M:%S')} "
+        f"[{name_of(NotificationKind, n.kind)}] {n.message[:100]}"
         for n in snap.notifications
     ] or ["  (none)"]
     return "\n".join(lines) + "\n"
 
 
-def _last_exit(a: Any) -> str:
-    if a["last_exit_classification"] is None:
-        return "-"
-    if a["last_exit_signal"]:
-        return f"signal {a['last_exit_signal']} ({a['last_exit_classification']})"
-    return f"code {a['last_exit_code']} ({a['last_exit_classification']})"
-
-
-async def snapshot(db: Database) -> Snapshot:
+async def snapshot(client: Client) -> Snapshot:
+    listed = await client.list_participants()
+    people = [p for p in listed.participants if p.chatroom != MACHINES_CHATROOM]
+    # Live first, then the most recent changes.
+    people.sort(
+        key=lambda p: (
+            p.status != ParticipantStatus.LIVE.to_pb(),
+            -(p.offline_at.seconds or p.joined_at.seconds),
+        )
+    )
     return Snapshot(
-        participants=await db.fetch(
-            "SELECT * FROM liveness.participants WHERE chatroom <> 'vigil.machines' "
-            "ORDER BY status DESC, coalesce(offline_at, joined_at) DESC LIMIT 15"
-        ),
-        agents=await db.fetch("SELECT * FROM tasks.agents ORDER BY chatroom, role LIMIT 15"),
-        tasks={
-            r["status"]: r["n"]
-            for r in await db.fetch("SELECT status, count(*) AS n FROM tasks.tasks GROUP BY status")
-        },
-        notifications=await db.fetch("SELECT * FROM tasks.notifications ORDER BY id DESC LIMIT 5"),
+        participants=people[:ROWS],
+        agents=(await client.list_agents())[:ROWS],
+        tasks=await client.count_tasks(),
+        notifications=await client.list_notifications(limit=5, newest_first=True),
     )
 
 
-async def run(db: Database, header: str, out: TextIO = sys.stdout) -> None:
-    while True:
-        try:
-            text = render(await snapshot(db), header)
-        except StorageError as exc:
-            text = f"{header}\n  (database unavailable: {exc})\n"
-        out.write(CLEAR + text)
-        out.flush()
-        await asyncio.sleep(REFRESH_S)
+async def run(config: ClientConfig, header: str, out: TextIO = sys.stdout) -> None:
+    async with Client(config) as client:
+        while True:
+            try:
+                text = render(await snapshot(client), header)
+            except RPCError as exc:
+                text = f"{header}\n  (Vigil unavailable: {exc})\n"
+            out.write(CLEAR + text)
+            out.flush()
+            await asyncio.sleep(REFRESH_S)

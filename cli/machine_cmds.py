@@ -10,40 +10,38 @@ line with the server's own message. The daemon reads its credential with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
-import grpc
-
-from vigil.cli.rpc import CliError, channel, rpc_error, wait_ready
+from vigil.cli.rpc import CliError, connected
 from vigil.cli.task_cmds import (
-    RPC_TIMEOUT,
     _check_name,
     _emit,
     _print_json,
     _ts,
     _usage,
+    name_of,
     render_table,
 )
-from vigil.core.timings import Timings
+from vigil.client import ClientConfig
+from vigil.core.vocab import (
+    AgentStatus,
+    CommandStatus,
+    CommandType,
+    DesiredState,
+    ExitClassification,
+)
 from vigil.v1 import machines_pb2 as pb
-from vigil.v1 import machines_pb2_grpc as pb_grpc
-
-if TYPE_CHECKING:
-    from vigil.v1.machines_pb2_grpc import MachinesAsyncStub
 
 DEFAULT_DATA_DIR = ".vigil"
 CREDENTIAL_MODE = 0o600
 # What a table shows for "no pid" and "never exited" (other empty cells show "-").
 NO_VALUE = "—"
-
-_COMMAND_TYPE = {pb.COMMAND_TYPE_START: "start", pb.COMMAND_TYPE_STOP: "stop"}
 
 MACHINE_COLUMNS = ["machine_id", "hostname", "online", "harnesses", "registered_at"]
 AGENT_COLUMNS = [
@@ -187,7 +185,7 @@ def last_exit_json(a: pb.Agent) -> dict[str, Any] | None:
         # A process killed by a signal has no exit code.
         "code": None if signal else a.last_exit_code,
         "signal": signal or None,
-        "classification": a.last_exit_classification or None,
+        "classification": _classification(a),
         "at": _ts(a, "last_exit_at"),
     }
 
@@ -197,8 +195,14 @@ def last_exit_text(a: pb.Agent) -> str:
     if not a.has_last_exit:
         return NO_VALUE
     what = f"signal {a.last_exit_signal}" if a.last_exit_signal else f"code {a.last_exit_code}"
-    cls = a.last_exit_classification
+    cls = _classification(a)
     return f"{what} ({cls})" if cls else what
+
+
+def _classification(a: pb.Agent) -> str | None:
+    if not a.last_exit_classification:
+        return None
+    return name_of(ExitClassification, a.last_exit_classification)
 
 
 def agent_json(a: pb.Agent) -> dict[str, Any]:
@@ -206,8 +210,8 @@ def agent_json(a: pb.Agent) -> dict[str, Any]:
         "chatroom": a.chatroom,
         "role": a.role,
         "machine_id": a.machine_id or None,
-        "desired_state": a.desired_state,
-        "status": a.status,
+        "desired_state": name_of(DesiredState, a.desired_state),
+        "status": name_of(AgentStatus, a.status),
         "pid": a.pid or None,
         "restart_count": a.restart_count,
         "last_exit": last_exit_json(a),
@@ -231,7 +235,8 @@ def agent_line(a: pb.Agent) -> str:
     """One line: `<chatroom>/<role> <status> (desired <state>) on <machine> pid <pid>
     restarts <n>`, then the last exit if there was one."""
     line = (
-        f"{a.chatroom}/{a.role} {a.status} (desired {a.desired_state})"
+        f"{a.chatroom}/{a.role} {name_of(AgentStatus, a.status)} "
+        f"(desired {name_of(DesiredState, a.desired_state)})"
         f" on {a.machine_id or NO_VALUE} pid {a.pid or NO_VALUE} restarts {a.restart_count}"
     )
     if a.has_last_exit:
@@ -246,11 +251,11 @@ def command_json(c: pb.Command) -> dict[str, Any]:
     return {
         "id": c.id,
         "machine_id": c.machine_id,
-        "type": _COMMAND_TYPE.get(c.type, "unknown"),
+        "type": name_of(CommandType, c.type),
         "chatroom": c.chatroom,
         "role": c.role,
         "command": c.command or None,
-        "status": c.status,
+        "status": name_of(CommandStatus, c.status),
         "created_at": _ts(c, "created_at"),
         "deadline_at": _ts(c, "deadline_at"),
         "reason": c.reason or None,
@@ -269,20 +274,6 @@ def render_commands(commands: Sequence[pb.Command]) -> str:
 # -- talking to the server -------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _machines(addr: str, timings: Timings) -> AsyncIterator[MachinesAsyncStub]:
-    ch = channel(addr, timings)
-    try:
-        await wait_ready(ch, addr)
-        try:
-            # The generated stub's overloads cannot tell an aio channel from a sync one.
-            yield cast("MachinesAsyncStub", pb_grpc.MachinesStub(ch))
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, addr) from None
-    finally:
-        await ch.close()
-
-
 def _harnesses(names: Sequence[str]) -> list[str]:
     out: list[str] = []
     for n in names:
@@ -293,8 +284,7 @@ def _harnesses(names: Sequence[str]) -> list[str]:
 
 
 async def register_machine(
-    addr: str,
-    timings: Timings,
+    config: ClientConfig,
     machine_id: str,
     hostname: str | None,
     harnesses: Sequence[str],
@@ -307,13 +297,12 @@ async def register_machine(
         Path(credential_file) if credential_file else default_credential_path(machine_id, data_dir)
     ).absolute()
     _prepare_credential_dir(path)
-    req = pb.RegisterMachineRequest(
-        machine_id=machine_id,
-        hostname=hostname if hostname is not None else socket.gethostname(),
-        harnesses=_harnesses(harnesses),
-    )
-    async with _machines(addr, timings) as stub:
-        reply = await stub.RegisterMachine(req, timeout=RPC_TIMEOUT)
+    async with connected(config) as client:
+        reply = await client.register_machine(
+            machine_id,
+            hostname if hostname is not None else socket.gethostname(),
+            _harnesses(harnesses),
+        )
     try:
         write_credential(path, reply.machine_id or machine_id, reply.credential)
     except OSError as exc:
@@ -329,74 +318,67 @@ async def register_machine(
     return 0
 
 
-async def list_machines(addr: str, timings: Timings, as_json: bool) -> int:
-    async with _machines(addr, timings) as stub:
-        reply = await stub.ListMachines(pb.ListMachinesRequest(), timeout=RPC_TIMEOUT)
+async def list_machines(config: ClientConfig, as_json: bool) -> int:
+    async with connected(config) as client:
+        machines = await client.list_machines()
     if as_json:
-        _print_json([machine_json(m) for m in reply.machines])
+        _print_json([machine_json(m) for m in machines])
     else:
-        print(render_machines(reply.machines))
+        print(render_machines(machines))
     return 0
 
 
-async def list_agents(addr: str, timings: Timings, chatroom: str | None, as_json: bool) -> int:
+async def list_agents(config: ClientConfig, chatroom: str | None, as_json: bool) -> int:
     if chatroom:
         _check_name(chatroom, "--chatroom")
-    async with _machines(addr, timings) as stub:
-        reply = await stub.ListAgents(
-            pb.ListAgentsRequest(chatroom=chatroom or ""), timeout=RPC_TIMEOUT
-        )
+    async with connected(config) as client:
+        agents = await client.list_agents(chatroom or "")
     if as_json:
-        _print_json([agent_json(a) for a in reply.agents])
+        _print_json([agent_json(a) for a in agents])
     else:
-        print(render_agents(reply.agents))
+        print(render_agents(agents))
     return 0
 
 
 async def agent_action(
-    addr: str, timings: Timings, action: str, chatroom: str, role: str, as_json: bool
+    config: ClientConfig, action: str, chatroom: str, role: str, as_json: bool
 ) -> int:
     if action not in ("start", "stop"):
         raise ValueError(f"unknown agent action {action!r}")
-    ref = pb.AgentRef(
-        chatroom=_check_name(chatroom, "--chatroom"), role=_check_name(role, "--role")
-    )
-    async with _machines(addr, timings) as stub:
-        call = stub.StartAgent if action == "start" else stub.StopAgent
-        agent = await call(ref, timeout=RPC_TIMEOUT)
+    _check_name(chatroom, "--chatroom")
+    _check_name(role, "--role")
+    async with connected(config) as client:
+        call = client.start_agent if action == "start" else client.stop_agent
+        agent = await call(chatroom, role)
     _emit(as_json, lambda: agent_json(agent), lambda: agent_line(agent))
     return 0
 
 
 async def list_commands(
-    addr: str, timings: Timings, machine: str | None, limit: int, as_json: bool
+    config: ClientConfig, machine: str | None, limit: int, as_json: bool
 ) -> int:
     if machine:
         _check_name(machine, "--machine")
     if limit < 0:
         raise _usage(f"--limit must be zero (the server's default) or more, got {limit}")
-    req = pb.ListCommandsRequest(machine_id=machine or "", limit=limit)
-    async with _machines(addr, timings) as stub:
-        reply = await stub.ListCommands(req, timeout=RPC_TIMEOUT)
+    async with connected(config) as client:
+        commands = await client.list_commands(machine or "", limit)
     if as_json:
-        _print_json([command_json(c) for c in reply.commands])
+        _print_json([command_json(c) for c in commands])
     else:
-        print(render_commands(reply.commands))
+        print(render_commands(commands))
     return 0
 
 
 # -- dispatch from cli.main ------------------------------------------------------
 
 
-async def run(
-    args: argparse.Namespace, addr: str, timings: Timings, data_dir: Path | None = None
-) -> int:
+async def run(args: argparse.Namespace, config: ClientConfig, data_dir: Path | None = None) -> int:
     """Run the parsed command `args.command` (one of cli.main.MACHINE_COMMANDS)."""
     cmd = args.command
     if cmd == "machine":
         return await register_machine(
-            addr,
-            timings,
+            config,
             args.machine_id,
             args.hostname,
             args.harness or [],
@@ -405,13 +387,11 @@ async def run(
             data_dir,
         )
     if cmd == "machines":
-        return await list_machines(addr, timings, args.json)
+        return await list_machines(config, args.json)
     if cmd == "agents":
-        return await list_agents(addr, timings, args.chatroom, args.json)
+        return await list_agents(config, args.chatroom, args.json)
     if cmd == "agent":
-        return await agent_action(
-            addr, timings, args.agent_command, args.chatroom, args.role, args.json
-        )
+        return await agent_action(config, args.agent_command, args.chatroom, args.role, args.json)
     if cmd == "commands":
-        return await list_commands(addr, timings, args.machine, args.limit, args.json)
+        return await list_commands(config, args.machine, args.limit, args.json)
     raise ValueError(f"not a machine command: {cmd!r}")

@@ -9,17 +9,18 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from vigil.cli.rpc import CliError
+from vigil.cli.rpc import CliError, client_config
 from vigil.core import logs
 from vigil.core.config import Settings
 from vigil.core.errors import ConfigError, VigilError
+from vigil.core.vocab import TaskStatus
 
 # The task commands, run by cli.task_cmds (listed here so --help needs no import of it).
 TASK_COMMANDS = frozenset({"chatroom", "chatrooms", "send", "task", "tasks", "notifications"})
 # The machine commands, run by cli.machine_cmds.
 MACHINE_COMMANDS = frozenset({"machine", "machines", "agents", "agent", "commands"})
 # Task status names (vigil.v1.Task.status), for `vigil tasks --status`.
-TASK_STATUSES = ("pending", "acknowledged", "in_progress", "completed", "queued", "closed")
+TASK_STATUSES = TaskStatus.values()
 
 EXIT_CODES = """exit codes:
   0    success (wait-for-task: also when --timeout passed with no task)
@@ -37,8 +38,23 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"{message} (see `{self.prog} --help`)", 2)
 
 
+ADDR_HELP = (
+    "Vigil's address: HOST:PORT, IP:PORT,IP:PORT (replicas) or dns:///NAME:PORT "
+    "(default: $VIGIL_ADDR or 127.0.0.1:7070)"
+)
+TOKEN_HELP = (
+    "file holding the bearer token (default: $VIGIL_TOKEN_FILE, $VIGIL_TOKEN, "
+    "then $VIGIL_DATA_DIR/admin.token)"
+)
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    """--addr and --token-file: how a client command reaches Vigil and proves who it is."""
+    p.add_argument("--addr", help=ADDR_HELP)
+    p.add_argument("--token-file", metavar="FILE", help=TOKEN_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    addr_help = "server address HOST:PORT (default: $VIGIL_ADDR or 127.0.0.1:7070)"
     p = _Parser(
         prog="vigil",
         description="Vigil: the reliability control plane for teams of AI coding agents.",
@@ -60,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     lv = sub.add_parser("liveness", help="the liveness service")
-    lv_sub = lv.add_subparsers(dest="liveness_command", metavar="ACTION", parser_class=_Parser)
+    lv_sub = lv.add_subparsers(
+        dest="liveness_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
     lv_serve = lv_sub.add_parser("serve", help="run the liveness service alone")
     lv_serve.add_argument("--addr", help="listen address")
     lv_serve.add_argument("--metrics-addr", help="metrics address")
@@ -99,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm_start.add_argument(
         "--leave-agents", action="store_true", help="on SIGTERM, leave agents running"
     )
-    dm_start.add_argument("--addr", help=addr_help)
+    _client_flags(dm_start)
     dm_start.add_argument(
         "--metrics-addr", help="serve the daemon's Prometheus metrics here (HOST:PORT)"
     )
@@ -110,25 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    w.add_argument("--chatroom", required=True)
-    w.add_argument("--role", required=True)
-    w.add_argument("--kind", choices=["remote", "custom"], default="custom")
-    w.add_argument("--timeout", help="give up after DURATION (e.g. 30s, 5m); exits 0")
+    w.add_argument("--chatroom", help="default: $VIGIL_CHATROOM (set for daemon-run agents)")
+    w.add_argument("--role", help="default: $VIGIL_ROLE (set for daemon-run agents)")
+    w.add_argument("--kind", choices=["remote", "custom"], help="default: $VIGIL_KIND, else custom")
+    w.add_argument("--timeout", help="give up after DURATION (e.g. 30s, 5m, 1m30s); exits 0")
     w.add_argument("--json", action="store_true", help="print the task as JSON")
-    w.add_argument("--addr", help=addr_help)
+    _client_flags(w)
 
     ps = sub.add_parser("participants", help="list participants")
     ps.add_argument("--chatroom")
     ps.add_argument("--live", action="store_true", help="only live participants")
     ps.add_argument("--json", action="store_true", help="JSON output")
-    ps.add_argument("--addr", help=addr_help)
+    _client_flags(ps)
 
-    _add_task_commands(sub, addr_help)
-    _add_machine_commands(sub, addr_help)
+    _add_task_commands(sub)
+    _add_machine_commands(sub)
     return p
 
 
-def _add_task_commands(sub: argparse._SubParsersAction[_Parser], addr_help: str) -> None:
+def _add_task_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     """chatroom, chatrooms, send, task, tasks, notifications (run by cli.task_cmds)."""
     json_help = "JSON output"
     cr = sub.add_parser("chatroom", help="create or show a chatroom")
@@ -158,11 +176,11 @@ def _add_task_commands(sub: argparse._SubParsersAction[_Parser], addr_help: str)
     show.add_argument("name", metavar="NAME")
     for p in (create, show):
         p.add_argument("--json", action="store_true", help=json_help)
-        p.add_argument("--addr", help=addr_help)
+        _client_flags(p)
 
     crs = sub.add_parser("chatrooms", help="list chatrooms")
     crs.add_argument("--json", action="store_true", help=json_help)
-    crs.add_argument("--addr", help=addr_help)
+    _client_flags(crs)
 
     snd = sub.add_parser(
         "send",
@@ -174,7 +192,7 @@ def _add_task_commands(sub: argparse._SubParsersAction[_Parser], addr_help: str)
     snd.add_argument("--role", required=True)
     snd.add_argument("text", nargs="+", metavar="TEXT")
     snd.add_argument("--json", action="store_true", help=json_help)
-    snd.add_argument("--addr", help=addr_help)
+    _client_flags(snd)
 
     tk = sub.add_parser("task", help="act on one task: start, complete, cancel, release, show")
     tk_sub = tk.add_subparsers(
@@ -196,22 +214,22 @@ def _add_task_commands(sub: argparse._SubParsersAction[_Parser], addr_help: str)
         if action in ("cancel", "release"):
             a.add_argument("--reason", help="why (kept in the task's history)")
         a.add_argument("--json", action="store_true", help=json_help)
-        a.add_argument("--addr", help=addr_help)
+        _client_flags(a)
 
     tks = sub.add_parser("tasks", help="list tasks")
     tks.add_argument("--chatroom")
     tks.add_argument("--status", choices=TASK_STATUSES)
     tks.add_argument("--limit", type=int, default=0, help="at most N tasks (default 1000)")
     tks.add_argument("--json", action="store_true", help=json_help)
-    tks.add_argument("--addr", help=addr_help)
+    _client_flags(tks)
 
     nt = sub.add_parser("notifications", help="list notifications (timeouts, restarts, …)")
     nt.add_argument("--follow", action="store_true", help="keep printing new ones until ^C")
     nt.add_argument("--json", action="store_true", help="JSON (one object per line with --follow)")
-    nt.add_argument("--addr", help=addr_help)
+    _client_flags(nt)
 
 
-def _add_machine_commands(sub: argparse._SubParsersAction[_Parser], addr_help: str) -> None:
+def _add_machine_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     """machine register, machines, agents, agent start|stop, commands (cli.machine_cmds)."""
     json_help = "JSON output"
     mc = sub.add_parser("machine", help="register a machine (its daemon runs remote agents)")
@@ -236,16 +254,16 @@ def _add_machine_commands(sub: argparse._SubParsersAction[_Parser], addr_help: s
     )
     reg.add_argument("--credential-file", metavar="FILE", help="where to write the credential")
     reg.add_argument("--json", action="store_true", help=json_help)
-    reg.add_argument("--addr", help=addr_help)
+    _client_flags(reg)
 
     ms = sub.add_parser("machines", help="list registered machines")
     ms.add_argument("--json", action="store_true", help=json_help)
-    ms.add_argument("--addr", help=addr_help)
+    _client_flags(ms)
 
     ags = sub.add_parser("agents", help="list agents run by machine daemons")
     ags.add_argument("--chatroom")
     ags.add_argument("--json", action="store_true", help=json_help)
-    ags.add_argument("--addr", help=addr_help)
+    _client_flags(ags)
 
     ag = sub.add_parser("agent", help="start or stop the agent of a remote role")
     ag_sub = ag.add_subparsers(
@@ -260,93 +278,85 @@ def _add_machine_commands(sub: argparse._SubParsersAction[_Parser], addr_help: s
         a.add_argument("--chatroom", required=True)
         a.add_argument("--role", required=True)
         a.add_argument("--json", action="store_true", help=json_help)
-        a.add_argument("--addr", help=addr_help)
+        _client_flags(a)
 
     cs = sub.add_parser("commands", help="list commands sent to machine daemons")
     cs.add_argument("--machine", metavar="MACHINE")
     cs.add_argument("--limit", type=int, default=0, help="at most N commands")
     cs.add_argument("--json", action="store_true", help=json_help)
-    cs.add_argument("--addr", help=addr_help)
+    _client_flags(cs)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     env = dict(os.environ)
-    if getattr(args, "addr", None):
+    if args.command in SERVER_COMMANDS and getattr(args, "addr", None):
         env["VIGIL_ADDR"] = args.addr
     if getattr(args, "metrics_addr", None):
         env["VIGIL_METRICS_ADDR"] = args.metrics_addr
     return Settings.from_env(env)
 
 
+SERVER_COMMANDS = frozenset({"up", "liveness", "task-service", "demo"})
+
+
 async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    settings = _settings(args)
     log_format = getattr(args, "log_format", None) or os.environ.get("VIGIL_LOG_FORMAT", "text")
     if log_format not in ("text", "json"):
         raise ConfigError(f"VIGIL_LOG_FORMAT must be text or json, got {log_format!r}")
-    ui = args.command == "up" and not args.no_ui and sys.stdout.isatty()
-    logs.configure(settings.log_level, log_format, settings.data_dir / "vigil.log" if ui else None)
-    if args.command == "up":
-        from vigil.cli.serve import serve
-
-        return await serve(settings, ui=ui)
-    if args.command == "liveness":
-        if args.liveness_command != "serve":
-            raise CliError("usage: vigil liveness serve", 2)
-        from vigil.cli.serve import serve
-
-        return await serve(settings, ("liveness",))
-    if args.command == "task-service":
-        if args.task_service_command != "serve":
-            raise CliError("usage: vigil task-service serve", 2)
-        from vigil.cli.serve import serve
-
-        return await serve(settings, ("tasks",))
-    if args.command == "demo":
-        from vigil.cli.demo import demo
-
-        return await demo(settings.database_url)
+    if args.command in SERVER_COMMANDS:
+        return await _serve(args, log_format)
+    logs.configure(os.environ.get("VIGIL_LOG_LEVEL", "WARNING").upper(), log_format)
+    config = client_config(args)
     if args.command == "daemon":
         from vigil.cli.daemon_cmd import daemon_start
 
+        logs.configure(os.environ.get("VIGIL_LOG_LEVEL", "INFO").upper(), log_format)
         return await daemon_start(
-            settings.addr,
+            config,
             args.machine_id,
             args.credential_file,
             args.state_dir,
             args.leave_agents,
-            settings.timings,
             args.metrics_addr,
         )
     if args.command == "wait-for-task":
         from vigil.cli.durations import parse_duration
-        from vigil.cli.wait_for_task import wait_for_task
+        from vigil.cli.wait_for_task import resolve_identity, wait_for_task
 
-        timeout = parse_duration(args.timeout, "--timeout") if args.timeout else None
-        return await wait_for_task(
-            settings.addr,
-            args.chatroom,
-            args.role,
-            args.kind,
-            timeout,
-            settings.timings,
-            as_json=args.json,
-        )
+        chatroom, role, kind = resolve_identity(args.chatroom, args.role, args.kind, os.environ)
+        timeout = parse_duration(args.timeout, "--timeout") if args.timeout is not None else None
+        return await wait_for_task(config, chatroom, role, kind, timeout, as_json=args.json)
     if args.command == "participants":
         from vigil.cli.participants import participants
 
-        return await participants(
-            settings.addr, args.chatroom, args.live, args.json, settings.timings
-        )
+        return await participants(config, args.chatroom, args.live, args.json)
     if args.command in TASK_COMMANDS:
         from vigil.cli.task_cmds import run
 
-        return await run(args, settings.addr, settings.timings)
+        return await run(args, config)
     if args.command in MACHINE_COMMANDS:
         from vigil.cli.machine_cmds import run as run_machine
 
-        return await run_machine(args, settings.addr, settings.timings, settings.data_dir)
+        return await run_machine(args, config, _settings(args).data_dir)
     parser.print_help()
     return 2
+
+
+async def _serve(args: argparse.Namespace, log_format: str) -> int:
+    settings = _settings(args)
+    ui = args.command == "up" and not args.no_ui and sys.stdout.isatty()
+    logs.configure(settings.log_level, log_format, settings.data_dir / "vigil.log" if ui else None)
+    from vigil.cli.serve import serve
+
+    if args.command == "up":
+        return await serve(settings, ui=ui)
+    if args.command == "liveness":
+        return await serve(settings, ("liveness",))
+    if args.command == "task-service":
+        return await serve(settings, ("tasks",))
+    from vigil.cli.demo import demo
+
+    return await demo(settings.database_url)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

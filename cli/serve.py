@@ -9,6 +9,7 @@ import sys
 
 from prometheus_client import CollectorRegistry
 
+from vigil.client import ClientConfig
 from vigil.core import migrations
 from vigil.core.clock import SystemClock
 from vigil.core.config import Settings
@@ -51,7 +52,11 @@ async def serve(
                     "VIGIL_LIVENESS_ADDR must name the liveness service (HOST:PORT) when "
                     "the task service runs alone"
                 )
-            task_app = TaskApp(db, settings.liveness_addr, settings.timings, clock, registry)
+            follow = settings.liveness_addr or settings.addr
+            liveness = ClientConfig(
+                liveness_addr=follow, tasks_addr=follow, timings=settings.timings
+            )
+            task_app = TaskApp(db, liveness, settings.timings, clock, registry)
             apps.append(task_app)
         host = settings.addr.rsplit(":", 1)[0]
 
@@ -81,7 +86,7 @@ async def serve(
             if ui:
                 from vigil.cli import live_view
 
-                view = asyncio.create_task(live_view.run(db, line))
+                view = asyncio.create_task(live_view.run(_local(settings, server.port), line))
             sig = await wait_for_signal()
             if view is not None:
                 view.cancel()
@@ -92,3 +97,10 @@ async def serve(
     finally:
         await db.close()
     return 0
+
+
+def _local(settings: Settings, port: int) -> ClientConfig:
+    """How this process reaches the server it hosts (for the live view)."""
+    host = settings.addr.rsplit(":", 1)[0]
+    addr = f"{host}:{port}"
+    return ClientConfig.from_env(addr=addr, data_dir=settings.data_dir, timings=settings.timings)

@@ -9,29 +9,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import getpass
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO
 
-import grpc
-
-from vigil.cli.rpc import CliError, channel, rpc_error, wait_ready
+from vigil.cli.rpc import CliError, connected
+from vigil.client import Client, ClientConfig, RPCError
 from vigil.core import validation
 from vigil.core.errors import VigilError
 from vigil.core.timefmt import from_proto, rfc3339
-from vigil.core.timings import Timings
+from vigil.core.vocab import AgentKind, NotificationKind, TaskStatus, WireEnum
 from vigil.v1 import tasks_pb2 as pb
-from vigil.v1 import tasks_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message
-
-    from vigil.v1.tasks_pb2_grpc import TasksAsyncStub
 
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
@@ -42,8 +37,14 @@ NOTIFICATION_PAGE = 1000
 _RECONNECT_FIRST = 0.2
 _RECONNECT_CAP = 5.0
 
-_KIND_NAME = {pb.ROLE_KIND_REMOTE: "remote", pb.ROLE_KIND_CUSTOM: "custom"}
-_KIND_VALUE = {name: value for value, name in _KIND_NAME.items()}
+
+def name_of(cls: type[WireEnum], value: int) -> str:
+    """A proto enum value as its vocabulary word ('unknown' for what we do not know)."""
+    try:
+        return cls.from_pb(value).value
+    except ValueError:
+        return "unknown"
+
 
 TASK_COLUMNS = [
     "id",
@@ -104,13 +105,13 @@ def parse_role_spec(spec: str) -> pb.Role:
         raise _usage(f"--role {spec!r}: {expected}")
     _check_name(role, f"--role {spec!r}: role name")
     if rest == "custom":
-        return pb.Role(role=role, kind=pb.ROLE_KIND_CUSTOM)
+        return pb.Role(role=role, kind=AgentKind.CUSTOM.to_pb())
     kind, colon, target = rest.partition(":")
     if kind == "remote":
         machine, _, command = target.partition(":")
         if not colon or not machine:
             raise _usage(f"--role {spec!r}: a remote role needs a machine (remote:MACHINE)")
-        return pb.Role(role=role, kind=pb.ROLE_KIND_REMOTE, machine=machine, command=command)
+        return pb.Role(role=role, kind=AgentKind.REMOTE.to_pb(), machine=machine, command=command)
     if kind == "custom":
         raise _usage(f"--role {spec!r}: a custom role takes no machine or command")
     raise _usage(f"--role {spec!r}: unknown kind {kind!r}; {expected}")
@@ -142,7 +143,7 @@ def parse_team(data: Any, where: str) -> list[pb.Role]:
             raise _usage(f"{at}: 'role' is required")
         _check_name(role, f"{at}: role name")
         kind = entry.get("kind") or ""
-        if kind not in _KIND_VALUE:
+        if kind not in AgentKind.values():
             raise _usage(f"{at}: 'kind' must be 'remote' or 'custom', got {kind!r}")
         machine = entry.get("machine") or ""
         command = entry.get("command") or ""
@@ -150,7 +151,9 @@ def parse_team(data: Any, where: str) -> list[pb.Role]:
             raise _usage(f"{at}: 'machine' is required for a remote role")
         if kind == "custom" and (machine or command):
             raise _usage(f"{at}: a custom role takes no machine or command")
-        roles.append(pb.Role(role=role, kind=_KIND_VALUE[kind], machine=machine, command=command))
+        roles.append(
+            pb.Role(role=role, kind=AgentKind(kind).to_pb(), machine=machine, command=command)
+        )
     return roles
 
 
@@ -208,7 +211,7 @@ def task_json(t: pb.Task) -> dict[str, Any]:
         "id": t.id,
         "chatroom": t.chatroom,
         "role": t.role,
-        "status": t.status,
+        "status": name_of(TaskStatus, t.status),
         "attempt": t.attempt,
         "assigned_to": t.assigned_to or None,
         "created_at": _ts(t, "created_at"),
@@ -224,7 +227,7 @@ def task_json(t: pb.Task) -> dict[str, Any]:
 
 def task_summary(t: pb.Task) -> str:
     """One line, the id first: `<id> <status> <chatroom>/<role> attempt <n>`."""
-    line = f"{t.id} {t.status} {t.chatroom}/{t.role} attempt {t.attempt}"
+    line = f"{t.id} {name_of(TaskStatus, t.status)} {t.chatroom}/{t.role} attempt {t.attempt}"
     return line + " needs-attention" if t.needs_attention else line
 
 
@@ -255,7 +258,7 @@ def render_task_detail(t: pb.Task) -> str:
 def role_json(r: pb.Role) -> dict[str, Any]:
     return {
         "role": r.role,
-        "kind": _KIND_NAME.get(r.kind, "unknown"),
+        "kind": name_of(AgentKind, r.kind),
         "machine": r.machine or None,
         "command": r.command or None,
     }
@@ -280,7 +283,7 @@ def render_chatrooms(chatrooms: Sequence[pb.Chatroom]) -> str:
     rows = [
         {
             "name": c.name,
-            "roles": ", ".join(f"{r.role}({_KIND_NAME.get(r.kind, 'unknown')})" for r in c.roles),
+            "roles": ", ".join(f"{r.role}({name_of(AgentKind, r.kind)})" for r in c.roles),
             "created_at": _ts(c, "created_at"),
         }
         for c in chatrooms
@@ -291,8 +294,8 @@ def render_chatrooms(chatrooms: Sequence[pb.Chatroom]) -> str:
 def transition_json(tr: pb.Transition) -> dict[str, Any]:
     return {
         "at": _ts(tr, "at"),
-        "from_status": tr.from_status or None,
-        "to_status": tr.to_status,
+        "from_status": name_of(TaskStatus, tr.from_status) if tr.from_status else None,
+        "to_status": name_of(TaskStatus, tr.to_status),
         "trigger": tr.trigger,
         "actor": tr.actor,
         "attempt": tr.attempt,
@@ -304,7 +307,7 @@ def render_history(transitions: Sequence[pb.Transition]) -> str:
     rows = []
     for tr in transitions:
         row = transition_json(tr)
-        row["transition"] = f"{tr.from_status or '(new)'}→{tr.to_status}"
+        row["transition"] = f"{row['from_status'] or '(new)'}→{row['to_status']}"
         rows.append(row)
     return render_table(rows, HISTORY_COLUMNS, "no transitions")
 
@@ -312,7 +315,7 @@ def render_history(transitions: Sequence[pb.Transition]) -> str:
 def notification_json(n: pb.Notification) -> dict[str, Any]:
     return {
         "id": n.id,
-        "kind": n.kind,
+        "kind": name_of(NotificationKind, n.kind),
         "chatroom": n.chatroom or None,
         "role": n.role or None,
         "task_id": n.task_id or None,
@@ -325,7 +328,8 @@ def notification_line(n: pb.Notification) -> str:
     """One line per notification, the same whether listed or followed."""
     where = f"{n.chatroom}/{n.role}" if n.role else n.chatroom or "-"
     task = f" task {n.task_id}" if n.task_id else ""
-    return f"{_ts(n, 'created_at') or '-'} #{n.id} {n.kind} {where}{task}: {n.message}"
+    kind = name_of(NotificationKind, n.kind)
+    return f"{_ts(n, 'created_at') or '-'} #{n.id} {kind} {where}{task}: {n.message}"
 
 
 def _cell(value: Any) -> str:
@@ -361,60 +365,39 @@ def _emit(as_json: bool, as_data: Callable[[], Any], as_text: Callable[[], str])
 # -- talking to the server -------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _tasks(addr: str, timings: Timings) -> AsyncIterator[TasksAsyncStub]:
-    ch = channel(addr, timings)
-    try:
-        await wait_ready(ch, addr)
-        try:
-            # The generated stub's overloads cannot tell an aio channel from a sync one.
-            yield cast("TasksAsyncStub", pb_grpc.TasksStub(ch))
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, addr) from None
-    finally:
-        await ch.close()
-
-
 async def create_chatroom(
-    addr: str, timings: Timings, name: str, roles: list[pb.Role], as_json: bool
+    config: ClientConfig, name: str, roles: list[pb.Role], as_json: bool
 ) -> int:
     _check_name(name, "chatroom name")
-    async with _tasks(addr, timings) as stub:
-        room = await stub.CreateChatroom(
-            pb.CreateChatroomRequest(name=name, roles=roles), timeout=RPC_TIMEOUT
-        )
+    async with connected(config) as client:
+        room = await client.create_chatroom(name, roles)
     _emit(as_json, lambda: chatroom_json(room), lambda: render_chatroom(room))
     return 0
 
 
-async def show_chatroom(addr: str, timings: Timings, name: str, as_json: bool) -> int:
+async def show_chatroom(config: ClientConfig, name: str, as_json: bool) -> int:
     _check_name(name, "chatroom name")
-    async with _tasks(addr, timings) as stub:
-        room = await stub.GetChatroom(pb.GetChatroomRequest(name=name), timeout=RPC_TIMEOUT)
+    async with connected(config) as client:
+        room = await client.get_chatroom(name)
     _emit(as_json, lambda: chatroom_json(room), lambda: render_chatroom(room))
     return 0
 
 
-async def list_chatrooms(addr: str, timings: Timings, as_json: bool) -> int:
-    async with _tasks(addr, timings) as stub:
-        reply = await stub.ListChatrooms(pb.ListChatroomsRequest(), timeout=RPC_TIMEOUT)
+async def list_chatrooms(config: ClientConfig, as_json: bool) -> int:
+    async with connected(config) as client:
+        rooms = await client.list_chatrooms()
     if as_json:
-        _print_json([chatroom_json(c) for c in reply.chatrooms])
+        _print_json([chatroom_json(c) for c in rooms])
     else:
-        print(render_chatrooms(reply.chatrooms))
+        print(render_chatrooms(rooms))
     return 0
 
 
-async def send(
-    addr: str, timings: Timings, chatroom: str, role: str, text: str, as_json: bool
-) -> int:
+async def send(config: ClientConfig, chatroom: str, role: str, text: str, as_json: bool) -> int:
     _check_name(chatroom, "--chatroom")
     _check_name(role, "--role")
-    async with _tasks(addr, timings) as stub:
-        task = await stub.SendMessage(
-            pb.SendMessageRequest(chatroom=chatroom, role=role, text=text, sender=actor()),
-            timeout=RPC_TIMEOUT,
-        )
+    async with connected(config) as client:
+        task = await client.send(chatroom, role, text)
     _emit(as_json, lambda: task_json(task), lambda: task_summary(task))
     return 0
 
@@ -424,8 +407,7 @@ _ACTIONS = {"start": True, "complete": True, "cancel": False, "release": False}
 
 
 async def task_action(
-    addr: str,
-    timings: Timings,
+    config: ClientConfig,
     action: str,
     task_id: str,
     attempt: int | None,
@@ -434,43 +416,41 @@ async def task_action(
 ) -> int:
     if action not in _ACTIONS:
         raise ValueError(f"unknown task action {action!r}")
-    ref = pb.TaskRef(
-        id=check_task_id(task_id), attempt=attempt or 0, actor=actor(), reason=reason or ""
-    )
-    async with _tasks(addr, timings) as stub:
-        call = {
-            "start": stub.StartTask,
-            "complete": stub.CompleteTask,
-            "cancel": stub.CancelTask,
-            "release": stub.ReleaseTask,
-        }[action]
-        task = await call(ref, timeout=RPC_TIMEOUT)
+    task_id = check_task_id(task_id)
+    async with connected(config) as client:
+        if action == "start":
+            task = await client.start_task(task_id, attempt or 0, actor=actor())
+        elif action == "complete":
+            task = await client.complete_task(task_id, attempt or 0, actor=actor())
+        elif action == "cancel":
+            task = await client.cancel_task(task_id, reason or "", actor=actor())
+        else:
+            task = await client.release_task(task_id, reason or "", actor=actor())
     _emit(as_json, lambda: task_json(task), lambda: task_summary(task))
     return 0
 
 
-async def show_task(addr: str, timings: Timings, task_id: str, as_json: bool) -> int:
-    req = pb.GetTaskRequest(id=check_task_id(task_id))
-    async with _tasks(addr, timings) as stub:
-        task = await stub.GetTask(req, timeout=RPC_TIMEOUT)
+async def show_task(config: ClientConfig, task_id: str, as_json: bool) -> int:
+    task_id = check_task_id(task_id)
+    async with connected(config) as client:
+        task = await client.get_task(task_id)
     _emit(as_json, lambda: task_json(task), lambda: render_task_detail(task))
     return 0
 
 
-async def task_history(addr: str, timings: Timings, task_id: str, as_json: bool) -> int:
-    req = pb.TaskHistoryRequest(id=check_task_id(task_id))
-    async with _tasks(addr, timings) as stub:
-        reply = await stub.TaskHistory(req, timeout=RPC_TIMEOUT)
+async def task_history(config: ClientConfig, task_id: str, as_json: bool) -> int:
+    task_id = check_task_id(task_id)
+    async with connected(config) as client:
+        transitions = await client.task_history(task_id)
     if as_json:
-        _print_json([transition_json(tr) for tr in reply.transitions])
+        _print_json([transition_json(tr) for tr in transitions])
     else:
-        print(render_history(reply.transitions))
+        print(render_history(transitions))
     return 0
 
 
 async def list_tasks(
-    addr: str,
-    timings: Timings,
+    config: ClientConfig,
     chatroom: str | None,
     status: str | None,
     limit: int,
@@ -480,26 +460,24 @@ async def list_tasks(
         _check_name(chatroom, "--chatroom")
     if limit < 0:
         raise _usage(f"--limit must be zero (the server's default) or more, got {limit}")
-    req = pb.ListTasksRequest(chatroom=chatroom or "", status=status or "", limit=limit)
-    async with _tasks(addr, timings) as stub:
-        reply = await stub.ListTasks(req, timeout=RPC_TIMEOUT)
-    rows = [task_json(t) for t in reply.tasks]
+    async with connected(config) as client:
+        tasks = await client.list_tasks(
+            chatroom or "", TaskStatus(status) if status else None, limit
+        )
+    rows = [task_json(t) for t in tasks]
     _emit(as_json, lambda: rows, lambda: render_table(rows, TASK_COLUMNS, "no tasks"))
     return 0
 
 
-async def _all_notifications(stub: TasksAsyncStub) -> list[pb.Notification]:
+async def _all_notifications(client: Client) -> list[pb.Notification]:
     found: list[pb.Notification] = []
     after = 0
     while True:
-        reply = await stub.ListNotifications(
-            pb.ListNotificationsRequest(after_id=after, limit=NOTIFICATION_PAGE),
-            timeout=RPC_TIMEOUT,
-        )
-        found += reply.notifications
-        if len(reply.notifications) < NOTIFICATION_PAGE:
+        page = await client.list_notifications(after, NOTIFICATION_PAGE)
+        found += page
+        if len(page) < NOTIFICATION_PAGE:
             return found
-        after = reply.notifications[-1].id
+        after = page[-1].id
 
 
 def _say(line: str) -> None:
@@ -507,9 +485,7 @@ def _say(line: str) -> None:
     print(f"vigil: {line}", file=sys.stderr, flush=True)
 
 
-async def _watch(
-    stub: TasksAsyncStub, after_id: int, emit: Callable[[pb.Notification], None]
-) -> None:
+async def _watch(client: Client, after_id: int, emit: Callable[[pb.Notification], None]) -> None:
     """Follow notifications after `after_id`, for ever. A lost stream (server restart,
     graceful drain) is resumed from the last one seen, so nothing is missed or repeated;
     an outage is told once on stderr, and so is the return."""
@@ -517,26 +493,22 @@ async def _watch(
     lost = False
     delay = _RECONNECT_FIRST
     while True:
-        # wait_for_ready: while the server is away the call waits for it, not fails.
-        call = stub.WatchNotifications(
-            pb.WatchNotificationsRequest(after_id=last), wait_for_ready=True
-        )
         try:
-            await call.wait_for_connection()
-            if lost:
-                _say(f"reconnected; resuming after notification {last}")
-                lost = False
-            async for n in call:
+            # wait_for_ready: while the server is away the call waits for it, not fails.
+            async for n in client.watch_notifications(last, wait_for_ready=True):
+                if lost:
+                    _say(f"reconnected; resuming after notification {last}")
+                    lost = False
                 delay = _RECONNECT_FIRST
                 if n.id <= last:
                     continue  # a replica replaying what we already have
                 emit(n)
                 last = n.id
             why = "the server ended the stream"
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+        except RPCError as exc:
+            if not exc.retryable:
                 raise
-            why = f"connection lost ({exc.details()})"
+            why = f"connection lost ({exc.message})"
         if not lost:
             _say(f"{why}; reconnecting")
             lost = True
@@ -553,9 +525,9 @@ def _notification_printer(as_json: bool) -> Callable[[pb.Notification], None]:
     return emit
 
 
-async def notifications(addr: str, timings: Timings, follow: bool, as_json: bool) -> int:
-    async with _tasks(addr, timings) as stub:
-        listed = await _all_notifications(stub)
+async def notifications(config: ClientConfig, follow: bool, as_json: bool) -> int:
+    async with connected(config) as client:
+        listed = await _all_notifications(client)
         if not follow:
             if as_json:
                 _print_json([notification_json(n) for n in listed])
@@ -565,7 +537,7 @@ async def notifications(addr: str, timings: Timings, follow: bool, as_json: bool
         emit = _notification_printer(as_json)
         for n in listed:
             emit(n)
-        return await _until_signal(_watch(stub, listed[-1].id if listed else 0, emit))
+        return await _until_signal(_watch(client, listed[-1].id if listed else 0, emit))
 
 
 async def _until_signal(work: Coroutine[Any, Any, None]) -> int:
@@ -595,28 +567,27 @@ async def _until_signal(work: Coroutine[Any, Any, None]) -> int:
 # -- dispatch from cli.main ------------------------------------------------------
 
 
-async def run(args: argparse.Namespace, addr: str, timings: Timings) -> int:
+async def run(args: argparse.Namespace, config: ClientConfig) -> int:
     """Run the parsed command `args.command` (one of cli.main.TASK_COMMANDS)."""
     cmd = args.command
     if cmd == "chatroom":
         if args.chatroom_command == "create":
             roles = chatroom_roles(args.role or [], args.team_file)
-            return await create_chatroom(addr, timings, args.name, roles, args.json)
-        return await show_chatroom(addr, timings, args.name, args.json)
+            return await create_chatroom(config, args.name, roles, args.json)
+        return await show_chatroom(config, args.name, args.json)
     if cmd == "chatrooms":
-        return await list_chatrooms(addr, timings, args.json)
+        return await list_chatrooms(config, args.json)
     if cmd == "send":
         text = message_text(args.text, sys.stdin)
-        return await send(addr, timings, args.chatroom, args.role, text, args.json)
+        return await send(config, args.chatroom, args.role, text, args.json)
     if cmd == "task":
         action = args.task_command
         if action == "show":
-            return await show_task(addr, timings, args.id, args.json)
+            return await show_task(config, args.id, args.json)
         if action == "history":
-            return await task_history(addr, timings, args.id, args.json)
+            return await task_history(config, args.id, args.json)
         return await task_action(
-            addr,
-            timings,
+            config,
             action,
             args.id,
             getattr(args, "attempt", None),
@@ -624,7 +595,7 @@ async def run(args: argparse.Namespace, addr: str, timings: Timings) -> int:
             args.json,
         )
     if cmd == "tasks":
-        return await list_tasks(addr, timings, args.chatroom, args.status, args.limit, args.json)
+        return await list_tasks(config, args.chatroom, args.status, args.limit, args.json)
     if cmd == "notifications":
-        return await notifications(addr, timings, args.follow, args.json)
+        return await notifications(config, args.follow, args.json)
     raise ValueError(f"not a task command: {cmd!r}")

@@ -1,25 +1,29 @@
-"""`vigil wait-for-task`: join as a participant, heartbeat, leave on every exit path."""
+"""`vigil wait-for-task`: join as a participant, wait for one task, print it, and leave
+with reason `task_received`; leave with the right reason on every other exit path.
+
+Inside an agent a machine daemon started, it needs no flags: chatroom, role and kind
+come from VIGIL_CHATROOM, VIGIL_ROLE and VIGIL_KIND, credentials from VIGIL_TOKEN."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import random
 import signal
 import sys
+from collections.abc import Mapping
 
-import grpc
-
-from vigil.cli.rpc import CliError, channel, rpc_error, wait_ready
-from vigil.cli.session_client import SessionClient, Stop
+from vigil.cli.rpc import CliError, connected
+from vigil.client import AgentSession, ClientConfig, Superseded
 from vigil.core import validation
 from vigil.core.errors import VigilError
-from vigil.core.timings import Timings
+from vigil.core.vocab import AgentKind, OfflineReason
 from vigil.v1 import tasks_pb2 as tpb
-from vigil.v1 import tasks_pb2_grpc as tpb_grpc
 
+EXIT_SUPERSEDED = 3
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+_SIGNAL_EXIT: dict[int, int] = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
 
 
 def _say(line: str) -> None:
@@ -48,114 +52,88 @@ def print_task(task: tpb.Task, as_json: bool) -> None:
     sys.stdout.flush()
 
 
-async def _receive_task(
-    ch: grpc.aio.Channel, client: SessionClient, chatroom: str, role: str, as_json: bool
-) -> None:
-    """Wait for the pushed task with the session's current epoch; print it and stop the
-    session with reason task_received. Re-asks when the session rejoins (new epoch)."""
-    stub = tpb_grpc.TasksStub(ch)
-    attempt = 0
-    while True:
-        await client.joined.wait()
-        epoch = client.epoch
-        assert epoch is not None
-        call = stub.AwaitTask(
-            tpb.AwaitTaskRequest(
-                chatroom=chatroom, role=role, connection_id=client.connection_id, epoch=epoch
-            )
-        )
-        try:
-            async for reply in call:
-                print_task(reply.task, as_json)
-                client.request_stop(Stop("task_received", 0))
-                return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
-                raise CliError(f"{exc.details()} ({exc.code().name})") from None
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                # Only the liveness service answers here: hold the session, ask again later.
-                if attempt == 0:
-                    _say("no task service at this address; holding the session only")
-                attempt = 1
-                await asyncio.sleep(5)
-                continue
-            attempt += 1
-            await asyncio.sleep(min(2.0, 0.05 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1))
-        if client.epoch == epoch:
-            await asyncio.sleep(0.05)
-
-
-async def _check_role(ch: grpc.aio.Channel, addr: str, chatroom: str, role: str) -> None:
-    """Refuse an unknown chatroom or role before joining (a user mistake, one line)."""
+def resolve_identity(
+    chatroom: str | None, role: str | None, kind: str | None, env: Mapping[str, str]
+) -> tuple[str, str, AgentKind]:
+    """Flags first, then what a daemon puts in an agent's environment."""
+    room = chatroom or env.get("VIGIL_CHATROOM") or ""
+    name = role or env.get("VIGIL_ROLE") or ""
+    if not room or not name:
+        missing = "--chatroom" if not room else "--role"
+        var = "VIGIL_CHATROOM" if not room else "VIGIL_ROLE"
+        raise CliError(f"{missing} is required (or set {var})", 2)
     try:
-        room = await tpb_grpc.TasksStub(ch).GetChatroom(
-            tpb.GetChatroomRequest(name=chatroom), timeout=10
-        )
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            return  # a liveness-only server: nothing to check against
-        raise rpc_error(exc, addr) from None
+        validation.name(room, "--chatroom")
+        validation.name(name, "--role")
+    except VigilError as exc:
+        raise CliError(str(exc), 2) from None
+    raw_kind = kind or env.get("VIGIL_KIND") or AgentKind.CUSTOM
+    try:
+        return room, name, AgentKind(raw_kind)
+    except ValueError:
+        raise CliError(f"VIGIL_KIND must be remote or custom, got {raw_kind!r}", 2) from None
+
+
+async def _check_role(agent: AgentSession) -> None:
+    """Refuse an unknown chatroom or role before joining (a user mistake, one line)."""
+    room = await agent.client.get_chatroom(agent.chatroom)
     roles = [r.role for r in room.roles]
-    if role not in roles:
+    if agent.role not in roles:
         raise CliError(
-            f"chatroom {chatroom!r} has no role {role!r} (its roles: {', '.join(roles)})"
+            f"chatroom {agent.chatroom!r} has no role {agent.role!r} "
+            f"(its roles: {', '.join(roles)})"
         )
 
 
 async def wait_for_task(
-    addr: str,
+    config: ClientConfig,
     chatroom: str,
     role: str,
-    kind: str,
+    kind: AgentKind,
     timeout: float | None,
-    timings: Timings,
     as_json: bool = False,
 ) -> int:
-    try:
-        validation.name(chatroom, "--chatroom")
-        validation.name(role, "--role")
-    except VigilError as exc:
-        raise CliError(str(exc), 2) from None
-    ch = channel(addr, timings)
-    try:
-        await wait_ready(ch, addr)
-        await _check_role(ch, addr, chatroom, role)
-        client = SessionClient(ch, addr, chatroom, role, kind, _say)
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(
-            signal.SIGINT,
-            lambda: client.request_stop(Stop("signal", EXIT_SIGINT, "interrupted (SIGINT); left")),
-        )
-        loop.add_signal_handler(
-            signal.SIGTERM,
-            lambda: client.request_stop(Stop("signal", EXIT_SIGTERM, "terminated (SIGTERM); left")),
-        )
-        timer = None
-        if timeout is not None:
-            timer = loop.call_later(
-                timeout,
-                lambda: client.request_stop(Stop("left", 0, f"no task within {timeout:g}s; left")),
-            )
-        run = asyncio.create_task(client.run())
-        receiver = asyncio.create_task(_receive_task(ch, client, chatroom, role, as_json))
+    async with connected(config) as client:
+        agent = AgentSession(client, chatroom, role, kind, say=_say)
+        await _check_role(agent)
+        timer: asyncio.TimerHandle | None = None
+        timed_out = False
+        task = None
         try:
-            done, _ = await asyncio.wait({run, receiver}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver in done and receiver.exception() is not None:
-                # A refused AwaitTask (unknown chatroom or role): leave, then report it.
-                client.request_stop(Stop("error", 1))
-                await run
-                raise receiver.exception()  # type: ignore[misc]
-            return await run
-        except (CliError, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            # Any other failure still leaves, with reason `error`.
-            left = client.left or await client.leave("error")
-            note = " (left)" if left else " (could not record the leave)"
-            raise CliError(f"wait-for-task failed: {type(exc).__name__}: {exc}{note}") from exc
+            async with agent:
+                if timeout is not None:
+                    me = asyncio.current_task()
+                    assert me is not None
+
+                    def give_up() -> None:
+                        nonlocal timed_out
+                        timed_out = True
+                        me.cancel()
+
+                    timer = asyncio.get_running_loop().call_later(timeout, give_up)
+                try:
+                    task = await agent.next_task()
+                except asyncio.CancelledError:
+                    if timed_out:
+                        await agent.close(OfflineReason.LEFT)
+                        _say(f"no task within {timeout:g}s; left")
+                        return 0
+                    raise
+                if timer is not None:
+                    timer.cancel()
+                await agent.close(OfflineReason.TASK_RECEIVED)
+            if agent.signalled is not None:
+                name = signal.Signals(agent.signalled).name
+                _say(f"{'interrupted' if name == 'SIGINT' else 'terminated'} ({name}); left")
+                return _SIGNAL_EXIT.get(agent.signalled, 1)
+            assert task is not None
+            print_task(task.message, as_json)
+            return 0
+        except Superseded:
+            _say(f"error: superseded: another wait-for-task took {chatroom}/{role}; exiting")
+            return EXIT_SUPERSEDED
         finally:
-            receiver.cancel()
             if timer is not None:
                 timer.cancel()
-    finally:
-        await ch.close()
+            with contextlib.suppress(Exception):
+                await agent.close(OfflineReason.ERROR)

@@ -11,16 +11,20 @@ import logging
 import os
 import shlex
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from vigil.core.clock import Clock
+from vigil.core.vocab import ExitClassification
 from vigil.daemon import proc
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
+# The daemon's own credentials: never inherited by the agents it starts.
+_DAEMON_SECRETS = frozenset({"VIGIL_TOKEN", "VIGIL_TOKEN_FILE", "VIGIL_TLS_CERT", "VIGIL_TLS_KEY"})
 
 
 @dataclass
@@ -40,35 +44,44 @@ class Exit:
     exit_code: int | None  # None: unknown (an adopted process, not our child any more)
     signal: int | None
     exited_at: datetime
-    classification: str  # intentional > signal > exited_ok > crashed
+    classification: ExitClassification
 
 
-def classify(stopping: bool, returncode: int | None) -> tuple[str, int | None, int | None]:
-    """(classification, exit code, signal) in the order that matters (lesson 4)."""
+def classify(
+    stopping: bool, returncode: int | None
+) -> tuple[ExitClassification, int | None, int | None]:
+    """(classification, exit code, signal) in the order that matters (lesson 4):
+    intentional (we were told to stop it) > signal > exited_ok (code 0) > crashed.
+    `returncode` None means unknown (a process we adopted and can no longer wait for)."""
     if returncode is None:
-        return ("intentional" if stopping else "crashed"), None, None
+        what = ExitClassification.INTENTIONAL if stopping else ExitClassification.CRASHED
+        return what, None, None
     sig = -returncode if returncode < 0 else None
     code = returncode if returncode >= 0 else None
     if stopping:
-        return "intentional", code, sig
+        return ExitClassification.INTENTIONAL, code, sig
     if sig is not None:
-        return "signal", None, sig
-    return ("exited_ok" if code == 0 else "crashed"), code, None
+        return ExitClassification.SIGNAL, None, sig
+    if code == 0:
+        return ExitClassification.EXITED_OK, code, None
+    return ExitClassification.CRASHED, code, None
 
 
 class Children:
     def __init__(
         self,
         state_dir: Path,
-        server_addr: str,
+        agent_env: Mapping[str, str],
         on_exit: Callable[[Exit], None],
+        clock: Clock,
         stop_grace_s: float = 5.0,
     ) -> None:
         self.state_dir = state_dir
         self.logs = state_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self._file = state_dir / "children.json"
-        self._addr = server_addr
+        self._agent_env = dict(agent_env)
+        self._clock = clock
         self._on_exit = on_exit
         self._grace = stop_grace_s
         self._locks: dict[Key, asyncio.Lock] = {}
@@ -106,7 +119,7 @@ class Children:
                 self.running[(child.chatroom, child.role)] = child
                 self._watch_adopted(child)
             else:
-                gone.append(Exit(child, None, None, datetime.now(UTC), "crashed"))
+                gone.append(Exit(child, None, None, self._clock.now(), ExitClassification.CRASHED))
         self._save()
         return gone
 
@@ -115,11 +128,14 @@ class Children:
         if not argv:
             raise ValueError("the role has no agent command to start")
         log_path = self.logs / f"{chatroom}--{role}.log"
+        # Where Vigil is and who the agent is, in its environment (never its argv):
+        # `vigil wait-for-task` and the client library read these with no flags.
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in _DAEMON_SECRETS},
+            **self._agent_env,
             "VIGIL_CHATROOM": chatroom,
             "VIGIL_ROLE": role,
-            "VIGIL_ADDR": self._addr,
+            "VIGIL_KIND": "remote",
         }
         with open(log_path, "ab") as out:  # noqa: ASYNC230  # a local file, handed to the child
             p = await asyncio.create_subprocess_exec(
@@ -130,7 +146,7 @@ class Children:
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,  # its own group: it outlives a killed daemon
             )
-        started = proc.start_time(p.pid) or datetime.now(UTC)
+        started = proc.start_time(p.pid) or self._clock.now()
         child = Child(chatroom, role, p.pid, started, str(log_path))
         self.running[(chatroom, role)] = child
         self._save()
@@ -176,7 +192,7 @@ class Children:
             code,
             sig,
         )
-        self._on_exit(Exit(child, code, sig, datetime.now(UTC), classification))
+        self._on_exit(Exit(child, code, sig, self._clock.now(), classification))
 
     async def stop(self, key: Key) -> None:
         """SIGTERM, then SIGKILL after the grace; a process already gone is fine."""

@@ -15,10 +15,10 @@ from typing import Any
 
 import grpc
 
+from vigil.client import Client, RPCError
 from vigil.core.timefmt import from_proto, to_proto
 from vigil.daemon.metrics import DaemonMetrics
 from vigil.v1 import machines_pb2 as pb
-from vigil.v1 import machines_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,7 @@ class Outbox:
             classification=d["classification"],
         )
 
-    async def send_pending(
-        self, stub: pb_grpc.MachinesStub, machine_id: str, credential: str
-    ) -> bool:
+    async def send_pending(self, client: Client, machine_id: str, credential: str) -> bool:
         """Send every report on disk, oldest first; False if the server could not be
         reached (the rest stay for the next try). Sending twice is harmless: the server
         records each incarnation once."""
@@ -99,10 +97,10 @@ class Outbox:
             for path in self.pending():
                 try:
                     report = self._load(path, machine_id, credential)
-                    await stub.ReportExit(report, timeout=10)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() in _FATAL:
-                        log.error("exit report %s refused: %s", path.name, exc.details())
+                    await client.report_exit(report)
+                except RPCError as exc:
+                    if exc.code in _FATAL:
+                        log.error("exit report %s refused: %s", path.name, exc)
                         os.replace(path, self.folder / "refused" / path.name)
                         self.metrics.reports.labels("refused").inc()
                         continue
@@ -120,12 +118,12 @@ class Outbox:
             self.metrics.outbox.set(len(self.pending()))
             return True
 
-    async def run(self, stub: pb_grpc.MachinesStub, machine_id: str, credential: str) -> None:
+    async def run(self, client: Client, machine_id: str, credential: str) -> None:
         """Send every report until acknowledged, retrying with jittered backoff."""
         attempt = 0
         while True:
             self._wake.clear()
-            if await self.send_pending(stub, machine_id, credential):
+            if await self.send_pending(client, machine_id, credential):
                 attempt = 0
                 delay = 5.0  # nothing to send: wait to be woken
             else:

@@ -8,31 +8,33 @@ import contextlib
 import logging
 import random
 import signal
-from datetime import UTC, datetime
+from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from vigil.cli.session_client import SessionClient, Stop
-from vigil.core.server import client_options
+from vigil.client import Client, ParticipantSession, RPCError
+from vigil.core.clock import Clock, SystemClock
 from vigil.core.timefmt import from_proto, to_proto
 from vigil.core.timings import Timings
+from vigil.core.vocab import (
+    MACHINES_CHATROOM,
+    AgentKind,
+    CommandStatus,
+    CommandType,
+    OfflineReason,
+)
 from vigil.daemon.children import Child, Children, Exit
 from vigil.daemon.metrics import DaemonMetrics
 from vigil.daemon.outbox import Outbox
 from vigil.v1 import machines_pb2 as pb
-from vigil.v1 import machines_pb2_grpc as pb_grpc
 
 log = logging.getLogger("vigil.daemon")
 
-MACHINES_CHATROOM = "vigil.machines"
-_CLASS = {
-    "intentional": pb.EXIT_CLASSIFICATION_INTENTIONAL,
-    "signal": pb.EXIT_CLASSIFICATION_SIGNAL,
-    "exited_ok": pb.EXIT_CLASSIFICATION_EXITED_OK,
-    "crashed": pb.EXIT_CLASSIFICATION_CRASHED,
-}
+EXIT_OK = 0
+EXIT_REFUSED = 1  # the server refused this daemon's credential
+_REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
 
 def _child_pb(c: Child) -> pb.Child:
@@ -42,23 +44,28 @@ def _child_pb(c: Child) -> pb.Child:
 class Daemon:
     def __init__(
         self,
-        addr: str,
+        client: Client,
         machine_id: str,
         credential: str,
         state_dir: Path,
         timings: Timings,
+        *,
+        agent_env: Mapping[str, str],
         stop_agents_on_exit: bool = True,
         metrics: DaemonMetrics | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        self.client = client
         self.metrics = metrics or DaemonMetrics(CollectorRegistry())
-        self.addr = addr
+        self.clock = clock or SystemClock()
         self.machine_id = machine_id
         self.credential = credential
         self.timings = timings
         self.stop_agents_on_exit = stop_agents_on_exit
         self.outbox = Outbox(state_dir / "outbox", self.metrics)
-        self.children = Children(state_dir, addr, self._exited)
+        self.children = Children(state_dir, agent_env, self._exited, self.clock)
         self._stopping = asyncio.Event()
+        self.exit_code = EXIT_OK
         self._running: set[asyncio.Task[None]] = set()
 
     def _exited(self, ex: Exit) -> None:
@@ -73,9 +80,15 @@ class Daemon:
                 exit_code=ex.exit_code or 0,
                 signal=ex.signal or 0,
                 exited_at=to_proto(ex.exited_at),
-                classification=_CLASS[ex.classification],
+                classification=ex.classification.to_pb(),
             )
         )
+
+    def refused(self, why: str) -> None:
+        """The server does not accept this daemon: stop, and exit non-zero."""
+        log.error("the server refused this daemon: %s", why)
+        self.exit_code = EXIT_REFUSED
+        self._stopping.set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -83,22 +96,19 @@ class Daemon:
             loop.add_signal_handler(sig, self._stopping.set)
         for ex in self.children.adopt():
             self._exited(ex)  # gone while the daemon was away: report them
-        async with grpc.aio.insecure_channel(self.addr, options=client_options(self.timings)) as ch:
-            stub = pb_grpc.MachinesStub(ch)
-            presence = SessionClient(
-                ch,
-                self.addr,
-                MACHINES_CHATROOM,
-                self.machine_id,
-                "remote",
-                lambda line: log.info("presence: %s", line),
-            )
-            tasks = [
-                asyncio.create_task(self.outbox.run(stub, self.machine_id, self.credential)),
-                asyncio.create_task(self._sessions(stub)),
-                asyncio.create_task(self._presence(presence)),
-            ]
-            await self._stopping.wait()
+        presence = self.client.session(
+            MACHINES_CHATROOM,
+            self.machine_id,
+            AgentKind.REMOTE,
+            say=lambda line: log.info("presence: %s", line),
+        )
+        tasks = [
+            asyncio.create_task(self.outbox.run(self.client, self.machine_id, self.credential)),
+            asyncio.create_task(self._sessions()),
+            asyncio.create_task(self._presence(presence)),
+        ]
+        await self._stopping.wait()
+        if self.exit_code == EXIT_OK:
             log.info(
                 "stopping: %s",
                 "stopping agents" if self.stop_agents_on_exit else "leaving agents running",
@@ -110,48 +120,48 @@ class Daemon:
                 if not self.outbox.pending():
                     break
                 await asyncio.sleep(0.05)
-            presence.request_stop(Stop("left", 0))
-            await asyncio.sleep(0.2)
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-        return 0
+        presence.stop(OfflineReason.LEFT)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(tasks[2]), 2)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        return self.exit_code
 
-    async def _presence(self, presence: SessionClient) -> None:
+    async def _presence(self, presence: ParticipantSession) -> None:
         while not self._stopping.is_set():
             try:
                 await presence.run()
                 return
-            except Exception as exc:  # unreachable at start: keep trying, we are a daemon
-                log.warning("presence: %s; retrying", exc)
+            except RPCError as exc:
+                if exc.code in _REFUSED:
+                    self.refused(exc.message)
+                    return
+                log.warning("presence: %s; retrying", exc)  # unreachable: we are a daemon
                 await asyncio.sleep(1)
 
-    async def _sessions(self, stub: pb_grpc.MachinesStub) -> None:
+    async def _sessions(self) -> None:
         attempt = 0
         while True:
             try:
-                await self._session(stub)
+                await self._session()
                 attempt = 0
             except grpc.aio.AioRpcError as exc:
-                if exc.code() in (
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    grpc.StatusCode.PERMISSION_DENIED,
-                ):
-                    log.error("the server refused this daemon: %s", exc.details())
-                    self._stopping.set()
+                if exc.code() in _REFUSED:
+                    self.refused(exc.details() or exc.code().name)
                     return
                 attempt += 1
                 log.info("daemon session: %s; reconnecting", exc.code().name)
             await asyncio.sleep(min(2.0, 0.05 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1))
 
-    async def _session(self, stub: pb_grpc.MachinesStub) -> None:
+    async def _session(self) -> None:
         # Exits recorded while we were away go first: reconciliation below would
         # otherwise record those agents as merely lost (daemon_lost), losing their
         # exit code and signal.
-        await self.outbox.send_pending(stub, self.machine_id, self.credential)
-        call = stub.DaemonSession()
+        await self.outbox.send_pending(self.client, self.machine_id, self.credential)
+        call = self.client.daemon_session()
         try:
             # Reconcile: the full list of the children we still run.
             await call.write(
@@ -182,31 +192,29 @@ class Daemon:
 
     async def _execute(self, call: grpc.aio.StreamStreamCall, cmd: pb.Command) -> None:
         key = (cmd.chatroom, cmd.role)
+        kind = CommandType.from_pb(cmd.type)
         result = pb.DaemonMessage.CommandResult(command_id=cmd.id)
         async with self.children.lock(key):  # one spawn lock per (chatroom, role)
-            if datetime.now(UTC) > from_proto(cmd.deadline_at):
-                result.outcome = "expired"
+            if self.clock.now() > from_proto(cmd.deadline_at):
+                result.outcome = CommandStatus.EXPIRED.to_pb()
                 result.message = "arrived after its deadline; not executed"
-                log.warning("command %d (%s %s/%s) expired", cmd.id, _type(cmd), *key)
-            elif cmd.type == pb.COMMAND_TYPE_STOP:
+                log.warning("command %d (%s %s/%s) expired", cmd.id, kind, *key)
+            elif kind == CommandType.STOP:
                 await self.children.stop(key)
-                result.outcome = "done"
+                result.outcome = CommandStatus.DONE.to_pb()
             else:
                 child = self.children.running.get(key)
                 try:
                     if child is None:
                         child = await self.children.spawn(cmd.chatroom, cmd.role, cmd.command)
-                    result.outcome = "done"
+                    result.outcome = CommandStatus.DONE.to_pb()
                     result.child.CopyFrom(_child_pb(child))
                 except (OSError, ValueError) as exc:
-                    result.outcome = "failed"
+                    result.outcome = CommandStatus.FAILED.to_pb()
                     result.message = f"cannot start {cmd.command!r}: {exc}"
                     log.error("command %d: %s", cmd.id, result.message)
-        self.metrics.commands.labels(_type(cmd), result.outcome).inc()
+        outcome = CommandStatus.from_pb(result.outcome)
+        self.metrics.commands.labels(kind, outcome).inc()
         self.metrics.children.set(len(self.children.running))
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await call.write(pb.DaemonMessage(result=result))
-
-
-def _type(cmd: pb.Command) -> str:
-    return "start" if cmd.type == pb.COMMAND_TYPE_START else "stop"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 from vigil.core.errors import StorageError
+from vigil.core.vocab import HeartbeatStatus
 from vigil.liveness_service.metrics import LivenessMetrics
 from vigil.liveness_service.model import Key
 from vigil.liveness_service.store import LivenessStore
@@ -27,14 +28,14 @@ class HeartbeatBatcher:
         store: LivenessStore,
         interval_s: float,
         metrics: LivenessMetrics,
-        on_result: Callable[[Key, int, datetime, str], None],
+        on_result: Callable[[Key, int, datetime, HeartbeatStatus], None],
     ) -> None:
         self._store = store
         self._interval = interval_s
         self._metrics = metrics
         self._on_result = on_result
         self._pending: dict[Key, Beat] = {}
-        self._waiters: dict[Key, list[asyncio.Future[str]]] = {}
+        self._waiters: dict[Key, list[asyncio.Future[HeartbeatStatus]]] = {}
         self._urgent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -44,11 +45,11 @@ class HeartbeatBatcher:
 
     async def submit_and_wait(
         self, key: Key, epoch: int, ready_until: datetime, beat_at: datetime
-    ) -> str:
-        """Queue a beat and wait until it is written: "ok" if the participant was still
-        live with that epoch (the beat counted), else "superseded" or "rejoin_required"."""
+    ) -> HeartbeatStatus:
+        """Queue a beat and wait until it is written: OK if the participant was still
+        live with that epoch (the beat counted), else SUPERSEDED or REJOIN_REQUIRED."""
         self.submit(key, epoch, ready_until, beat_at)
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[HeartbeatStatus] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(fut)
         self._urgent.set()
         return await fut
@@ -101,7 +102,7 @@ class HeartbeatBatcher:
             self._metrics.flush_statements.inc()
             self._metrics.flush_rows.inc(len(rows))
             for k, (epoch, ready_until, _) in batch.items():
-                status = updated.get((k[0], k[1], epoch), "rejoin_required")
+                status = updated.get((k[0], k[1], epoch), HeartbeatStatus.REJOIN_REQUIRED)
                 self._on_result(k, epoch, ready_until, status)
                 for f in waiters.get(k, []):
                     if not f.done():

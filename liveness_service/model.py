@@ -1,4 +1,5 @@
-"""Liveness domain values: participants, presence events and the closed vocabularies."""
+"""Liveness domain values: participants and presence events (their vocabularies are
+in `vigil.core.vocab`)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-KINDS = ("remote", "custom")
-OFFLINE_REASONS = (
-    "left",
-    "task_received",
-    "signal",
-    "error",
-    "stream_dropped",
-    "ttl_expired",
-    "superseded",
-)
-# Reasons a client may give when it leaves; the rest are the server's to record.
-CLIENT_LEAVE_REASONS = ("left", "task_received", "signal", "error")
+from vigil.core.vocab import AgentKind, OfflineReason, ParticipantStatus, PresenceEventType
 
 Key = tuple[str, str]  # (chatroom, role)
 
@@ -26,14 +16,14 @@ Key = tuple[str, str]  # (chatroom, role)
 class Participant:
     chatroom: str
     role: str
-    kind: str
-    status: str
+    kind: AgentKind
+    status: ParticipantStatus
     epoch: int
     connection_id: str
     ready_until: datetime | None
     joined_at: datetime
     offline_at: datetime | None
-    offline_reason: str | None
+    offline_reason: OfflineReason | None
     revision: int
 
     @property
@@ -42,21 +32,21 @@ class Participant:
 
     @property
     def live(self) -> bool:
-        return self.status == "live"
+        return self.status == ParticipantStatus.LIVE
 
     @classmethod
     def from_row(cls, row: Any) -> Participant:
         return cls(
             chatroom=row["chatroom"],
             role=row["role"],
-            kind=row["kind"],
-            status=row["status"],
+            kind=AgentKind(row["kind"]),
+            status=ParticipantStatus(row["status"]),
             epoch=row["epoch"],
             connection_id=str(row["connection_id"]),
             ready_until=row["ready_until"],
             joined_at=row["joined_at"],
             offline_at=row["offline_at"],
-            offline_reason=row["offline_reason"],
+            offline_reason=OfflineReason(row["offline_reason"]) if row["offline_reason"] else None,
             revision=row["revision"],
         )
 
@@ -64,7 +54,7 @@ class Participant:
 @dataclass(frozen=True)
 class PresenceEvent:
     revision: int
-    type: str  # joined | resumed | offline
+    type: PresenceEventType
     at: datetime
     participant: Participant
 
@@ -72,7 +62,7 @@ class PresenceEvent:
     def from_row(cls, row: Any) -> PresenceEvent:
         return cls(
             revision=row["revision"],
-            type=row["type"],
+            type=PresenceEventType(row["type"]),
             at=row["at"],
             participant=Participant.from_row(row),
         )

@@ -126,10 +126,11 @@ ORDER BY revision
 LIMIT $3;
 
 -- name: count_by_kind_status
--- Agents only: daemons' own presence (chatroom vigil.machines) is counted elsewhere.
+-- Agents only: daemons' own presence is counted elsewhere. $1 the machines chatroom
 SELECT kind, status, count(*) AS n FROM liveness.participants
-WHERE chatroom <> 'vigil.machines' GROUP BY kind, status;
+WHERE chatroom <> $1 GROUP BY kind, status;
 
 -- name: roles_live
+-- $1 the machines chatroom
 SELECT chatroom, role, kind, status = 'live' AS live FROM liveness.participants
-WHERE chatroom <> 'vigil.machines';
+WHERE chatroom <> $1;

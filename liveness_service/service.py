@@ -15,22 +15,28 @@ from vigil.core import validation
 from vigil.core.clock import Clock
 from vigil.core.errors import FailedPrecondition, InvalidArgument, StorageError, Unavailable
 from vigil.core.timings import Timings
+from vigil.core.vocab import (
+    LEAVE_REASONS,
+    AgentKind,
+    HeartbeatStatus,
+    OfflineReason,
+    ParticipantStatus,
+    PresenceEventType,
+)
 from vigil.liveness_service.batcher import HeartbeatBatcher
 from vigil.liveness_service.events import EventHub
 from vigil.liveness_service.metrics import LivenessMetrics
-from vigil.liveness_service.model import (
-    CLIENT_LEAVE_REASONS,
-    KINDS,
-    Key,
-    Participant,
-    PresenceEvent,
-)
+from vigil.liveness_service.model import Key, Participant, PresenceEvent
 from vigil.liveness_service.store import LivenessStore
 from vigil.liveness_service.sweeper import TtlSweeper
 
 log = logging.getLogger(__name__)
 
-OK, REJOIN_REQUIRED, SUPERSEDED = "ok", "rejoin_required", "superseded"
+OK, REJOIN_REQUIRED, SUPERSEDED = (
+    HeartbeatStatus.OK,
+    HeartbeatStatus.REJOIN_REQUIRED,
+    HeartbeatStatus.SUPERSEDED,
+)
 
 
 @dataclass
@@ -39,7 +45,7 @@ class Push:
 
     kind: str
     participant: Participant | None = None
-    status: str = OK
+    status: HeartbeatStatus = OK
     ready_until: datetime | None = None
     delay_ms: int = 0
 
@@ -54,7 +60,7 @@ class Session:
     last_beat: float  # monotonic
     outbox: asyncio.Queue[Push] = field(default_factory=asyncio.Queue)
     state: str = "live"  # live | lost | ended
-    lost_status: str = REJOIN_REQUIRED
+    lost_status: HeartbeatStatus = REJOIN_REQUIRED
     detached: bool = False  # handed over (reconnect or drain): its stream's end marks nothing
 
     @property
@@ -65,7 +71,7 @@ class Session:
     def epoch(self) -> int:
         return self.participant.epoch
 
-    def lose(self, status: str) -> None:
+    def lose(self, status: HeartbeatStatus) -> None:
         if self.state == "live":
             self.state = "lost"
             self.lost_status = status
@@ -136,17 +142,12 @@ class Liveness:
         validation.name(chatroom, "chatroom")
         validation.name(role, "role")
 
-    @staticmethod
-    def check_kind(kind: str) -> str:
-        if kind not in KINDS:
-            raise InvalidArgument(f"kind must be 'remote' or 'custom', got {kind or 'nothing'!r}")
-        return kind
-
     # -- joins, beats and leaves -----------------------------------------
 
-    async def join(self, chatroom: str, role: str, kind: str, connection_id: str) -> Participant:
+    async def join(
+        self, chatroom: str, role: str, kind: AgentKind, connection_id: str
+    ) -> Participant:
         self.check_identity(chatroom, role)
-        self.check_kind(kind)
         connection_id = validation.uuid_str(connection_id, "connection_id")
         now = self.clock.now()
         participant, _superseded = await self.store.join(
@@ -183,7 +184,7 @@ class Liveness:
 
     async def resume(
         self, chatroom: str, role: str, epoch: int, connection_id: str
-    ) -> tuple[str, Participant | None]:
+    ) -> tuple[HeartbeatStatus, Participant | None]:
         """The same participant after a reconnect: (ok, participant), or the reason it
         cannot be resumed (rejoin_required / superseded)."""
         self.check_identity(chatroom, role)
@@ -221,7 +222,7 @@ class Liveness:
 
     async def beat_unary(
         self, chatroom: str, role: str, epoch: int, connection_id: str
-    ) -> tuple[str, datetime | None]:
+    ) -> tuple[HeartbeatStatus, datetime | None]:
         """A heartbeat from a client without a stream; always written before the answer."""
         self.check_identity(chatroom, role)
         validation.positive(epoch, "epoch")
@@ -263,7 +264,7 @@ class Liveness:
         return current
 
     async def leave(
-        self, chatroom: str, role: str, epoch: int, connection_id: str, reason: str
+        self, chatroom: str, role: str, epoch: int, connection_id: str, reason: OfflineReason
     ) -> Participant:
         self.check_identity(chatroom, role)
         validation.positive(epoch, "epoch")
@@ -282,14 +283,14 @@ class Liveness:
         return p
 
     @staticmethod
-    def _check_leave_reason(reason: str) -> None:
-        if reason not in CLIENT_LEAVE_REASONS:
+    def _check_leave_reason(reason: OfflineReason) -> None:
+        if reason not in LEAVE_REASONS:
             raise InvalidArgument(
-                f"leave reason must be one of {', '.join(CLIENT_LEAVE_REASONS)}, "
-                f"got {reason or 'nothing'!r}"
+                "leave reason must be one of "
+                f"{', '.join(sorted(r.value for r in LEAVE_REASONS))}, got {reason.value!r}"
             )
 
-    async def leave_session(self, session: Session, reason: str) -> Participant:
+    async def leave_session(self, session: Session, reason: OfflineReason) -> Participant:
         self._check_leave_reason(reason)
         p = session.participant
         if session.state != "live":
@@ -327,20 +328,27 @@ class Liveness:
         p = session.participant
         try:
             done = await self.store.mark_offline(
-                p.chatroom, p.role, p.epoch, p.connection_id, self.clock.now(), "stream_dropped"
+                p.chatroom,
+                p.role,
+                p.epoch,
+                p.connection_id,
+                self.clock.now(),
+                OfflineReason.STREAM_DROPPED,
             )
         except StorageError as exc:
             log.warning("could not record the dropped stream of %s/%s: %s", *p.key, exc)
             return
         if done is not None:
-            self.metrics.offline.labels("stream_dropped").inc()
-            self.metrics.detection.labels("stream_dropped").observe(
+            self.metrics.offline.labels(OfflineReason.STREAM_DROPPED).inc()
+            self.metrics.detection.labels(OfflineReason.STREAM_DROPPED).observe(
                 self.clock.monotonic() - noticed
             )
 
     # -- what other parts tell us ------------------------------------------
 
-    def _beat_written(self, key: Key, epoch: int, ready_until: datetime, status: str) -> None:
+    def _beat_written(
+        self, key: Key, epoch: int, ready_until: datetime, status: HeartbeatStatus
+    ) -> None:
         session = self.sessions.get((key[0], key[1], epoch))
         if session is None:
             return
@@ -351,20 +359,22 @@ class Liveness:
 
     def _expired(self, participants: list[Participant]) -> None:
         for p in participants:
-            self.metrics.offline.labels("ttl_expired").inc()
+            self.metrics.offline.labels(OfflineReason.TTL_EXPIRED).inc()
             if p.ready_until is not None and p.offline_at is not None:
                 lag = (p.offline_at - p.ready_until).total_seconds()
-                self.metrics.detection.labels("ttl_expired").observe(max(0.0, lag))
+                self.metrics.detection.labels(OfflineReason.TTL_EXPIRED).observe(max(0.0, lag))
 
     def _presence_event(self, ev: PresenceEvent) -> None:
         """Any replica's change reaches the stream that holds that participant here."""
-        if ev.type != "offline":
+        if ev.type != PresenceEventType.OFFLINE:
             return
         p = ev.participant
         session = self.sessions.get((p.chatroom, p.role, p.epoch))
         if session is None or session.participant.connection_id != p.connection_id:
             return
-        session.lose(SUPERSEDED if p.offline_reason == "superseded" else REJOIN_REQUIRED)
+        session.lose(
+            SUPERSEDED if p.offline_reason == OfflineReason.SUPERSEDED else REJOIN_REQUIRED
+        )
 
     # -- queries ------------------------------------------------------------
 
@@ -421,8 +431,8 @@ class Liveness:
             try:
                 counts = await self.store.counts()
                 self.metrics.participants.clear()
-                for kind in KINDS:
-                    for status in ("live", "offline"):
+                for kind in AgentKind:
+                    for status in ParticipantStatus:
                         self.metrics.participants.labels(kind, status).set(0)
                 for kind, status, n in counts:
                     self.metrics.participants.labels(kind, status).set(n)

@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from vigil.core.errors import FailedPrecondition, InvalidArgument, VigilError, grpc_errors
+from vigil.core.errors import FailedPrecondition, InvalidArgument, grpc_errors
 from vigil.core.timefmt import to_proto
+from vigil.core.vocab import AgentKind, OfflineReason
 from vigil.liveness_service import codec
 from vigil.liveness_service.service import OK, Liveness, Push
 from vigil.liveness_service.service import Session as LiveSession
@@ -20,6 +21,22 @@ from vigil.v1 import liveness_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Liveness"].full_name
+
+
+def _kind(value: int) -> AgentKind:
+    try:
+        return AgentKind.from_pb(value)
+    except ValueError:
+        raise InvalidArgument("kind must be remote or custom") from None
+
+
+def _reason(value: int) -> OfflineReason:
+    try:
+        return OfflineReason.from_pb(value)
+    except ValueError:
+        raise InvalidArgument(
+            "a leave needs a reason: left, task_received, signal or error"
+        ) from None
 
 
 def _push_to_pb(push: Push, live: Liveness) -> pb.SessionResponse:
@@ -35,7 +52,7 @@ def _push_to_pb(push: Push, live: Liveness) -> pb.SessionResponse:
     if push.kind == "heartbeat":
         return pb.SessionResponse(
             heartbeat=pb.HeartbeatResponse(
-                status=codec.HEARTBEAT_TO_PB[push.status], ready_until=to_proto(push.ready_until)
+                status=push.status.to_pb(), ready_until=to_proto(push.ready_until)
             )
         )
     if push.kind == "left":
@@ -55,7 +72,7 @@ class LivenessServicer(pb_grpc.LivenessServicer):
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
     ) -> pb.JoinResponse:
         p = await self.live.join(
-            request.chatroom, request.role, codec.kind_from_pb(request.kind), request.connection_id
+            request.chatroom, request.role, _kind(request.kind), request.connection_id
         )
         return pb.JoinResponse(
             participant=codec.participant(p),
@@ -70,9 +87,7 @@ class LivenessServicer(pb_grpc.LivenessServicer):
         status, ready_until = await self.live.beat_unary(
             request.chatroom, request.role, request.epoch, request.connection_id
         )
-        return pb.HeartbeatResponse(
-            status=codec.HEARTBEAT_TO_PB[status], ready_until=to_proto(ready_until)
-        )
+        return pb.HeartbeatResponse(status=status.to_pb(), ready_until=to_proto(ready_until))
 
     @grpc_errors
     async def Leave(
@@ -83,7 +98,7 @@ class LivenessServicer(pb_grpc.LivenessServicer):
             request.role,
             request.epoch,
             request.connection_id,
-            codec.reason_from_pb(request.reason),
+            _reason(request.reason),
         )
         return pb.LeaveResponse(participant=codec.participant(p))
 
@@ -103,29 +118,24 @@ class LivenessServicer(pb_grpc.LivenessServicer):
         async for ev in self.live.watch(request.from_revision, request.chatroom):
             yield codec.event(ev)
 
+    @grpc_errors
     async def Session(  # type: ignore[override]  # read/write style, not an iterator
         self, request_iterator: object, context: grpc.aio.ServicerContext
     ) -> None:
         """join|resume, then heartbeats, then a leave. Server pushes (superseded,
-        rejoin, reconnect) go through the session's outbox, written by one writer."""
+        rejoin, reconnect) go through the session's outbox, written by one writer.
+        An error ends the stream with its status once the writer has stopped (one
+        operation at a time on a call)."""
         session: LiveSession | None = None
         writer: asyncio.Task[None] | None = None
         self.live.metrics.streams.inc()
         try:
-            try:
-                session = await self._open(context)
-            except VigilError as exc:
-                await context.abort(exc.code, str(exc))
+            session = await self._open(context)
             if session is None:
                 return
             writer = asyncio.create_task(self._write_loop(session, context))
             await self._read_loop(session, context)
             await session.outbox.join()
-        except asyncio.CancelledError:
-            if session is not None:
-                self.live.stream_ended(session)
-                session = None
-            raise
         finally:
             self.live.metrics.streams.dec()
             if writer is not None:
@@ -143,9 +153,7 @@ class LivenessServicer(pb_grpc.LivenessServicer):
         which = first.WhichOneof("msg")
         if which == "join":
             j = first.join
-            p = await self.live.join(
-                j.chatroom, j.role, codec.kind_from_pb(j.kind), j.connection_id
-            )
+            p = await self.live.join(j.chatroom, j.role, _kind(j.kind), j.connection_id)
             session = self.live.open_session(p)
             session.outbox.put_nowait(Push("joined", participant=p))
             return session
@@ -154,9 +162,7 @@ class LivenessServicer(pb_grpc.LivenessServicer):
             status, resumed = await self.live.resume(r.chatroom, r.role, r.epoch, r.connection_id)
             if status != OK or resumed is None:
                 await context.write(
-                    pb.SessionResponse(
-                        heartbeat=pb.HeartbeatResponse(status=codec.HEARTBEAT_TO_PB[status])
-                    )
+                    pb.SessionResponse(heartbeat=pb.HeartbeatResponse(status=status.to_pb()))
                 )
                 return None
             session = self.live.open_session(resumed)
@@ -178,18 +184,13 @@ class LivenessServicer(pb_grpc.LivenessServicer):
                 if push.status != OK:
                     return
             elif which == "leave":
-                try:
-                    p = await self.live.leave_session(
-                        session, codec.reason_from_pb(req.leave.reason)
-                    )
-                except VigilError as exc:
-                    await context.abort(exc.code, str(exc))
+                p = await self.live.leave_session(session, _reason(req.leave.reason))
                 session.outbox.put_nowait(Push("left", participant=p))
                 return
             else:
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"{which} on a session that already joined: send heartbeat or leave",
+                raise FailedPrecondition(
+                    f"{which or 'an empty message'} on a session that already joined: "
+                    "send heartbeat or leave"
                 )
 
     async def _write_loop(self, session: LiveSession, context: grpc.aio.ServicerContext) -> None:

@@ -3,22 +3,30 @@ event, in one transaction, and announced to every replica with NOTIFY."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from vigil.core.db import Database
-from vigil.core.errors import StorageError
+from vigil.core.db import Database, mapped_errors
 from vigil.core.sql import load_queries
+from vigil.core.vocab import (
+    MACHINES_CHATROOM,
+    AgentKind,
+    HeartbeatStatus,
+    OfflineReason,
+    ParticipantStatus,
+    PresenceEventType,
+)
 from vigil.liveness_service.model import Participant, PresenceEvent
 
 Q = load_queries(Path(__file__).with_name("queries.sql"))
 MIGRATIONS = Path(__file__).with_name("migrations")
 NOTIFY_CHANNEL = "vigil_liveness"
 
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+Beat = tuple[str, str, int, datetime, datetime]  # chatroom, role, epoch, ready_until, beat_at
 
 
 class LivenessStore:
@@ -27,7 +35,7 @@ class LivenessStore:
         self.heartbeat_statements = 0  # batched heartbeat writes issued (for metrics/bench)
 
     async def _record(
-        self, conn: asyncpg.Connection, kind: str, rows: list[Any], at: datetime
+        self, conn: asyncpg.Connection, kind: PresenceEventType, rows: list[Any], at: datetime
     ) -> list[PresenceEvent]:
         """Give `rows` (participants as just written) revisions and events, then NOTIFY."""
         if not rows:
@@ -45,22 +53,22 @@ class LivenessStore:
         await conn.execute(
             Q["insert_events"],
             revisions,
-            [kind] * len(parts),
+            [kind.value] * len(parts),
             [at] * len(parts),
             [p.chatroom for p in parts],
             [p.role for p in parts],
-            [p.kind for p in parts],
-            [p.status for p in parts],
+            [p.kind.value for p in parts],
+            [p.status.value for p in parts],
             [p.epoch for p in parts],
             [p.connection_id for p in parts],
             [p.ready_until for p in parts],
             [p.joined_at for p in parts],
             [p.offline_at for p in parts],
-            [p.offline_reason for p in parts],
+            [p.offline_reason.value if p.offline_reason else None for p in parts],
         )
         await conn.execute(Q["notify"], str(last))
         return [
-            PresenceEvent(rev, kind, at, _with_revision(p, rev))
+            PresenceEvent(rev, kind, at, replace(p, revision=rev))
             for rev, p in zip(revisions, parts, strict=True)
         ]
 
@@ -68,50 +76,44 @@ class LivenessStore:
         self,
         chatroom: str,
         role: str,
-        kind: str,
+        kind: AgentKind,
         connection_id: str,
         now: datetime,
         ready_until: datetime,
     ) -> tuple[Participant, Participant | None]:
         """A new participant with the next epoch; returns it and the live one it superseded."""
-        try:
-            async with self.db.pool.acquire() as conn, conn.transaction():
-                old = await conn.fetchrow(Q["lock_participant"], chatroom, role)
-                superseded = None
-                if old is not None and old["status"] == "live":
-                    row = await conn.fetchrow(
-                        Q["mark_offline"],
-                        chatroom,
-                        role,
-                        old["epoch"],
-                        old["connection_id"],
-                        now,
-                        "superseded",
-                        old["revision"],
-                    )
-                    (ev,) = await self._record(conn, "offline", [row], now)
-                    superseded = ev.participant
+        async with mapped_errors(), self.db.pool.acquire() as conn, conn.transaction():
+            old = await conn.fetchrow(Q["lock_participant"], chatroom, role)
+            superseded = None
+            if old is not None and old["status"] == ParticipantStatus.LIVE:
                 row = await conn.fetchrow(
-                    Q["upsert_joined"], chatroom, role, kind, connection_id, now, ready_until, 0
+                    Q["mark_offline"],
+                    chatroom,
+                    role,
+                    old["epoch"],
+                    old["connection_id"],
+                    now,
+                    OfflineReason.SUPERSEDED.value,
+                    old["revision"],
                 )
-                (ev,) = await self._record(conn, "joined", [row], now)
-                return ev.participant, superseded
-        except _DB_ERRORS as exc:
-            raise StorageError(f"join failed: {exc}") from exc
+                (ev,) = await self._record(conn, PresenceEventType.OFFLINE, [row], now)
+                superseded = ev.participant
+            row = await conn.fetchrow(
+                Q["upsert_joined"], chatroom, role, kind.value, connection_id, now, ready_until, 0
+            )
+            (ev,) = await self._record(conn, PresenceEventType.JOINED, [row], now)
+            return ev.participant, superseded
 
     async def _change_one(
-        self, query: str, event: str, now: datetime, *args: object
+        self, query: str, event: PresenceEventType, now: datetime, *args: object
     ) -> Participant | None:
         """Run a conditional single-row update; record its event when it matched."""
-        try:
-            async with self.db.pool.acquire() as conn, conn.transaction():
-                row = await conn.fetchrow(Q[query], *args)
-                if row is None:
-                    return None
-                (ev,) = await self._record(conn, event, [row], now)
-                return ev.participant
-        except _DB_ERRORS as exc:
-            raise StorageError(f"{query} failed: {exc}") from exc
+        async with mapped_errors(), self.db.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(Q[query], *args)
+            if row is None:
+                return None
+            (ev,) = await self._record(conn, event, [row], now)
+            return ev.participant
 
     async def mark_offline(
         self,
@@ -120,11 +122,20 @@ class LivenessStore:
         epoch: int,
         connection_id: str,
         now: datetime,
-        reason: str,
+        reason: OfflineReason,
     ) -> Participant | None:
         """Offline if still live with that epoch and connection; None when it was not."""
         return await self._change_one(
-            "mark_offline", "offline", now, chatroom, role, epoch, connection_id, now, reason, 0
+            "mark_offline",
+            PresenceEventType.OFFLINE,
+            now,
+            chatroom,
+            role,
+            epoch,
+            connection_id,
+            now,
+            reason.value,
+            0,
         )
 
     async def resume(
@@ -138,7 +149,16 @@ class LivenessStore:
     ) -> Participant | None:
         """The same participant on a new stream, if still live, same epoch and in time."""
         return await self._change_one(
-            "resume", "resumed", now, chatroom, role, epoch, connection_id, now, ready_until, 0
+            "resume",
+            PresenceEventType.RESUMED,
+            now,
+            chatroom,
+            role,
+            epoch,
+            connection_id,
+            now,
+            ready_until,
+            0,
         )
 
     async def get(self, chatroom: str, role: str) -> Participant | None:
@@ -146,11 +166,11 @@ class LivenessStore:
         return Participant.from_row(row) if row else None
 
     async def flush_heartbeats(
-        self, beats: list[tuple[str, str, int, datetime, datetime]]
-    ) -> dict[tuple[str, str, int], str]:
-        """Write many beats in one statement. Each (chatroom, role, epoch) maps to what the
-        beat's participant is told: ok, superseded (a newer epoch holds the role) or
-        rejoin_required (it is no longer live)."""
+        self, beats: list[Beat]
+    ) -> dict[tuple[str, str, int], HeartbeatStatus]:
+        """Write many beats in one statement. Each (chatroom, role, epoch) maps to what
+        the beat's participant is told: OK, SUPERSEDED (a newer epoch holds the role) or
+        REJOIN_REQUIRED (it is no longer live)."""
         self.heartbeat_statements += 1
         rows = await self.db.fetch(
             Q["flush_heartbeats"],
@@ -160,43 +180,29 @@ class LivenessStore:
             [b[3] for b in beats],
             [b[4] for b in beats],
         )
-        return {
-            (r["chatroom"], r["role"], r["epoch"]): (
-                "ok"
-                if r["ok"]
-                else "superseded"
-                if (r["current_epoch"] or 0) > r["epoch"]
-                else "rejoin_required"
-            )
-            for r in rows
-        }
+        return {(r["chatroom"], r["role"], r["epoch"]): _beat_status(r) for r in rows}
 
     async def next_deadline(self) -> datetime | None:
         value: datetime | None = await self.db.fetchval(Q["next_deadline"])
         return value
 
     async def expire_due(self, now: datetime, limit: int = 1000) -> list[Participant]:
-        try:
-            async with self.db.pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(Q["expire_due"], now, limit)
-                events = await self._record(conn, "offline", list(rows), now)
-                return [e.participant for e in events]
-        except _DB_ERRORS as exc:
-            raise StorageError(f"expiry failed: {exc}") from exc
+        async with mapped_errors(), self.db.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(Q["expire_due"], now, limit)
+            events = await self._record(conn, PresenceEventType.OFFLINE, list(rows), now)
+            return [e.participant for e in events]
 
     async def list_participants(
         self, chatroom: str | None, live_only: bool
     ) -> tuple[list[Participant], int]:
         """A snapshot of participants and the revision it is consistent with."""
-        try:
-            async with (
-                self.db.pool.acquire() as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                revision = await conn.fetchval(Q["current_revision"])
-                rows = await conn.fetch(Q["list_participants"], chatroom, live_only)
-        except _DB_ERRORS as exc:
-            raise StorageError(f"listing participants failed: {exc}") from exc
+        async with (
+            mapped_errors(),
+            self.db.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            revision = await conn.fetchval(Q["current_revision"])
+            rows = await conn.fetch(Q["list_participants"], chatroom, live_only)
         return [Participant.from_row(r) for r in rows], revision
 
     async def current_revision(self) -> int:
@@ -209,16 +215,18 @@ class LivenessStore:
         rows = await self.db.fetch(Q["events_since"], revision, chatroom, limit)
         return [PresenceEvent.from_row(r) for r in rows]
 
-    async def roles_live(self) -> list[tuple[str, str, str, bool]]:
-        rows = await self.db.fetch(Q["roles_live"])
-        return [(r["chatroom"], r["role"], r["kind"], r["live"]) for r in rows]
+    async def roles_live(self) -> list[tuple[str, str, AgentKind, bool]]:
+        rows = await self.db.fetch(Q["roles_live"], MACHINES_CHATROOM)
+        return [(r["chatroom"], r["role"], AgentKind(r["kind"]), r["live"]) for r in rows]
 
-    async def counts(self) -> list[tuple[str, str, int]]:
-        rows = await self.db.fetch(Q["count_by_kind_status"])
-        return [(r["kind"], r["status"], r["n"]) for r in rows]
+    async def counts(self) -> list[tuple[AgentKind, ParticipantStatus, int]]:
+        rows = await self.db.fetch(Q["count_by_kind_status"], MACHINES_CHATROOM)
+        return [(AgentKind(r["kind"]), ParticipantStatus(r["status"]), r["n"]) for r in rows]
 
 
-def _with_revision(p: Participant, revision: int) -> Participant:
-    from dataclasses import replace
-
-    return replace(p, revision=revision)
+def _beat_status(row: Any) -> HeartbeatStatus:
+    if row["ok"]:
+        return HeartbeatStatus.OK
+    if (row["current_epoch"] or 0) > row["epoch"]:
+        return HeartbeatStatus.SUPERSEDED
+    return HeartbeatStatus.REJOIN_REQUIRED

@@ -1,14 +1,16 @@
-"""The task service as a component a server hosts."""
+"""The task service as a component a server hosts: the Tasks and Machines APIs."""
 
 from __future__ import annotations
 
 import grpc
 from prometheus_client import CollectorRegistry
 
+from vigil.client import ClientConfig
 from vigil.core.clock import Clock
 from vigil.core.db import Database
 from vigil.core.migrations import Migration, discover
 from vigil.core.timings import Timings
+from vigil.task_service.agents_store import AgentStore
 from vigil.task_service.machines_servicer import SERVICE_NAME as MACHINES_SERVICE_NAME
 from vigil.task_service.machines_servicer import MachinesServicer
 from vigil.task_service.metrics import TaskMetrics
@@ -29,7 +31,7 @@ class TaskApp:
     def __init__(
         self,
         db: Database,
-        liveness_addr: str | None,
+        liveness: ClientConfig,
         timings: Timings,
         clock: Clock,
         registry: CollectorRegistry,
@@ -37,12 +39,12 @@ class TaskApp:
         self.store = TaskStore(db)
         self.metrics = TaskMetrics(registry)
         self.svc = TaskService(
-            self.store, db.url, liveness_addr or "", timings, clock, self.metrics
+            self.store, AgentStore(db), db.url, liveness, timings, clock, self.metrics
         )
 
     def set_liveness_addr(self, addr: str) -> None:
         """The liveness service to follow (known once a shared server has bound its port)."""
-        self.svc.presence.addr = addr
+        self.svc.presence.follow(addr)
 
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_TasksServicer_to_server(TasksServicer(self.svc), server)

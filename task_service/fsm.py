@@ -12,20 +12,21 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from vigil.core.errors import FailedPrecondition, InvalidArgument
+from vigil.core.vocab import TaskStatus
 
-PENDING = "pending"
-ACKNOWLEDGED = "acknowledged"
-IN_PROGRESS = "in_progress"
-COMPLETED = "completed"
-QUEUED = "queued"
-CLOSED = "closed"
+PENDING = TaskStatus.PENDING
+ACKNOWLEDGED = TaskStatus.ACKNOWLEDGED
+IN_PROGRESS = TaskStatus.IN_PROGRESS
+COMPLETED = TaskStatus.COMPLETED
+QUEUED = TaskStatus.QUEUED
+CLOSED = TaskStatus.CLOSED
 
-STATUSES: tuple[str, ...] = (PENDING, ACKNOWLEDGED, IN_PROGRESS, COMPLETED, QUEUED, CLOSED)
-TERMINAL: frozenset[str] = frozenset({COMPLETED, CLOSED})
+STATUSES: tuple[TaskStatus, ...] = tuple(TaskStatus)
+TERMINAL: frozenset[TaskStatus] = frozenset({COMPLETED, CLOSED})
 # A role with a task in one of these is busy: a new task for it is created queued.
-ACTIVE: frozenset[str] = frozenset({PENDING, ACKNOWLEDGED, IN_PROGRESS})
+ACTIVE: frozenset[TaskStatus] = frozenset({PENDING, ACKNOWLEDGED, IN_PROGRESS})
 # The statuses a task may be created in (the database refuses any other on INSERT).
-INITIAL: frozenset[str] = frozenset({PENDING, QUEUED})
+INITIAL: frozenset[TaskStatus] = frozenset({PENDING, QUEUED})
 
 # The SQLSTATE the database raises when it refuses a status or attempt change, so the
 # storage layer can tell an FSM refusal from any other failure.
@@ -33,8 +34,8 @@ DB_REFUSED_SQLSTATE = "VG001"
 
 
 class Rule(NamedTuple):
-    from_status: str
-    to_status: str
+    from_status: TaskStatus
+    to_status: TaskStatus
     trigger: str
     # Recovery hands the task to a new claimer: bumping the attempt fences the old one,
     # whose late start or completion then presents a stale attempt and is refused.
@@ -57,9 +58,11 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def _index(rules: tuple[Rule, ...]) -> tuple[dict[tuple[str, str], Rule], dict[str, bool]]:
+def _index(
+    rules: tuple[Rule, ...],
+) -> tuple[dict[tuple[TaskStatus, str], Rule], dict[str, bool]]:
     """Check the table is a function of (status, trigger) and index it."""
-    by_key: dict[tuple[str, str], Rule] = {}
+    by_key: dict[tuple[TaskStatus, str], Rule] = {}
     increments: dict[str, bool] = {}
     for rule in rules:
         for status in (rule.from_status, rule.to_status):
@@ -89,9 +92,9 @@ def _check_trigger(trigger: str) -> None:
 
 
 def _check_status(status: str) -> None:
-    if status not in STATUSES:
+    if status not in TaskStatus.values():
         raise InvalidArgument(
-            f"unknown task status {status!r}; known statuses: {', '.join(STATUSES)}"
+            f"unknown task status {status!r}; known statuses: {', '.join(TaskStatus.values())}"
         )
 
 
@@ -110,7 +113,7 @@ def rule_for(task_status: str, trigger: str) -> Rule:
     """
     _check_trigger(trigger)
     _check_status(task_status)
-    rule = _BY_KEY.get((task_status, trigger))
+    rule = _BY_KEY.get((TaskStatus(task_status), trigger))
     if rule is None:
         valid = valid_triggers(task_status)
         raise FailedPrecondition(
@@ -120,7 +123,7 @@ def rule_for(task_status: str, trigger: str) -> Rule:
     return rule
 
 
-def transition(task_status: str, trigger: str) -> str:
+def transition(task_status: str, trigger: str) -> TaskStatus:
     """The status a task in `task_status` moves to on `trigger` (see `rule_for`)."""
     return rule_for(task_status, trigger).to_status
 
@@ -135,7 +138,7 @@ def rules_sql_values() -> str:
     """The rule table as the rows of a SQL `VALUES` list, one rule per line, in the
     column order (from_status, to_status, trigger, increments_attempt)."""
     return ",\n".join(
-        f"    ('{r.from_status}', '{r.to_status}', '{r.trigger}', "
+        f"    ('{r.from_status.value}', '{r.to_status.value}', '{r.trigger}', "
         f"{'true' if r.increments_attempt else 'false'})"
         for r in RULES
     )

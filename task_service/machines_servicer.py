@@ -5,78 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from datetime import datetime
 from typing import Any, TypeAlias
 
 import grpc
 
-from vigil.core import validation
-from vigil.core.errors import FailedPrecondition, InvalidArgument, VigilError, grpc_errors
-from vigil.core.timefmt import from_proto
-from vigil.task_service.agents import Agents, ChildInfo, ExitInfo
+from vigil.core.errors import FailedPrecondition, InvalidArgument, grpc_errors
+from vigil.core.vocab import CommandStatus, DesiredState, ExitClassification
+from vigil.task_service import codec
+from vigil.task_service.agents import Agents
+from vigil.task_service.model import Exit
 from vigil.v1 import machines_pb2 as pb
 from vigil.v1 import machines_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Machines"].full_name
 Ctx: TypeAlias = grpc.aio.ServicerContext
-
-_CLASS = {
-    pb.EXIT_CLASSIFICATION_INTENTIONAL: "intentional",
-    pb.EXIT_CLASSIFICATION_SIGNAL: "signal",
-    pb.EXIT_CLASSIFICATION_EXITED_OK: "exited_ok",
-    pb.EXIT_CLASSIFICATION_CRASHED: "crashed",
-}
-_TYPE = {"start": pb.COMMAND_TYPE_START, "stop": pb.COMMAND_TYPE_STOP}
 SESSION_RECHECK_S = 5.0
 
 
-def _child(c: pb.Child) -> ChildInfo:
-    validation.name(c.chatroom, "child chatroom")
-    validation.name(c.role, "child role")
-    validation.positive(c.pid, "child pid")
-    if not c.HasField("started_at"):
-        raise InvalidArgument("child started_at is required (it identifies the incarnation)")
-    return ChildInfo(c.chatroom, c.role, c.pid, from_proto(c.started_at))
-
-
-def _ts(msg: Any, field: str, value: datetime | None) -> None:
-    if value is not None:
-        getattr(msg, field).FromDatetime(value)
-
-
-def command(row: Any) -> pb.Command:
-    msg = pb.Command(
-        id=row["id"],
-        type=_TYPE[row["type"]],
-        chatroom=row["chatroom"],
-        role=row["role"],
-        command=row["command"] or "",
-        status=row["status"],
-        machine_id=row["machine_id"],
-        reason=row["reason"],
+def _exit(request: pb.ExitReport) -> Exit:
+    classification = codec.enum(ExitClassification, request.classification, "classification")
+    if classification == ExitClassification.DAEMON_LOST:
+        raise InvalidArgument("daemon_lost is the server's to record, not a daemon's")
+    return Exit(
+        codec.child_from_pb(request.child),
+        request.exit_code if request.has_exit_code else None,
+        request.signal or None,
+        codec.timestamp(request, "exited_at"),
+        classification,
     )
-    _ts(msg, "deadline_at", row["deadline_at"])
-    _ts(msg, "created_at", row["created_at"])
-    return msg
-
-
-def agent(row: Any) -> pb.Agent:
-    msg = pb.Agent(
-        chatroom=row["chatroom"],
-        role=row["role"],
-        machine_id=row["machine_id"],
-        desired_state=row["desired_state"],
-        status=row["status"],
-        pid=row["pid"] or 0,
-        restart_count=row["restart_count"],
-        has_last_exit=row["last_exit_at"] is not None,
-        last_exit_code=row["last_exit_code"] or 0,
-        last_exit_signal=row["last_exit_signal"] or 0,
-        last_exit_classification=row["last_exit_classification"] or "",
-    )
-    _ts(msg, "last_exit_at", row["last_exit_at"])
-    _ts(msg, "next_restart_at", row["next_restart_at"])
-    return msg
 
 
 class MachinesServicer(pb_grpc.MachinesServicer):
@@ -95,76 +51,63 @@ class MachinesServicer(pb_grpc.MachinesServicer):
     @grpc_errors
     async def ReportExit(self, request: pb.ExitReport, context: Ctx) -> pb.ExitAck:
         machine = await self.agents.authenticate(request.machine_id, request.credential)
-        classification = _CLASS.get(request.classification)
-        if classification is None:
-            raise InvalidArgument("classification is required")
-        if not request.HasField("exited_at"):
-            raise InvalidArgument("exited_at is required")
-        ex = ExitInfo(
-            _child(request.child),
-            request.exit_code if request.has_exit_code else None,
-            request.signal or None,
-            from_proto(request.exited_at),
-            classification,
-        )
-        recorded = await self.agents.report_exit(machine, ex)
+        recorded = await self.agents.report_exit(machine, _exit(request))
         return pb.ExitAck(duplicate=not recorded)
 
     @grpc_errors
     async def ListMachines(
         self, request: pb.ListMachinesRequest, context: Ctx
     ) -> pb.ListMachinesResponse:
-        out = []
-        for row, online in await self.agents.list_machines():
-            m = pb.Machine(
-                machine_id=row["machine_id"],
-                hostname=row["hostname"],
-                harnesses=list(row["harnesses"]),
-                online=online,
-            )
-            m.registered_at.FromDatetime(row["registered_at"])
-            out.append(m)
-        return pb.ListMachinesResponse(machines=out)
+        machines = await self.agents.list_machines()
+        return pb.ListMachinesResponse(machines=[codec.machine(m, on) for m, on in machines])
 
     @grpc_errors
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: Ctx
     ) -> pb.ListAgentsResponse:
-        return pb.ListAgentsResponse(
-            agents=[agent(r) for r in await self.agents.list_agents(request.chatroom)]
-        )
+        agents = await self.agents.list_agents(request.chatroom)
+        return pb.ListAgentsResponse(agents=[codec.agent(a) for a in agents])
 
     @grpc_errors
     async def ListCommands(
         self, request: pb.ListCommandsRequest, context: Ctx
     ) -> pb.ListCommandsResponse:
-        rows = await self.agents.list_commands(request.machine_id, request.limit)
-        return pb.ListCommandsResponse(commands=[command(r) for r in rows])
+        commands = await self.agents.list_commands(request.machine_id, request.limit)
+        return pb.ListCommandsResponse(commands=[codec.command(c) for c in commands])
+
+    @grpc_errors
+    async def ListExits(self, request: pb.ListExitsRequest, context: Ctx) -> pb.ListExitsResponse:
+        exits = await self.agents.list_exits(request.chatroom, request.role, request.limit)
+        return pb.ListExitsResponse(exits=[codec.recorded_exit(e) for e in exits])
 
     @grpc_errors
     async def StartAgent(self, request: pb.AgentRef, context: Ctx) -> pb.Agent:
-        return agent(await self.agents.set_desired(request.chatroom, request.role, "running"))
+        return codec.agent(
+            await self.agents.set_desired(request.chatroom, request.role, DesiredState.RUNNING)
+        )
 
     @grpc_errors
     async def StopAgent(self, request: pb.AgentRef, context: Ctx) -> pb.Agent:
-        return agent(await self.agents.set_desired(request.chatroom, request.role, "stopped"))
+        return codec.agent(
+            await self.agents.set_desired(request.chatroom, request.role, DesiredState.STOPPED)
+        )
 
+    @grpc_errors
     async def DaemonSession(  # type: ignore[override]  # read/write style
         self, request_iterator: object, context: Ctx
     ) -> None:
         """hello (with the children the daemon runs) -> welcome, then commands pushed
-        as they are issued; the daemon answers each with a result."""
-        try:
-            first = await context.read()
-            if first is grpc.aio.EOF:
-                return
-            if first.WhichOneof("msg") != "hello":
-                raise FailedPrecondition("the first DaemonSession message must be hello")
-            hello = first.hello
-            machine = await self.agents.authenticate(hello.machine_id, hello.credential)
-            lost = await self.agents.reconcile(machine, [_child(c) for c in hello.children])
-        except VigilError as exc:
-            await context.abort(exc.code, str(exc))
+        as they are issued; the daemon answers each with a result. One task writes
+        (this one); the results are read by another and never write."""
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        if first.WhichOneof("msg") != "hello":
+            raise FailedPrecondition("the first DaemonSession message must be hello")
+        hello = first.hello
+        machine = await self.agents.authenticate(hello.machine_id, hello.credential)
+        children = [codec.child_from_pb(c) for c in hello.children]
+        lost = await self.agents.reconcile(machine, children)
         await context.write(
             pb.ServerMessage(welcome=pb.ServerMessage.Welcome(reconciled_lost=lost))
         )
@@ -175,13 +118,13 @@ class MachinesServicer(pb_grpc.MachinesServicer):
         try:
             while not reader.done():
                 woken.clear()
-                for row in await self.agents.open_commands(machine):
-                    if row["id"] in sent:
+                for cmd in await self.agents.open_commands(machine):
+                    if cmd.id in sent:
                         continue
-                    sent.add(row["id"])
-                    if row["status"] == "pending":
-                        await self.agents.mark_command(machine, row["id"], "delivered")
-                    await context.write(pb.ServerMessage(command=command(row)))
+                    sent.add(cmd.id)
+                    if cmd.status == CommandStatus.PENDING:
+                        await self.agents.mark_command(machine, cmd.id, CommandStatus.DELIVERED)
+                    await context.write(pb.ServerMessage(command=codec.command(cmd)))
                 waits: set[asyncio.Future[Any]] = {reader, asyncio.ensure_future(woken.wait())}
                 _done, pending = await asyncio.wait(
                     waits, timeout=SESSION_RECHECK_S, return_when=asyncio.FIRST_COMPLETED
@@ -189,6 +132,7 @@ class MachinesServicer(pb_grpc.MachinesServicer):
                 for p in pending:
                     if p is not reader:
                         p.cancel()
+            reader.result()  # a malformed result ends the session with its status
         finally:
             self.agents.sessions[machine].discard(woken)
             reader.cancel()
@@ -201,7 +145,8 @@ class MachinesServicer(pb_grpc.MachinesServicer):
             if msg is grpc.aio.EOF:
                 return
             if msg.WhichOneof("msg") != "result":
-                continue
+                raise FailedPrecondition("after hello, a daemon sends only command results")
             r = msg.result
-            child = _child(r.child) if r.HasField("child") and r.child.pid else None
-            await self.agents.command_result(machine, r.command_id, r.outcome, child, r.message)
+            outcome = codec.enum(CommandStatus, r.outcome, "command result outcome")
+            child = codec.child_from_pb(r.child) if r.HasField("child") and r.child.pid else None
+            await self.agents.command_result(machine, r.command_id, outcome, child, r.message)

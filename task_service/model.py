@@ -1,4 +1,6 @@
-"""Task-service domain values: chatrooms, roles, tasks, transitions, notifications."""
+"""Task-service domain values: chatrooms, roles, tasks, transitions, notifications, and
+the remote side: machines, their agents, the agents' exits and the commands daemons run.
+Stores return these; nothing above the store sees a database row."""
 
 from __future__ import annotations
 
@@ -6,13 +8,28 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from vigil.core.vocab import (
+    AgentKind,
+    AgentStatus,
+    CommandStatus,
+    CommandType,
+    DesiredState,
+    ExitClassification,
+    NotificationKind,
+    TaskStatus,
+)
+
 
 @dataclass(frozen=True)
 class Role:
     role: str
-    kind: str  # remote | custom
+    kind: AgentKind
     machine: str | None = None
     command: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Role:
+        return cls(row["role"], AgentKind(row["kind"]), row["machine"], row["command"])
 
 
 @dataclass(frozen=True)
@@ -28,7 +45,7 @@ class Task:
     chatroom: str
     role: str
     text: str
-    status: str
+    status: TaskStatus
     attempt: int
     recoveries: int
     assigned_to: str | None
@@ -50,7 +67,7 @@ class Task:
             chatroom=row["chatroom"],
             role=row["role"],
             text=row["text"],
-            status=row["status"],
+            status=TaskStatus(row["status"]),
             attempt=row["attempt"],
             recoveries=row["recoveries"],
             assigned_to=row["assigned_to"],
@@ -69,19 +86,31 @@ class Task:
 
 @dataclass(frozen=True)
 class Transition:
-    from_status: str
-    to_status: str
+    from_status: TaskStatus
+    to_status: TaskStatus
     trigger: str
     actor: str
     reason: str
     attempt: int
     at: datetime
 
+    @classmethod
+    def from_row(cls, row: Any) -> Transition:
+        return cls(
+            TaskStatus(row["from_status"]),
+            TaskStatus(row["to_status"]),
+            row["trigger"],
+            row["actor"],
+            row["reason"],
+            row["attempt"],
+            row["at"],
+        )
+
 
 @dataclass(frozen=True)
 class Notification:
     id: int
-    kind: str
+    kind: NotificationKind
     chatroom: str
     role: str
     task_id: str | None
@@ -92,10 +121,150 @@ class Notification:
     def from_row(cls, row: Any) -> Notification:
         return cls(
             id=row["id"],
-            kind=row["kind"],
+            kind=NotificationKind(row["kind"]),
             chatroom=row["chatroom"],
             role=row["role"],
             task_id=str(row["task_id"]) if row["task_id"] else None,
             message=row["message"],
             created_at=row["created_at"],
         )
+
+
+# -- machines and remote agents ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Machine:
+    machine_id: str
+    hostname: str
+    harnesses: tuple[str, ...]
+    registered_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> Machine:
+        return cls(
+            row["machine_id"], row["hostname"], tuple(row["harnesses"]), row["registered_at"]
+        )
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A remote role's agent: what a person wants, and what the daemon reported."""
+
+    chatroom: str
+    role: str
+    machine_id: str
+    desired_state: DesiredState
+    status: AgentStatus
+    pid: int | None
+    process_started_at: datetime | None
+    restart_count: int
+    last_exit_code: int | None
+    last_exit_signal: int | None
+    last_exit_classification: ExitClassification | None
+    last_exit_at: datetime | None
+    last_exit_recorded_at: datetime | None
+    next_restart_at: datetime | None
+    circuit_opened_at: datetime | None
+    circuit_reset_at: datetime | None
+    half_open: bool
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.chatroom, self.role)
+
+    @classmethod
+    def from_row(cls, row: Any) -> Agent:
+        cls_ = row["last_exit_classification"]
+        return cls(
+            chatroom=row["chatroom"],
+            role=row["role"],
+            machine_id=row["machine_id"],
+            desired_state=DesiredState(row["desired_state"]),
+            status=AgentStatus(row["status"]),
+            pid=row["pid"],
+            process_started_at=row["process_started_at"],
+            restart_count=row["restart_count"],
+            last_exit_code=row["last_exit_code"],
+            last_exit_signal=row["last_exit_signal"],
+            last_exit_classification=ExitClassification(cls_) if cls_ else None,
+            last_exit_at=row["last_exit_at"],
+            last_exit_recorded_at=row["last_exit_recorded_at"],
+            next_restart_at=row["next_restart_at"],
+            circuit_opened_at=row["circuit_opened_at"],
+            circuit_reset_at=row["circuit_reset_at"],
+            half_open=row["half_open"],
+        )
+
+
+@dataclass(frozen=True)
+class Command:
+    id: int
+    machine_id: str
+    chatroom: str
+    role: str
+    type: CommandType
+    command: str | None
+    status: CommandStatus
+    reason: str
+    created_at: datetime
+    deadline_at: datetime
+    finished_at: datetime | None
+    message: str | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> Command:
+        return cls(
+            id=row["id"],
+            machine_id=row["machine_id"],
+            chatroom=row["chatroom"],
+            role=row["role"],
+            type=CommandType(row["type"]),
+            command=row["command"],
+            status=CommandStatus(row["status"]),
+            reason=row["reason"],
+            created_at=row["created_at"],
+            deadline_at=row["deadline_at"],
+            finished_at=row["finished_at"],
+            message=row["message"],
+        )
+
+
+@dataclass(frozen=True)
+class Child:
+    """A process a daemon runs for a role: pid + start time is one incarnation."""
+
+    chatroom: str
+    role: str
+    pid: int
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class Exit:
+    """A reported exit of one incarnation."""
+
+    child: Child
+    exit_code: int | None  # None: unknown, or killed by a signal
+    signal: int | None
+    exited_at: datetime
+    classification: ExitClassification
+
+
+@dataclass(frozen=True)
+class RecordedExit:
+    machine_id: str
+    exit: Exit
+    recorded_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> RecordedExit:
+        child = Child(row["chatroom"], row["role"], row["pid"], row["process_started_at"])
+        ex = Exit(
+            child,
+            row["exit_code"],
+            row["signal"],
+            row["exited_at"],
+            ExitClassification(row["classification"]),
+        )
+        return cls(row["machine_id"], ex, row["recorded_at"])

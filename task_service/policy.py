@@ -21,24 +21,26 @@ from typing import Literal
 
 from vigil.core.errors import InvalidArgument
 from vigil.core.timings import Timings
+from vigil.core.vocab import (
+    AgentKind,
+    AgentStatus,
+    DesiredState,
+    ExitClassification,
+    NotificationKind,
+    TaskStatus,
+)
 from vigil.task_service import fsm
 
-RoleKind = Literal["remote", "custom"]
 Action = Literal["wait", "extend", "recover", "restart", "notify", "give_up"]
 CircuitState = Literal["closed", "open", "half_open"]
-
-# Notification kinds, the same words in the notifications table and in metrics.
-PENDING_TIMEOUT = "pending_timeout"
-ACK_TIMEOUT = "ack_timeout"
-REDELIVERY_CAP = "redelivery_cap"
 
 
 @dataclass(frozen=True)
 class TaskSnapshot:
     """What the policy needs to know about one task, read in one go by the caller."""
 
-    status: str
-    role_kind: RoleKind
+    status: TaskStatus
+    role_kind: AgentKind
     # Redeliveries so far: 0 on the first delivery, +1 on each recovery (see fsm.RULES).
     attempt: int
     deadline_at: datetime | None
@@ -53,7 +55,7 @@ class TaskSnapshot:
 class Decision:
     action: Action
     trigger: str | None
-    notification_kind: str | None
+    notification_kind: NotificationKind | None
     # The deadline to store on the task afterwards; None means the task has no clock.
     next_deadline_at: datetime | None
     reason: str
@@ -63,7 +65,7 @@ def _ms(value: int) -> timedelta:
     return timedelta(milliseconds=value)
 
 
-def deadline_for(status: str, now: datetime, timings: Timings) -> datetime | None:
+def deadline_for(status: TaskStatus, now: datetime, timings: Timings) -> datetime | None:
     """The deadline a task gets on entering `status` at `now`."""
     if status == fsm.PENDING:
         return now + _ms(timings.task_pending_timeout_ms)
@@ -84,7 +86,7 @@ def _recover_or_give_up(
         return Decision(
             "give_up",
             None,
-            REDELIVERY_CAP,
+            NotificationKind.REDELIVERY_CAP,
             None,
             f"{why}, but the task was already redelivered {task.attempt} times "
             f"(cap {timings.task_max_attempts})",
@@ -122,14 +124,14 @@ def decide_at_deadline(task: TaskSnapshot, now: datetime, timings: Timings) -> D
             return Decision(
                 "extend", None, None, rearm, "pending past its timeout, but the role is live"
             )
-        if task.role_kind == "remote":
+        if task.role_kind == AgentKind.REMOTE:
             return Decision(
                 "restart", None, None, rearm, "pending past its timeout and no live participant"
             )
         return Decision(
             "notify",
             None,
-            PENDING_TIMEOUT,
+            NotificationKind.PENDING_TIMEOUT,
             rearm,
             "pending past its timeout and no live participant; a custom agent is never restarted",
         )
@@ -140,12 +142,12 @@ def decide_at_deadline(task: TaskSnapshot, now: datetime, timings: Timings) -> D
             task, "recoverStuckAcknowledged", now, timings, "claimed, not started, claimer dead"
         )
     rearm = deadline_for(fsm.ACKNOWLEDGED, now, timings)
-    if task.role_kind == "custom":
+    if task.role_kind == AgentKind.CUSTOM:
         # A custom agent leaves after receiving its task: not being live proves nothing.
         return Decision(
             "notify",
             None,
-            ACK_TIMEOUT,
+            NotificationKind.ACK_TIMEOUT,
             rearm,
             "claimed, not started within the timeout, claimer not known dead",
         )
@@ -215,3 +217,45 @@ def circuit_state(
     if cooldown_end is None or any(t >= cooldown_end for t in recent):
         return "open"
     return "half_open"
+
+
+@dataclass(frozen=True)
+class ExitDecision:
+    """What a recorded exit does to its agent."""
+
+    status: AgentStatus
+    next_restart_at: datetime | None  # when to restart it (backoff, or the cool-down's end)
+    circuit_opened_at: datetime | None
+    circuit_just_opened: bool  # (re)opened by this exit: tell a person
+
+
+def after_exit(
+    classification: ExitClassification,
+    desired: DesiredState,
+    unexpected_exits: list[datetime],
+    circuit_opened_at: datetime | None,
+    now: datetime,
+    timings: Timings,
+) -> ExitDecision:
+    """The agent's next state after its current process exited.
+
+    An intentional stop or a clean exit leaves it stopped (lesson 4: only unexpected
+    exits count toward restarts and the circuit). An unexpected exit of an agent a person
+    wants running is restarted after a backoff, unless `unexpected_exits` (this one
+    included, within the circuit window) open the circuit: then it waits out the
+    cool-down, after which one half-open attempt is allowed.
+    """
+    if not classification.unexpected:
+        return ExitDecision(AgentStatus.STOPPED, None, circuit_opened_at, False)
+    if desired != DesiredState.RUNNING:
+        return ExitDecision(AgentStatus.CRASHED, None, circuit_opened_at, False)
+    cooldown = _ms(timings.circuit_cooldown_ms)
+    if circuit_state(unexpected_exits, now, circuit_opened_at, timings) == "open":
+        opened = circuit_opened_at
+        just_opened = opened is None or now >= opened + cooldown
+        if just_opened:
+            opened = now  # (re)opened now: the half-open attempt crashed too
+        assert opened is not None
+        return ExitDecision(AgentStatus.CIRCUIT_OPEN, opened + cooldown, opened, just_opened)
+    delay = restart_delay(len(unexpected_exits), timings)
+    return ExitDecision(AgentStatus.BACKOFF, now + timedelta(seconds=delay), None, False)

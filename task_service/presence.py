@@ -1,6 +1,7 @@
 """What the task service knows of liveness: it follows the liveness service's
-presence events (list, then a watch resumed from the last revision seen), keeps each
-role's current participant in memory, and reports every participant going offline."""
+presence events through its API (list, then a watch resumed from the last revision
+seen), keeps each role's current participant in memory, and reports every participant
+joining or going offline."""
 
 from __future__ import annotations
 
@@ -8,22 +9,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
-import grpc
-
-from vigil.core.server import client_options
-from vigil.core.timings import Timings
+from vigil.client import Client, ClientConfig, RPCError
+from vigil.core.vocab import OfflineReason, ParticipantStatus, PresenceEventType
 from vigil.v1 import liveness_pb2 as lpb
-from vigil.v1 import liveness_pb2_grpc as lpb_grpc
 
 log = logging.getLogger(__name__)
 
-_REASON = {
-    v: k.removeprefix("OFFLINE_REASON_").lower()
-    for k, v in lpb.OfflineReason.items()
-    if v != lpb.OFFLINE_REASON_UNSPECIFIED
-}
+ClaimerState = Literal["live", "received", "gone", "unknown"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +28,7 @@ class Presence:
     epoch: int
     connection_id: str
     live: bool
-    offline_reason: str | None
+    offline_reason: OfflineReason | None
 
 
 def _presence(p: lpb.Participant) -> Presence:
@@ -42,33 +37,40 @@ def _presence(p: lpb.Participant) -> Presence:
         p.role,
         p.epoch,
         p.connection_id,
-        p.status == lpb.PARTICIPANT_STATUS_LIVE,
-        _REASON.get(p.offline_reason),
+        p.status == ParticipantStatus.LIVE.to_pb(),
+        OfflineReason.from_pb(p.offline_reason) if p.offline_reason else None,
     )
 
 
 class PresenceFollower:
     def __init__(
         self,
-        liveness_addr: str,
-        timings: Timings,
+        config: ClientConfig,
         on_offline: Callable[[Presence], Awaitable[None]],
         on_joined: Callable[[Presence], Awaitable[None]] | None = None,
     ) -> None:
-        self._on_joined = on_joined
-        self.addr = liveness_addr
-        self._timings = timings
+        self.config = config
         self._on_offline = on_offline
+        self._on_joined = on_joined
         self.roles: dict[tuple[str, str], Presence] = {}
         self.revision = 0
         self.synced = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    def follow(self, addr: str) -> None:
+        """The liveness service to follow (known once a shared server bound its port)."""
+        self.config = replace(self.config, liveness_addr=addr, tasks_addr=addr)
+
     def role_is_live(self, chatroom: str, role: str) -> bool:
         p = self.roles.get((chatroom, role))
         return p is not None and p.live
 
-    def claimer_state(self, chatroom: str, role: str, connection_id: str, epoch: int) -> str:
+    def count_live(self, chatroom: str) -> int:
+        return sum(1 for (room, _role), p in self.roles.items() if room == chatroom and p.live)
+
+    def claimer_state(
+        self, chatroom: str, role: str, connection_id: str, epoch: int
+    ) -> ClaimerState:
         """'live', 'received' (left with task_received), 'gone' (offline any other way,
         or replaced by a newer epoch) or 'unknown'."""
         p = self.roles.get((chatroom, role))
@@ -80,7 +82,7 @@ class PresenceFollower:
             return "unknown"
         if p.live:
             return "live"
-        return "received" if p.offline_reason == "task_received" else "gone"
+        return "received" if p.offline_reason == OfflineReason.TASK_RECEIVED else "gone"
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="presence-follower")
@@ -95,26 +97,18 @@ class PresenceFollower:
         delay = 0.05
         while True:
             try:
-                async with grpc.aio.insecure_channel(
-                    self.addr, options=client_options(self._timings)
-                ) as ch:
-                    stub = lpb_grpc.LivenessStub(ch)
+                async with Client(self.config) as client:
                     if not self.synced.is_set():
-                        listed = await stub.ListParticipants(lpb.ListParticipantsRequest())
+                        listed = await client.list_participants()
                         for p in listed.participants:
                             self.roles[(p.chatroom, p.role)] = _presence(p)
                         self.revision = listed.revision
                         self.synced.set()
-                    watch = stub.WatchParticipants(
-                        lpb.WatchParticipantsRequest(from_revision=self.revision)
-                    )
                     delay = 0.05
-                    async for ev in watch:
+                    async for ev in client.watch_participants(self.revision):
                         await self._apply(ev)
-            except grpc.aio.AioRpcError as exc:
-                log.info(
-                    "presence watch: %s; resuming from revision %d", exc.code().name, self.revision
-                )
+            except RPCError as exc:
+                log.info("presence watch: %s; resuming from revision %d", exc, self.revision)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
@@ -125,9 +119,9 @@ class PresenceFollower:
             self.roles[(p.chatroom, p.role)] = p
         self.revision = ev.revision
         try:
-            if ev.type == lpb.PRESENCE_EVENT_TYPE_OFFLINE:
+            if ev.type == PresenceEventType.OFFLINE.to_pb():
                 await self._on_offline(p)
-            elif ev.type == lpb.PRESENCE_EVENT_TYPE_JOINED and self._on_joined is not None:
+            elif ev.type == PresenceEventType.JOINED.to_pb() and self._on_joined is not None:
                 await self._on_joined(p)
         except Exception:
             log.exception("handling a presence event of %s/%s failed", p.chatroom, p.role)

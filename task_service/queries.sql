@@ -50,6 +50,14 @@ WHERE id = (SELECT id FROM tasks.tasks
             ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
 RETURNING *;
 
+-- name: claimed_by
+-- The task already claimed for one participant (connection and epoch) and not yet
+-- started: a participant that asks again gets it again (its first answer was lost).
+-- $1 connection_id, $2 epoch
+SELECT * FROM tasks.tasks
+WHERE assigned_to = $1 AND claim_epoch = $2 AND status = 'acknowledged'
+ORDER BY acknowledged_at LIMIT 1 FOR UPDATE;
+
 -- name: lock_task
 -- $1 id
 SELECT t.*, r.kind AS role_kind FROM tasks.tasks t
@@ -61,15 +69,15 @@ WHERE t.id = $1 FOR UPDATE OF t;
 SELECT * FROM tasks.tasks WHERE id = $1;
 
 -- name: to_in_progress
--- startTask. $1 id, $2 now
+-- startTask (which also confirms the delivery). $1 id, $2 now
 UPDATE tasks.tasks SET status = 'in_progress', started_at = $2, updated_at = $2,
-    deadline_at = NULL
+    deadline_at = NULL, delivered_at = coalesce(delivered_at, $2)
 WHERE id = $1 RETURNING *;
 
 -- name: to_completed
 -- completeTask. $1 id, $2 now
 UPDATE tasks.tasks SET status = 'completed', completed_at = $2, updated_at = $2,
-    deadline_at = NULL
+    deadline_at = NULL, delivered_at = coalesce(delivered_at, $2)
 WHERE id = $1 RETURNING *;
 
 -- name: to_closed
@@ -161,8 +169,14 @@ LIMIT $3;
 -- $1 after id, $2 limit
 SELECT * FROM tasks.notifications WHERE id > $1 ORDER BY id LIMIT $2;
 
+-- name: newest_notifications
+-- $1 limit
+SELECT * FROM tasks.notifications ORDER BY id DESC LIMIT $1;
+
 -- name: count_by_status
-SELECT status, count(*) AS n FROM tasks.tasks GROUP BY status;
+-- $1 chatroom or NULL for all
+SELECT status, count(*) AS n FROM tasks.tasks
+WHERE $1::text IS NULL OR chatroom = $1 GROUP BY status;
 
 -- name: oldest_overdue
 -- Seconds the oldest passed, unhandled deadline is overdue (0 when none). $1 now
@@ -170,7 +184,9 @@ SELECT coalesce(extract(epoch FROM $1 - min(deadline_at)), 0)::float8
 FROM tasks.tasks WHERE deadline_at < $1;
 
 -- name: count_needs_attention
-SELECT count(*) FROM tasks.tasks WHERE needs_attention AND status NOT IN ('completed', 'closed');
+-- $1 chatroom or NULL for all
+SELECT count(*) FROM tasks.tasks WHERE needs_attention AND status NOT IN ('completed', 'closed')
+  AND ($1::text IS NULL OR chatroom = $1);
 
 -- name: insert_agent
 -- $1 chatroom, $2 role, $3 machine_id
@@ -238,7 +254,7 @@ RETURNING *;
 -- name: record_last_exit
 -- $1 chatroom, $2 role, $3 code, $4 signal, $5 classification, $6 exited_at
 UPDATE tasks.agents SET last_exit_code = $3, last_exit_signal = $4,
-    last_exit_classification = $5, last_exit_at = $6
+    last_exit_classification = $5, last_exit_at = $6, last_exit_recorded_at = clock_timestamp()
 WHERE chatroom = $1 AND role = $2;
 
 -- name: unexpected_exits
@@ -302,3 +318,16 @@ SELECT count(*) FROM tasks.machines;
 -- A start that expired or failed leaves the agent stopped. $1 chatroom, $2 role
 UPDATE tasks.agents SET status = 'stopped' WHERE chatroom = $1 AND role = $2
   AND status = 'starting' AND pid IS NULL;
+
+-- name: record_started
+-- The daemon started a process for the role. $1 chatroom, $2 role, $3 pid,
+-- $4 process_started_at
+UPDATE tasks.agents SET status = 'running', pid = $3, process_started_at = $4,
+    next_restart_at = NULL
+WHERE chatroom = $1 AND role = $2;
+
+-- name: list_exits
+-- Recorded exits, newest first. $1 chatroom or NULL, $2 role or NULL, $3 limit
+SELECT * FROM tasks.agent_exits
+WHERE ($1::text IS NULL OR chatroom = $1) AND ($2::text IS NULL OR role = $2)
+ORDER BY id DESC LIMIT $3;

@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator, Coroutine
 from datetime import datetime, timedelta
 from typing import Any
 
+from vigil.client import ClientConfig
 from vigil.core import validation
 from vigil.core.clock import Clock
 from vigil.core.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -21,12 +23,28 @@ from vigil.core.errors import (
 )
 from vigil.core.pg_listen import Listener
 from vigil.core.timings import Timings
+from vigil.core.vocab import (
+    MACHINES_CHATROOM,
+    RESERVED_CHATROOM_PREFIX,
+    AgentKind,
+    NotificationKind,
+    OfflineReason,
+    TaskStatus,
+)
 from vigil.task_service import fsm, policy
-from vigil.task_service.agents import COMMAND_CHANNEL, MACHINES_CHATROOM, Agents
+from vigil.task_service.agents import Agents
+from vigil.task_service.agents_store import AgentStore, AgentTx
 from vigil.task_service.metrics import TaskMetrics
 from vigil.task_service.model import Chatroom, Notification, Role, Task, Transition
 from vigil.task_service.presence import Presence, PresenceFollower
-from vigil.task_service.store import NOTIFICATION_CHANNEL, ROLE_CHANNEL, TaskStore, TaskTx
+from vigil.task_service.store import (
+    COMMAND_CHANNEL,
+    NOTIFICATION_CHANNEL,
+    ROLE_CHANNEL,
+    Effects,
+    TaskStore,
+    TaskTx,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +67,9 @@ class TaskService:
     def __init__(
         self,
         store: TaskStore,
+        agent_store: AgentStore,
         url: str,
-        liveness_addr: str,
+        liveness: ClientConfig,
         timings: Timings,
         clock: Clock,
         metrics: TaskMetrics,
@@ -60,9 +79,19 @@ class TaskService:
         self.clock = clock
         self.metrics = metrics
         self.presence = PresenceFollower(
-            liveness_addr, timings, self._participant_offline, self._participant_joined
+            liveness, self._participant_offline, self._participant_joined
         )
-        self.agents = Agents(self)
+        self.agents = Agents(
+            store,
+            agent_store,
+            clock,
+            timings,
+            metrics,
+            self.presence,
+            on_agent_gone=self.claimer_gone,
+            after_commit=self.after_commit,
+            poke=self.poke,
+        )
         self.listener = Listener(
             url,
             {
@@ -129,22 +158,26 @@ class TaskService:
         if at is None or self._wake_at is None or at < self._wake_at:
             self._poke.set()
 
-    def after_commit(self, tx: TaskTx) -> None:
-        for machine in tx.woken_machines:
+    def after_commit(self, effects: Effects) -> None:
+        """Announce what a committed transaction produced, to this replica's waiters
+        (other replicas hear the NOTIFYs the transaction sent)."""
+        for machine in effects.woken_machines:
             self.agents.woken(machine)
-        for key in tx.woken_roles:
+        for key in effects.woken_roles:
             self._role_woken(f"{key[0]}/{key[1]}")
-        for n in tx.notifications:
+        for n in effects.notifications:
             self.metrics.notifications.labels(n.kind).inc()
-        if tx.notifications:
+        if effects.notifications:
             self._notified("")
 
     # -- chatrooms ----------------------------------------------------------
 
     async def create_chatroom(self, name: str, roles: list[Role]) -> Chatroom:
         validation.name(name, "chatroom name")
-        if name.startswith("vigil."):
-            raise InvalidArgument("chatroom names starting with 'vigil.' are reserved")
+        if name.startswith(RESERVED_CHATROOM_PREFIX):
+            raise InvalidArgument(
+                f"chatroom names starting with {RESERVED_CHATROOM_PREFIX!r} are reserved"
+            )
         if not roles:
             raise InvalidArgument("a chatroom needs at least one role (e.g. --role builder=custom)")
         seen: set[str] = set()
@@ -153,9 +186,7 @@ class TaskService:
             if r.role in seen:
                 raise InvalidArgument(f"role {r.role!r} is listed twice")
             seen.add(r.role)
-            if r.kind not in ("remote", "custom"):
-                raise InvalidArgument(f"role {r.role!r}: kind must be 'remote' or 'custom'")
-            if r.kind == "remote":
+            if r.kind == AgentKind.REMOTE:
                 if not r.machine:
                     raise InvalidArgument(
                         f"remote role {r.role!r} needs the machine whose daemon runs it "
@@ -164,7 +195,16 @@ class TaskService:
                 validation.name(r.machine, f"role {r.role!r} machine")
             elif r.machine or r.command:
                 raise InvalidArgument(f"custom role {r.role!r} takes no machine or command")
-        return await self.store.create_chatroom(name, roles)
+        async with self.store.tx() as tx:
+            created = await tx.insert_chatroom(name)
+            if created is None:
+                raise AlreadyExists(f"chatroom {name!r} already exists")
+            for r in roles:
+                await tx.insert_role(name, r)
+                if r.kind == AgentKind.REMOTE:
+                    assert r.machine is not None
+                    await AgentTx(tx).insert_agent(name, r.role, r.machine)
+        return Chatroom(name, tuple(roles), created)
 
     async def get_chatroom(self, name: str) -> Chatroom:
         validation.name(name, "chatroom name")
@@ -207,7 +247,7 @@ class TaskService:
                 await self.agents.maybe_restart(
                     tx, chatroom, role, "a task arrived and no agent is live"
                 )
-        self.after_commit(tx)
+        self.after_commit(tx.effects)
         return task
 
     async def await_task(self, chatroom: str, role: str, connection_id: str, epoch: int) -> Task:
@@ -241,6 +281,11 @@ class TaskService:
         fsm.transition(fsm.PENDING, "claimTask")
         deadline = policy.deadline_for(fsm.ACKNOWLEDGED, now, self.timings)
         async with self.store.tx() as tx:
+            # Asked again by the participant it was claimed for (its first answer was
+            # lost on the way): the same claim, not a second task.
+            again = await tx.claimed_by(connection_id, epoch)
+            if again is not None:
+                return again
             task = await tx.apply(
                 "claimTask",
                 connection_id,
@@ -319,7 +364,7 @@ class TaskService:
             tx, locked[0], "promoteNextTask", SYSTEM, "the role's active task ended", now
         )
 
-    async def _locked(self, tx: TaskTx, task_id: str) -> tuple[Task, str]:
+    async def _locked(self, tx: TaskTx, task_id: str) -> tuple[Task, AgentKind]:
         """Lock the task's role, then the task (always in that order: no deadlocks)."""
         task = await self.store.get_task(task_id)
         if task is None:
@@ -364,7 +409,7 @@ class TaskService:
             if attempt is not None:
                 self._check_attempt(task, attempt, trigger.removesuffix("Task").lower())
             changed = await self.transition(tx, task, trigger, actor, reason, now)
-        self.after_commit(tx)
+        self.after_commit(tx.effects)
         return changed
 
     async def start_task(self, task_id: str, attempt: int, actor: str) -> Task:
@@ -389,7 +434,7 @@ class TaskService:
 
     async def _participant_offline(self, p: Presence) -> None:
         now = self.clock.now()
-        if p.offline_reason == "task_received":
+        if p.offline_reason == OfflineReason.TASK_RECEIVED:
             await self.store.mark_delivered(p.connection_id, p.epoch, now)
             return
         for task_id in await self.store.claims_of(p.connection_id, p.epoch):
@@ -409,7 +454,7 @@ class TaskService:
                 snap = self._snapshot(task, _kind, claimer_dead=True)
                 decision = policy.decide_on_claimer_gone(snap, now, self.timings)
                 await self._apply_decision(tx, task, decision, now, "claimer_gone")
-            self.after_commit(tx)
+            self.after_commit(tx.effects)
         except (StorageError, NotFound) as exc:
             log.warning("recovering task %s (%s) failed: %s", task_id, why, exc)
 
@@ -425,7 +470,7 @@ class TaskService:
         )
         return state == "gone"
 
-    def _snapshot(self, task: Task, kind: str, *, claimer_dead: bool) -> policy.TaskSnapshot:
+    def _snapshot(self, task: Task, kind: AgentKind, *, claimer_dead: bool) -> policy.TaskSnapshot:
         # Until the presence view is synced, assume the role is live: acting on
         # "nobody is there" without knowing would restart or notify wrongly.
         live = (not self.presence.synced.is_set()) or self.presence.role_is_live(
@@ -433,7 +478,7 @@ class TaskService:
         )
         return policy.TaskSnapshot(
             status=task.status,
-            role_kind="remote" if kind == "remote" else "custom",
+            role_kind=kind,
             attempt=task.attempt,
             deadline_at=task.deadline_at,
             claimer_known_dead=claimer_dead,
@@ -452,7 +497,7 @@ class TaskService:
         if d.action == "give_up":
             await tx.set_needs_attention(task.id, now)
             await tx.notify(
-                policy.REDELIVERY_CAP,
+                NotificationKind.REDELIVERY_CAP,
                 task.chatroom,
                 task.role,
                 task.id,
@@ -495,7 +540,7 @@ class TaskService:
                         lag = (self.clock.now() - task.deadline_at).total_seconds()
                         self.metrics.deadline_lag.observe(max(0.0, lag))
                     await self._apply_decision(tx, task, decision, now, "timeout")
-            self.after_commit(tx)
+            self.after_commit(tx.effects)
             self.metrics.scheduler_pass.observe(time.perf_counter() - started)
             handled += len(due)
             if len(due) < DUE_BATCH:
@@ -535,21 +580,24 @@ class TaskService:
         task = await self.get_task(task_id)
         return await self.store.history(task.id)
 
-    async def list_tasks(self, chatroom: str, status: str, limit: int) -> list[Task]:
+    async def list_tasks(self, chatroom: str, status: TaskStatus | None, limit: int) -> list[Task]:
         if chatroom:
             validation.name(chatroom, "chatroom")
-        if status and status not in fsm.STATUSES:
-            raise InvalidArgument(
-                f"status must be one of {', '.join(fsm.STATUSES)}, got {status!r}"
-            )
-        if limit < 0 or limit > 10_000:
-            raise InvalidArgument("limit must be between 0 and 10000")
-        return await self.store.list_tasks(chatroom or None, status or None, limit or 1000)
+        validation.limit(limit, 10_000)
+        return await self.store.list_tasks(chatroom or None, status, limit or 1000)
 
-    async def list_notifications(self, after_id: int, limit: int) -> list[Notification]:
-        if after_id < 0 or limit < 0 or limit > 10_000:
-            raise InvalidArgument("after_id must be >= 0 and limit between 0 and 10000")
-        return await self.store.list_notifications(after_id, limit or 1000)
+    async def list_notifications(
+        self, after_id: int, limit: int, newest_first: bool = False
+    ) -> list[Notification]:
+        if after_id < 0:
+            raise InvalidArgument(f"after_id must be 0 or more, got {after_id}")
+        validation.limit(limit, 10_000)
+        return await self.store.list_notifications(after_id, limit or 1000, newest_first)
+
+    async def count_tasks(self, chatroom: str) -> tuple[dict[TaskStatus, int], int]:
+        if chatroom:
+            validation.name(chatroom, "chatroom")
+        return await self.store.counts(chatroom or None)
 
     async def watch_notifications(self, after_id: int) -> AsyncIterator[Notification]:
         if after_id < 0:

@@ -9,6 +9,7 @@ from typing import TypeAlias
 import grpc
 
 from vigil.core.errors import grpc_errors
+from vigil.core.vocab import TaskStatus
 from vigil.task_service import codec
 from vigil.task_service.service import TaskService
 from vigil.v1 import tasks_pb2 as pb
@@ -89,14 +90,30 @@ class TasksServicer(pb_grpc.TasksServicer):
 
     @grpc_errors
     async def ListTasks(self, request: pb.ListTasksRequest, context: Ctx) -> pb.ListTasksResponse:
-        tasks = await self.svc.list_tasks(request.chatroom, request.status, request.limit)
+        status = codec.optional_enum(TaskStatus, request.status, "status")
+        tasks = await self.svc.list_tasks(request.chatroom, status, request.limit)
         return pb.ListTasksResponse(tasks=[codec.task(t) for t in tasks])
+
+    @grpc_errors
+    async def CountTasks(
+        self, request: pb.CountTasksRequest, context: Ctx
+    ) -> pb.CountTasksResponse:
+        counts, attention = await self.svc.count_tasks(request.chatroom)
+        return pb.CountTasksResponse(
+            counts=[
+                pb.CountTasksResponse.StatusCount(status=s.to_pb(), count=counts.get(s, 0))
+                for s in TaskStatus
+            ],
+            needs_attention=attention,
+        )
 
     @grpc_errors
     async def ListNotifications(
         self, request: pb.ListNotificationsRequest, context: Ctx
     ) -> pb.ListNotificationsResponse:
-        items = await self.svc.list_notifications(request.after_id, request.limit)
+        items = await self.svc.list_notifications(
+            request.after_id, request.limit, request.newest_first
+        )
         return pb.ListNotificationsResponse(notifications=[codec.notification(n) for n in items])
 
     @grpc_errors

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import harness
+from vigil import testing as harness
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 

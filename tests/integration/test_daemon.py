@@ -18,9 +18,11 @@ import asyncpg
 import grpc
 import pytest
 
-from tests import harness
-from tests.harness import LocalServer, local_server
+from vigil import testing as harness
 from vigil.core.timefmt import to_proto
+from vigil.core.vocab import AgentStatus, DesiredState, ExitClassification, TaskStatus
+from vigil.testing import LocalServer, local_server
+from vigil.v1 import common_pb2
 from vigil.v1 import machines_pb2 as mpb
 from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2 as tpb
@@ -36,7 +38,7 @@ TIMINGS = harness.fast_timings(
 
 
 def worker(mode: str) -> str:
-    return f"{sys.executable} -m tests.agents.worker {mode}"
+    return f"{sys.executable} -m vigil.testing.agent {mode}"
 
 
 class Machine:
@@ -90,9 +92,12 @@ async def room(addr: str, command: str, name: str = "room", machine: str = "m1")
                 name=name,
                 roles=[
                     tpb.Role(
-                        role="builder", kind=tpb.ROLE_KIND_REMOTE, machine=machine, command=command
+                        role="builder",
+                        kind=common_pb2.AGENT_KIND_REMOTE,
+                        machine=machine,
+                        command=command,
                     ),
-                    tpb.Role(role="reviewer", kind=tpb.ROLE_KIND_CUSTOM),
+                    tpb.Role(role="reviewer", kind=common_pb2.AGENT_KIND_CUSTOM),
                 ],
             )
         )
@@ -132,7 +137,8 @@ async def wait_agent(addr: str, pred: object, what: str, timeout: float = 10) ->
         a = await agent(addr)
         return a if pred(a) else None  # type: ignore[operator]
 
-    return await harness.wait_for(check, timeout, interval=0.005, what=what)  # type: ignore[no-any-return]
+    found: mpb.Agent = await harness.wait_for(check, timeout, interval=0.005, what=what)
+    return found
 
 
 async def test_sigkilled_agent_exit_is_recorded_and_its_pid_cleared(db_url: str, tmp: Path) -> None:
@@ -143,7 +149,9 @@ async def test_sigkilled_agent_exit_is_recorded_and_its_pid_cleared(db_url: str,
         try:
             await send(srv.addr, "start the agent")  # a need: nobody live -> start
             running = await wait_agent(
-                srv.addr, lambda a: a.pid and a.status == "running", "agent running"
+                srv.addr,
+                lambda a: a.pid and a.status == AgentStatus.RUNNING.to_pb(),
+                "agent running",
             )
             await harness.wait_live(db_url, "room", "builder")
             killed = datetime.now(UTC)
@@ -151,8 +159,8 @@ async def test_sigkilled_agent_exit_is_recorded_and_its_pid_cleared(db_url: str,
             after = await wait_agent(srv.addr, lambda a: a.has_last_exit, "exit recorded", 5)
             assert after.pid == 0
             assert after.last_exit_signal == 9
-            assert after.last_exit_classification == "signal"
-            assert after.status in ("backoff", "starting", "running")
+            assert after.last_exit_classification == ExitClassification.SIGNAL.to_pb()
+            assert AgentStatus.from_pb(after.status) in ("backoff", "starting", "running")
             (row,) = await fetch(db_url, "SELECT * FROM tasks.agent_exits")
             assert row["pid"] == running.pid and row["signal"] == 9
             assert (row["recorded_at"] - killed).total_seconds() < 1.0
@@ -204,7 +212,7 @@ async def test_a_crash_loop_opens_the_circuit(db_url: str, tmp: Path) -> None:
         try:
             await send(srv.addr, "crash please")
             opened = await wait_agent(
-                srv.addr, lambda a: a.status == "circuit_open", "circuit open", 15
+                srv.addr, lambda a: a.status == AgentStatus.CIRCUIT_OPEN.to_pb(), "circuit open", 15
             )
             exits = await fetch(db_url, "SELECT * FROM tasks.agent_exits ORDER BY exited_at")
             assert len(exits) == 3 and all(e["classification"] == "crashed" for e in exits)
@@ -221,7 +229,7 @@ async def test_a_crash_loop_opens_the_circuit(db_url: str, tmp: Path) -> None:
             await asyncio.sleep(1.5)  # inside the cool-down: nothing restarts
             await send(srv.addr, "and again")
             assert len([c for c in await commands(db_url) if c["type"] == "start"]) == 3
-            assert (await agent(srv.addr)).status == "circuit_open"
+            assert (await agent(srv.addr)).status == AgentStatus.CIRCUIT_OPEN.to_pb()
         finally:
             m.kill(signal.SIGTERM)
 
@@ -236,7 +244,7 @@ async def test_a_stopped_role_stays_stopped_and_custom_roles_are_never_restarted
             stopped = await mpb_grpc.MachinesStub(ch).StopAgent(
                 mpb.AgentRef(chatroom="room", role="builder")
             )
-        assert stopped.desired_state == "stopped"
+        assert stopped.desired_state == DesiredState.STOPPED.to_pb()
         for i in range(5):
             await send(srv.addr, f"b{i}")
             await send(srv.addr, f"r{i}", role="reviewer")
@@ -264,7 +272,11 @@ async def test_agent_killed_mid_task_gives_the_task_to_the_next_agent(
             async def in_progress(attempt: int) -> tpb.Task | None:
                 async with grpc.aio.insecure_channel(srv.addr) as ch:
                     t = await tpb_grpc.TasksStub(ch).GetTask(tpb.GetTaskRequest(id=sent.id))
-                return t if t.status == "in_progress" and t.attempt == attempt else None
+                return (
+                    t
+                    if t.status == TaskStatus.IN_PROGRESS.to_pb() and t.attempt == attempt
+                    else None
+                )
 
             await harness.wait_for(lambda: in_progress(0), 15, what="first agent working")
             first = await agent(srv.addr)
@@ -339,7 +351,10 @@ async def test_a_restarted_daemon_reconciles_its_children(db_url: str, tmp: Path
                     name="room",
                     roles=[
                         tpb.Role(
-                            role=r, kind=tpb.ROLE_KIND_REMOTE, machine="m1", command=worker("sleep")
+                            role=r,
+                            kind=common_pb2.AGENT_KIND_REMOTE,
+                            machine="m1",
+                            command=worker("sleep"),
                         )
                         for r in ("builder", "keeper")
                     ],
@@ -360,7 +375,7 @@ async def test_a_restarted_daemon_reconciles_its_children(db_url: str, tmp: Path
             )
             await asyncio.sleep(0.5)
             alive = await agent(srv.addr, "keeper")
-            assert alive.pid == keeper.pid and alive.status == "running"
+            assert alive.pid == keeper.pid and alive.status == AgentStatus.RUNNING.to_pb()
             os.kill(keeper.pid, 0)  # really still running
             rows = await fetch(db_url, "SELECT role FROM tasks.agent_exits")
             assert [r["role"] for r in rows] == ["builder"]

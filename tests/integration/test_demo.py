@@ -7,7 +7,7 @@ import re
 import subprocess
 import time
 
-from tests import harness
+from vigil import testing as harness
 
 
 def test_demo_shows_each_step_and_leaves_nothing_running() -> None:

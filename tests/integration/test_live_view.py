@@ -12,42 +12,61 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tests import harness
+from vigil import testing as harness
 from vigil.cli.live_view import Snapshot, render
+from vigil.core.timefmt import to_proto
+from vigil.core.vocab import (
+    AgentKind,
+    AgentStatus,
+    DesiredState,
+    ExitClassification,
+    NotificationKind,
+    OfflineReason,
+    ParticipantStatus,
+    TaskStatus,
+)
+from vigil.v1 import liveness_pb2 as lpb
+from vigil.v1 import machines_pb2 as mpb
+from vigil.v1 import tasks_pb2 as tpb
 
 
 def test_render_shows_every_section() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
     snap = Snapshot(
         participants=[
-            {
-                "chatroom": "c",
-                "role": "builder",
-                "kind": "remote",
-                "status": "offline",
-                "epoch": 3,
-                "offline_reason": "stream_dropped",
-                "offline_at": now - timedelta(seconds=5),
-                "joined_at": now,
-            }
+            lpb.Participant(
+                chatroom="c",
+                role="builder",
+                kind=AgentKind.REMOTE.to_pb(),
+                status=ParticipantStatus.OFFLINE.to_pb(),
+                epoch=3,
+                offline_reason=OfflineReason.STREAM_DROPPED.to_pb(),
+                offline_at=to_proto(now - timedelta(seconds=5)),
+                joined_at=to_proto(now),
+            )
         ],
         agents=[
-            {
-                "chatroom": "c",
-                "role": "builder",
-                "machine_id": "m1",
-                "desired_state": "running",
-                "status": "backoff",
-                "pid": None,
-                "restart_count": 2,
-                "last_exit_code": None,
-                "last_exit_signal": 9,
-                "last_exit_classification": "signal",
-                "last_exit_at": now - timedelta(seconds=3),
-            }
+            mpb.Agent(
+                chatroom="c",
+                role="builder",
+                machine_id="m1",
+                desired_state=DesiredState.RUNNING.to_pb(),
+                status=AgentStatus.BACKOFF.to_pb(),
+                restart_count=2,
+                has_last_exit=True,
+                last_exit_signal=9,
+                last_exit_classification=ExitClassification.SIGNAL.to_pb(),
+                last_exit_at=to_proto(now - timedelta(seconds=3)),
+            )
         ],
-        tasks={"pending": 2, "completed": 5},
-        notifications=[{"created_at": now, "kind": "circuit_open", "message": "crash loop"}],
+        tasks={TaskStatus.PENDING: 2, TaskStatus.COMPLETED: 5},
+        notifications=[
+            tpb.Notification(
+                created_at=to_proto(now),
+                kind=NotificationKind.CIRCUIT_OPEN.to_pb(),
+                message="crash loop",
+            )
+        ],
     )
     text = render(snap, "vigil: serving", now)
     for expected in [

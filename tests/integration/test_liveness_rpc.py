@@ -11,9 +11,10 @@ import asyncpg
 import grpc
 import pytest
 
-from tests import harness
-from tests.harness import join_request, local_server, stub
+from vigil import testing as harness
 from vigil.core.timefmt import from_proto
+from vigil.testing import join_request, local_server, stub
+from vigil.v1 import common_pb2
 from vigil.v1 import liveness_pb2 as pb
 
 TIMINGS = harness.fast_timings()
@@ -146,7 +147,7 @@ async def test_expired_participant_is_told_to_rejoin(db_url: str) -> None:
 async def test_unary_join_heartbeat_leave(db_url: str) -> None:
     async with local_server(db_url, TIMINGS) as srv:
         ch, st = stub(srv.addr)
-        req = join_request("room", "reviewer", pb.AGENT_KIND_REMOTE)
+        req = join_request("room", "reviewer", common_pb2.AGENT_KIND_REMOTE)
         joined = await st.Join(req)
         hb = pb.HeartbeatRequest(
             chatroom="room", role="reviewer", epoch=1, connection_id=req.connection_id
@@ -293,7 +294,7 @@ _GOOD_ID = str(uuid.uuid4())
 
 def _bad_cases() -> list[tuple[str, str, object, grpc.StatusCode, str]]:
     inv, fp = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION
-    kind = pb.AGENT_KIND_CUSTOM
+    kind = common_pb2.AGENT_KIND_CUSTOM
     return [
         (
             "Join",
@@ -387,7 +388,7 @@ def _bad_cases() -> list[tuple[str, str, object, grpc.StatusCode, str]]:
     ]
 
 
-async def _snapshot(url: str) -> tuple[list[object], list[object], int]:
+async def _snapshot(url: str) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]], int]:
     conn = await asyncpg.connect(url)
     try:
         parts = [

@@ -26,8 +26,10 @@ import pytest
 from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests import harness
-from tests.harness import local_server
+from vigil import testing as harness
+from vigil.core.vocab import AgentStatus
+from vigil.testing import local_server
+from vigil.v1 import common_pb2
 from vigil.v1 import machines_pb2 as mpb
 from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2 as tpb
@@ -320,11 +322,11 @@ async def crash_room(addr: str, machine: str = "m1") -> None:
                 roles=[
                     tpb.Role(
                         role="builder",
-                        kind=tpb.ROLE_KIND_REMOTE,
+                        kind=common_pb2.AGENT_KIND_REMOTE,
                         machine=machine,
-                        command=f"{sys.executable} -m tests.agents.worker crash",
+                        command=f"{sys.executable} -m vigil.testing.agent crash",
                     ),
-                    tpb.Role(role="reviewer", kind=tpb.ROLE_KIND_CUSTOM),
+                    tpb.Role(role="reviewer", kind=common_pb2.AGENT_KIND_CUSTOM),
                 ],
             )
         )
@@ -340,7 +342,7 @@ async def send(addr: str, role: str, text: str) -> None:
 async def builder_status(addr: str) -> str:
     async with grpc.aio.insecure_channel(addr) as ch:
         reply = await mpb_grpc.MachinesStub(ch).ListAgents(mpb.ListAgentsRequest(chatroom="room"))
-    return next(a.status for a in reply.agents if a.role == "builder")
+    return next(AgentStatus.from_pb(a.status).value for a in reply.agents if a.role == "builder")
 
 
 async def wait_circuit_open(addr: str, timeout: float = 20) -> None:

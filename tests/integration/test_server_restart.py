@@ -11,7 +11,10 @@ from pathlib import Path
 
 import asyncpg
 
-from tests import harness
+from vigil import testing as harness
+from vigil.client import Client, ClientConfig
+from vigil.core.vocab import AgentKind
+from vigil.v1 import tasks_pb2 as tpb
 
 N = 20
 # Seconds of TTL: a server process restarts within it.
@@ -37,17 +40,24 @@ async def _events_since(url: str, revision: int) -> list[asyncpg.Record]:
         await conn.close()
 
 
+async def _make_room(addr: str, n: int) -> None:
+    async with Client(ClientConfig.from_env(addr=addr)) as client:
+        roles = [tpb.Role(role=f"r{i}", kind=AgentKind.CUSTOM.to_pb()) for i in range(n)]
+        await client.create_chatroom("room", roles)
+
+
 async def test_graceful_restart_resumes_everyone_and_sigkill_leaves_them_to_the_ttl(
     db_url: str, tmp: Path
 ) -> None:
     env = harness.child_env(
         {"DATABASE_URL": db_url, "VIGIL_METRICS_ADDR": "127.0.0.1:0", **SLOW_ENV}
     )
-    serve = ["liveness", "serve", "--addr"]
+    serve = ["up", "--addr"]
     # A second replica with no clients: its sweeper is what expires orphans later.
     sweeper = harness.start_server_process([*serve, "127.0.0.1:0"], env, tmp / "b.log")
     first = harness.start_server_process([*serve, "127.0.0.1:0"], env, tmp / "a1.log")
     second: harness.ServerProcess | None = None
+    await _make_room(first.addr, N)
     agents = [harness.spawn_agent(first.addr, "room", f"r{i}", tmp, env=SLOW_ENV) for i in range(N)]
     try:
 

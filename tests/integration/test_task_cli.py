@@ -17,8 +17,9 @@ from typing import Any
 import grpc
 import pytest
 
-from tests import harness
-from tests.harness import LocalServer, child_env, local_server, vigil_cmd
+from vigil import testing as harness
+from vigil.core.vocab import TaskStatus
+from vigil.testing import LocalServer, child_env, local_server, vigil_cmd
 from vigil.v1 import liveness_pb2 as lpb
 from vigil.v1 import liveness_pb2_grpc as lpb_grpc
 from vigil.v1 import tasks_pb2 as pb
@@ -267,7 +268,7 @@ async def test_a_stale_attempt_is_refused_in_one_line(srv: LocalServer) -> None:
     task_id = out.split()[0]
     ch, session, claimed = await _claim(srv.addr, "demo", "builder")
     try:
-        assert (claimed.id, claimed.status) == (task_id, "acknowledged")
+        assert (claimed.id, claimed.status) == (task_id, TaskStatus.ACKNOWLEDGED.to_pb())
         attempt = claimed.attempt
 
         stale = await vigil(srv.addr, "task", "start", task_id, "--attempt", str(attempt + 1))
@@ -406,9 +407,11 @@ async def test_follow_resumes_across_a_server_restart(db_url: str, tmp: Path) ->
     assert follow.stdout is not None
     printed: list[str] = []
 
+    stdout = follow.stdout
+
     async def read_until(task_id: str) -> None:
         while True:
-            line = await asyncio.wait_for(asyncio.to_thread(follow.stdout.readline), 20)
+            line = await asyncio.wait_for(asyncio.to_thread(stdout.readline), 20)
             assert line, "the follower stopped"
             printed.append(line)
             if f"pending_timeout demo/builder task {task_id}" in line:

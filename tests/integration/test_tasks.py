@@ -14,19 +14,24 @@ import asyncpg
 import grpc
 import pytest
 
-from tests import harness
-from tests.harness import local_server
+from vigil import testing as harness
+from vigil.core.vocab import TaskStatus
+from vigil.testing import local_server
+from vigil.v1 import common_pb2
 from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
+
+PENDING = TaskStatus.PENDING.to_pb()
+ACK = TaskStatus.ACKNOWLEDGED.to_pb()
 
 
 async def _room(addr: str, name: str = "room", **kinds: str) -> None:
     roles = []
     for role, kind in (kinds or {"builder": "custom"}).items():
         if kind == "remote":
-            roles.append(tpb.Role(role=role, kind=tpb.ROLE_KIND_REMOTE, machine="m1"))
+            roles.append(tpb.Role(role=role, kind=common_pb2.AGENT_KIND_REMOTE, machine="m1"))
         else:
-            roles.append(tpb.Role(role=role, kind=tpb.ROLE_KIND_CUSTOM))
+            roles.append(tpb.Role(role=role, kind=common_pb2.AGENT_KIND_CUSTOM))
     async with grpc.aio.insecure_channel(addr) as ch:
         await tpb_grpc.TasksStub(ch).CreateChatroom(
             tpb.CreateChatroomRequest(name=name, roles=roles)
@@ -146,7 +151,7 @@ async def _claim_and_hang(addr: str, role: str = "builder") -> asyncio.subproces
     return await asyncio.create_subprocess_exec(
         harness.vigil_cmd()[0],
         "-m",
-        "tests.agents.claim_and_hang",
+        "vigil.testing.claim_and_hang",
         addr,
         "room",
         role,
@@ -166,14 +171,14 @@ async def test_killed_claimer_gets_its_task_back_and_its_zombie_is_fenced(
         assert agent.stdout is not None
         line = (await asyncio.wait_for(agent.stdout.readline(), 10)).decode().split()
         assert line == [sent.id, "0"]
-        assert (await _task(srv.addr, sent.id)).status == "acknowledged"
+        assert (await _task(srv.addr, sent.id)).status == ACK
         killed = time.monotonic()
         agent.send_signal(signal.SIGKILL)
         await agent.wait()
 
         async def recovered() -> tpb.Task | None:
             t = await _task(srv.addr, sent.id)
-            return t if t.status == "pending" else None
+            return t if t.status == PENDING else None
 
         task = await harness.wait_for(recovered, 0.5 + 1, what="recovery")
         assert time.monotonic() - killed <= 0.5 + 1
@@ -189,7 +194,7 @@ async def test_killed_claimer_gets_its_task_back_and_its_zombie_is_fenced(
             ("claimTask", 0),
             ("recoverStuckAcknowledged", 1),
         ]
-        assert (await _task(srv.addr, sent.id)).status == "pending"
+        assert (await _task(srv.addr, sent.id)).status == PENDING
 
 
 async def test_custom_claimer_past_timeout_is_notified_not_reset(db_url: str, tmp: Path) -> None:
@@ -210,7 +215,7 @@ async def test_custom_claimer_past_timeout_is_notified_not_reset(db_url: str, tm
         assert str(found[0]["task_id"]) == sent.id
         await asyncio.sleep(1.0)  # several more timeouts: still no reset, no second notice
         task = await _task(srv.addr, sent.id)
-        assert task.status == "acknowledged" and task.attempt == 0
+        assert task.status == ACK and task.attempt == 0
         assert len(await notified()) == 1
 
 
@@ -222,7 +227,7 @@ async def test_pending_past_timeout_without_live_agent(db_url: str, kind: str) -
         sent = await _send(srv.addr, "anyone there?")
         await asyncio.sleep(0.3 * 5)  # several timeouts pass
         task = await _task(srv.addr, sent.id)
-        assert task.status == "pending" and task.attempt == 0
+        assert task.status == PENDING and task.attempt == 0
         conn = await asyncpg.connect(db_url)
         commands = await conn.fetch("SELECT * FROM tasks.commands ORDER BY id")
         await conn.close()
@@ -256,7 +261,7 @@ async def test_a_task_that_keeps_failing_stops_at_the_cap_and_is_visible(db_url:
 
                 async def back(a: int = attempt) -> bool:
                     t = await _task(srv.addr, sent.id)
-                    return t.status == "pending" and t.attempt == a + 1
+                    return t.status == PENDING and t.attempt == a + 1
 
                 await harness.wait_for(back, 3, what=f"recovery {attempt + 1}")
 
@@ -265,7 +270,7 @@ async def test_a_task_that_keeps_failing_stops_at_the_cap_and_is_visible(db_url:
             return t if t.needs_attention else None
 
         task = await harness.wait_for(visible, 3, what="needs_attention")
-        assert task.status == "acknowledged" and task.attempt == 2  # not redelivered again
+        assert task.status == ACK and task.attempt == 2  # not redelivered again
         kinds = [n["kind"] for n in await _notifications(db_url)]
         assert kinds.count("redelivery_cap") == 1
         # Nobody can claim it any more.

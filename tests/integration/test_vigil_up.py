@@ -12,7 +12,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests import harness
+from vigil import testing as harness
+from vigil.v1 import common_pb2
 from vigil.v1 import liveness_pb2 as pb
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
 
@@ -50,7 +51,7 @@ async def test_up_serves_on_the_embedded_default_and_keeps_its_data(tmp: Path) -
                 pb.JoinRequest(
                     chatroom="keep",
                     role="me",
-                    kind=pb.AGENT_KIND_REMOTE,
+                    kind=common_pb2.AGENT_KIND_REMOTE,
                     connection_id=str(uuid.uuid4()),
                 )
             )

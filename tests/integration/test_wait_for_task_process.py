@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import harness
-from tests.harness import local_server, spawn_agent
+from vigil import testing as harness
+from vigil.testing import local_server, spawn_agent
 
 TIMINGS = harness.fast_timings()
 TTL = TIMINGS.heartbeat_ttl

@@ -17,8 +17,9 @@ import pytest
 from vigil.cli import machine_cmds
 from vigil.cli.main import MACHINE_COMMANDS, build_parser
 from vigil.cli.rpc import CliError
+from vigil.client import ClientConfig
 from vigil.core.timefmt import to_proto
-from vigil.core.timings import Timings
+from vigil.core.vocab import AgentStatus, CommandStatus, DesiredState, ExitClassification
 from vigil.v1 import machines_pb2 as pb
 from vigil.v1 import machines_pb2_grpc as pb_grpc
 
@@ -135,7 +136,7 @@ def test_unreadable_credential_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         # Root reads any file whatever its mode: make the refusal explicit instead.
         if self == path:
             raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+        return real_open(self, *args, **kwargs)  # type: ignore[call-overload]
 
     monkeypatch.setattr(Path, "open", refuse)
     with pytest.raises(CliError) as exc:
@@ -183,6 +184,13 @@ def _agent(**kw: Any) -> pb.Agent:
         "restart_count": 2,
     }
     fields.update(kw)
+    for key, vocab in (
+        ("desired_state", DesiredState),
+        ("status", AgentStatus),
+        ("last_exit_classification", ExitClassification),
+    ):
+        if isinstance(fields.get(key), str):
+            fields[key] = vocab(fields[key]).to_pb()
     return pb.Agent(**fields)
 
 
@@ -303,6 +311,8 @@ def _command(**kw: Any) -> pb.Command:
         "deadline_at": to_proto(T0),
     }
     fields.update(kw)
+    if isinstance(fields.get("status"), str):
+        fields["status"] = CommandStatus(fields["status"]).to_pb()
     return pb.Command(**fields)
 
 
@@ -514,22 +524,28 @@ class FakeMachines(pb_grpc.MachinesServicer):
     def ReportExit(self, request: pb.ExitReport, context: Any) -> Any:
         raise NotImplementedError
 
+    def ListExits(self, request: pb.ListExitsRequest, context: Any) -> Any:
+        raise NotImplementedError
+
 
 @pytest.fixture
-async def fake() -> AsyncIterator[tuple[str, FakeMachines]]:
+async def fake() -> AsyncIterator[tuple[ClientConfig, FakeMachines]]:
     servicer = FakeMachines()
     server = grpc.aio.server()
     pb_grpc.add_MachinesServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield f"127.0.0.1:{port}", servicer
+        yield (
+            ClientConfig(liveness_addr=f"127.0.0.1:{port}", tasks_addr=f"127.0.0.1:{port}"),
+            servicer,
+        )
     finally:
         await server.stop(None)
 
 
 async def test_register_writes_the_credential_and_never_prints_it(
-    fake: tuple[str, FakeMachines],
+    fake: tuple[ClientConfig, FakeMachines],
     tmp_path: Path,
     umask_zero: None,
     capsys: pytest.CaptureFixture[str],
@@ -537,7 +553,7 @@ async def test_register_writes_the_credential_and_never_prints_it(
     addr, servicer = fake
     data_dir = tmp_path / "data"
     rc = await machine_cmds.register_machine(
-        addr, Timings(), "box-1", "h1", ["claude", "claude"], None, False, data_dir
+        addr, "box-1", "h1", ["claude", "claude"], None, False, data_dir
     )
     assert rc == 0
     path = data_dir / "machines" / "box-1.credential"
@@ -550,9 +566,7 @@ async def test_register_writes_the_credential_and_never_prints_it(
     assert (req.machine_id, req.hostname, list(req.harnesses)) == ("box-1", "h1", ["claude"])
 
     other = tmp_path / "elsewhere" / "c.json"
-    rc = await machine_cmds.register_machine(
-        addr, Timings(), "box-1", None, [], str(other), True, data_dir
-    )
+    rc = await machine_cmds.register_machine(addr, "box-1", None, [], str(other), True, data_dir)
     assert rc == 0
     out = capsys.readouterr().out
     assert SECRET not in out
@@ -562,52 +576,48 @@ async def test_register_writes_the_credential_and_never_prints_it(
 
 
 async def test_register_refuses_a_bad_machine_id_before_calling(
-    fake: tuple[str, FakeMachines], tmp_path: Path
+    fake: tuple[ClientConfig, FakeMachines], tmp_path: Path
 ) -> None:
     addr, servicer = fake
     with pytest.raises(CliError) as exc:
-        await machine_cmds.register_machine(
-            addr, Timings(), "../x", None, [], None, False, tmp_path
-        )
+        await machine_cmds.register_machine(addr, "../x", None, [], None, False, tmp_path)
     _one_line(exc)
     assert servicer.requests == []
 
 
 async def test_listing_commands_print_tables_and_json(
-    fake: tuple[str, FakeMachines], capsys: pytest.CaptureFixture[str]
+    fake: tuple[ClientConfig, FakeMachines], capsys: pytest.CaptureFixture[str]
 ) -> None:
     addr, servicer = fake
-    t = Timings()
-    assert await machine_cmds.list_machines(addr, t, True) == 0
+    assert await machine_cmds.list_machines(addr, True) == 0
     assert json.loads(capsys.readouterr().out) == [machine_cmds.machine_json(_machine())]
-    assert await machine_cmds.list_machines(addr, t, False) == 0
+    assert await machine_cmds.list_machines(addr, False) == 0
     assert capsys.readouterr().out == machine_cmds.render_machines([_machine()]) + "\n"
 
-    assert await machine_cmds.list_agents(addr, t, "demo", True) == 0
+    assert await machine_cmds.list_agents(addr, "demo", True) == 0
     assert json.loads(capsys.readouterr().out) == [machine_cmds.agent_json(_killed())]
     assert servicer.requests[-1].chatroom == "demo"
-    assert await machine_cmds.list_agents(addr, t, None, False) == 0
+    assert await machine_cmds.list_agents(addr, None, False) == 0
     assert capsys.readouterr().out == machine_cmds.render_agents([_killed()]) + "\n"
 
-    assert await machine_cmds.list_commands(addr, t, "box-1", 5, True) == 0
+    assert await machine_cmds.list_commands(addr, "box-1", 5, True) == 0
     assert json.loads(capsys.readouterr().out) == [machine_cmds.command_json(_command())]
     assert (servicer.requests[-1].machine_id, servicer.requests[-1].limit) == ("box-1", 5)
     with pytest.raises(CliError) as exc:
-        await machine_cmds.list_commands(addr, t, None, -1, False)
+        await machine_cmds.list_commands(addr, None, -1, False)
     assert "--limit" in _one_line(exc)
 
 
 async def test_agent_start_and_a_refused_stop(
-    fake: tuple[str, FakeMachines], capsys: pytest.CaptureFixture[str]
+    fake: tuple[ClientConfig, FakeMachines], capsys: pytest.CaptureFixture[str]
 ) -> None:
     addr, _ = fake
-    t = Timings()
-    assert await machine_cmds.agent_action(addr, t, "start", "demo", "builder", False) == 0
+    assert await machine_cmds.agent_action(addr, "start", "demo", "builder", False) == 0
     assert capsys.readouterr().out == (
         "demo/builder starting (desired running) on box-1 pid — restarts 2\n"
     )
-    assert await machine_cmds.agent_action(addr, t, "start", "demo", "builder", True) == 0
+    assert await machine_cmds.agent_action(addr, "start", "demo", "builder", True) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "starting"
     with pytest.raises(CliError) as exc:
-        await machine_cmds.agent_action(addr, t, "stop", "demo", "ghost", False)
+        await machine_cmds.agent_action(addr, "stop", "demo", "ghost", False)
     assert _one_line(exc, 1) == "no remote role demo/ghost (NOT_FOUND)"

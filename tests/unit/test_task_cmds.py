@@ -13,6 +13,7 @@ from vigil.cli import task_cmds
 from vigil.cli.main import build_parser
 from vigil.cli.rpc import CliError
 from vigil.core.timefmt import to_proto
+from vigil.core.vocab import AgentKind, NotificationKind, TaskStatus
 from vigil.v1 import tasks_pb2 as pb
 
 TASK_ID = "0b7f5e1c-6a0e-4c43-9a7f-3f2d1f1e2a10"
@@ -31,12 +32,17 @@ def _usage_error(exc: pytest.ExceptionInfo[CliError]) -> str:
 
 def test_role_spec_custom() -> None:
     r = task_cmds.parse_role_spec("reviewer=custom")
-    assert (r.role, r.kind, r.machine, r.command) == ("reviewer", pb.ROLE_KIND_CUSTOM, "", "")
+    assert (r.role, r.kind, r.machine, r.command) == ("reviewer", AgentKind.CUSTOM.to_pb(), "", "")
 
 
 def test_role_spec_remote_with_and_without_command() -> None:
     r = task_cmds.parse_role_spec("builder=remote:box-1")
-    assert (r.role, r.kind, r.machine, r.command) == ("builder", pb.ROLE_KIND_REMOTE, "box-1", "")
+    assert (r.role, r.kind, r.machine, r.command) == (
+        "builder",
+        AgentKind.REMOTE.to_pb(),
+        "box-1",
+        "",
+    )
     # Everything after the second ':' is the command, colons and spaces included.
     r = task_cmds.parse_role_spec("builder=remote:box-1:claude --url http://x:80 -p 'a b'")
     assert r.machine == "box-1"
@@ -174,6 +180,8 @@ def _task(**fields: object) -> pb.Task:
         "recoveries": 1,
     }
     base.update(fields)
+    if isinstance(base["status"], str):
+        base["status"] = TaskStatus(base["status"]).to_pb()
     return pb.Task(**base)  # type: ignore[arg-type]
 
 
@@ -241,8 +249,8 @@ def test_chatroom_rendering() -> None:
     room = pb.Chatroom(
         name="demo",
         roles=[
-            pb.Role(role="builder", kind=pb.ROLE_KIND_REMOTE, machine="m1", command="run it"),
-            pb.Role(role="reviewer", kind=pb.ROLE_KIND_CUSTOM),
+            pb.Role(role="builder", kind=AgentKind.REMOTE.to_pb(), machine="m1", command="run it"),
+            pb.Role(role="reviewer", kind=AgentKind.CUSTOM.to_pb()),
         ],
         created_at=to_proto(T0),
     )
@@ -266,11 +274,15 @@ def test_chatroom_rendering() -> None:
 
 def test_history_rendering() -> None:
     created = pb.Transition(
-        to_status="pending", trigger="createTask", actor="cli:ann", attempt=0, at=to_proto(T0)
+        to_status=TaskStatus.PENDING.to_pb(),
+        trigger="createTask",
+        actor="cli:ann",
+        attempt=0,
+        at=to_proto(T0),
     )
     claimed = pb.Transition(
-        from_status="pending",
-        to_status="acknowledged",
+        from_status=TaskStatus.PENDING.to_pb(),
+        to_status=TaskStatus.ACKNOWLEDGED.to_pb(),
         trigger="claimTask",
         actor="conn-1",
         attempt=0,
@@ -296,7 +308,7 @@ def test_history_rendering() -> None:
 def test_notification_rendering() -> None:
     n = pb.Notification(
         id=7,
-        kind="ack_timeout",
+        kind=NotificationKind.ACK_TIMEOUT.to_pb(),
         chatroom="demo",
         role="reviewer",
         task_id=TASK_ID,

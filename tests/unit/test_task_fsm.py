@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vigil.core.errors import FailedPrecondition, InvalidArgument
+from vigil.core.vocab import TaskStatus
 from vigil.task_service import fsm
 
 MIGRATION = Path(fsm.__file__).with_name("migrations") / "0001_tasks.sql"
@@ -111,7 +112,7 @@ def test_only_recovery_increments_the_attempt(trigger: str) -> None:
 
 def test_rule_for_returns_the_rule_with_its_attempt_flag() -> None:
     rule = fsm.rule_for("in_progress", "recoverOrphaned")
-    assert rule == fsm.Rule("in_progress", "pending", "recoverOrphaned", True)
+    assert rule == fsm.Rule(TaskStatus.IN_PROGRESS, TaskStatus.PENDING, "recoverOrphaned", True)
 
 
 def test_rules_sql_values_renders_every_rule() -> None:
@@ -127,20 +128,20 @@ def test_migration_holds_the_same_rule_table() -> None:
 
 
 def test_a_non_deterministic_table_is_refused() -> None:
-    bad = (*fsm.RULES, fsm.Rule("pending", "closed", "claimTask"))
+    bad = (*fsm.RULES, fsm.Rule(TaskStatus.PENDING, TaskStatus.CLOSED, "claimTask"))
     with pytest.raises(ValueError, match="two rules for claimTask from pending"):
         fsm._index(bad)
 
 
 def test_a_rule_leaving_a_terminal_status_is_refused() -> None:
     with pytest.raises(ValueError, match="terminal"):
-        fsm._index((fsm.Rule("closed", "pending", "reopenTask"),))
+        fsm._index((fsm.Rule(TaskStatus.CLOSED, TaskStatus.PENDING, "reopenTask"),))
 
 
 def test_rules_for_one_trigger_must_agree_on_the_attempt() -> None:
     bad = (
-        fsm.Rule("pending", "closed", "cancelTask"),
-        fsm.Rule("queued", "closed", "cancelTask", increments_attempt=True),
+        fsm.Rule(TaskStatus.PENDING, TaskStatus.CLOSED, "cancelTask"),
+        fsm.Rule(TaskStatus.QUEUED, TaskStatus.CLOSED, "cancelTask", increments_attempt=True),
     )
     with pytest.raises(ValueError, match="disagree"):
         fsm._index(bad)

@@ -10,10 +10,8 @@ import pytest
 from vigil.core.clock import FakeClock
 from vigil.core.errors import InvalidArgument
 from vigil.core.timings import Timings
+from vigil.core.vocab import AgentKind, NotificationKind, TaskStatus
 from vigil.task_service.policy import (
-    ACK_TIMEOUT,
-    PENDING_TIMEOUT,
-    REDELIVERY_CAP,
     Decision,
     TaskSnapshot,
     circuit_state,
@@ -26,6 +24,9 @@ from vigil.task_service.policy import (
 T = Timings()  # the plan's defaults: pending 5 min, ack 2 min, 3 attempts
 PENDING_S = T.task_pending_timeout_ms / 1000
 ACK_S = T.task_ack_timeout_ms / 1000
+ACK_TIMEOUT = NotificationKind.ACK_TIMEOUT
+PENDING_TIMEOUT = NotificationKind.PENDING_TIMEOUT
+REDELIVERY_CAP = NotificationKind.REDELIVERY_CAP
 
 
 @pytest.fixture
@@ -35,11 +36,13 @@ def clock() -> FakeClock:
 
 def snapshot(clock: FakeClock, status: str, **changes: object) -> TaskSnapshot:
     """A task that entered `status` now, its deadline as the policy would set it."""
+    if "role_kind" in changes:
+        changes["role_kind"] = AgentKind(str(changes["role_kind"]))
     base = TaskSnapshot(
-        status=status,
-        role_kind="remote",
+        status=TaskStatus(status),
+        role_kind=AgentKind.REMOTE,
         attempt=0,
-        deadline_at=deadline_for(status, clock.now(), T),
+        deadline_at=deadline_for(TaskStatus(status), clock.now(), T),
         claimer_known_dead=False,
         role_has_live_participant=False,
     )
@@ -56,23 +59,23 @@ def after(seconds: float, clock: FakeClock) -> datetime:
 
 def test_deadline_for_waiting_statuses(clock: FakeClock) -> None:
     now = clock.now()
-    assert deadline_for("pending", now, T) == now + timedelta(minutes=5)
-    assert deadline_for("acknowledged", now, T) == now + timedelta(minutes=2)
+    assert deadline_for(TaskStatus.PENDING, now, T) == now + timedelta(minutes=5)
+    assert deadline_for(TaskStatus.ACKNOWLEDGED, now, T) == now + timedelta(minutes=2)
 
 
 @pytest.mark.parametrize("status", ["in_progress", "queued", "completed", "closed"])
 def test_no_clock_outside_waiting_statuses(clock: FakeClock, status: str) -> None:
-    assert deadline_for(status, clock.now(), T) is None
+    assert deadline_for(TaskStatus(status), clock.now(), T) is None
 
 
 def test_deadline_for_unknown_status(clock: FakeClock) -> None:
     with pytest.raises(InvalidArgument):
-        deadline_for("done", clock.now(), T)
+        deadline_for("done", clock.now(), T)  # type: ignore[arg-type]
 
 
 def test_deadline_for_follows_overridden_timings(clock: FakeClock) -> None:
     fast = Timings.from_env({"VIGIL_TASK_ACK_TIMEOUT_MS": "50"})
-    assert deadline_for("acknowledged", clock.now(), fast) == clock.now() + timedelta(
+    assert deadline_for(TaskStatus.ACKNOWLEDGED, clock.now(), fast) == clock.now() + timedelta(
         milliseconds=50
     )
 
@@ -92,7 +95,7 @@ def test_a_waiting_task_without_deadline_gets_one(clock: FakeClock, status: str)
     task = snapshot(clock, status, deadline_at=None)
     decision = decide_at_deadline(task, clock.now(), T)
     assert decision.action == "extend"
-    assert decision.next_deadline_at == deadline_for(status, clock.now(), T)
+    assert decision.next_deadline_at == deadline_for(TaskStatus(status), clock.now(), T)
 
 
 @pytest.mark.parametrize("status", ["in_progress", "queued", "completed", "closed"])
@@ -107,9 +110,10 @@ def test_no_clock_action_outside_waiting_statuses(clock: FakeClock, status: str)
 
 def test_unknown_status_is_a_bug(clock: FakeClock) -> None:
     with pytest.raises(InvalidArgument):
-        decide_at_deadline(replace(snapshot(clock, "pending"), status="done"), clock.now(), T)
+        bad = replace(snapshot(clock, "pending"), status="done")  # type: ignore[arg-type]
+        decide_at_deadline(bad, clock.now(), T)
     with pytest.raises(InvalidArgument):
-        decide_on_claimer_gone(replace(snapshot(clock, "pending"), status="done"), clock.now(), T)
+        decide_on_claimer_gone(bad, clock.now(), T)
 
 
 # --- pending past its timeout ------------------------------------------------------
@@ -213,7 +217,7 @@ def test_redeliveries_end_at_the_cap(clock: FakeClock) -> None:
         task = replace(
             task,
             attempt=task.attempt + 1,
-            deadline_at=deadline_for("acknowledged", clock.now(), T),
+            deadline_at=deadline_for(TaskStatus.ACKNOWLEDGED, clock.now(), T),
         )
     assert recoveries == T.task_max_attempts
     assert decision.action == "give_up"

@@ -4,14 +4,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from vigil.core.errors import StorageError
+from vigil.core.errors import (
+    Aborted,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    StorageError,
+    VigilError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +62,63 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asy
         pool = await asyncpg.create_pool(
             url, min_size=min_size, max_size=max_size, command_timeout=30, reset=_reset
         )
-    except (OSError, asyncpg.PostgresError) as exc:
+    except DRIVER_ERRORS as exc:
         raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
     assert pool is not None
     return pool
+
+
+# -- errors ------------------------------------------------------------------------
+
+# SQLSTATE classes that mean the server or the connection, not the request.
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+_RETRY_STATES = {"40001", "40P01"}  # serialization failure, deadlock
+FSM_REFUSED = "VG001"  # raised by the task FSM guard (tasks schema)
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    TimeoutError,
+)
+# A constraint name -> the domain error its violation means (each store declares its own).
+Constraints = Mapping[str, Callable[[asyncpg.PostgresError], VigilError]]
+
+
+def db_error(exc: BaseException, constraints: Constraints | None = None) -> VigilError:
+    """The domain error for a database failure: by constraint name first, then by
+    SQLSTATE. A failure caused by the input is never UNAVAILABLE; one Vigil did not
+    expect is INTERNAL (a bug to fix, not a reason to retry)."""
+    if isinstance(exc, VigilError):
+        return exc
+    if not isinstance(exc, asyncpg.PostgresError):
+        # Connection refused or reset, pool closed, statement timeout: the store is away.
+        return StorageError(f"the database is unavailable: {type(exc).__name__}: {exc}")
+    state = exc.sqlstate or ""
+    constraint = getattr(exc, "constraint_name", None)
+    if constraint and constraints and constraint in constraints:
+        return constraints[constraint](exc)
+    if state == FSM_REFUSED:
+        return FailedPrecondition(f"refused by the database: {exc.message}")
+    if state.startswith(_UNAVAILABLE_CLASSES):
+        return StorageError(f"the database is unavailable: {exc.message}")
+    if state in _RETRY_STATES:
+        return Aborted(f"the change lost a race; retry it ({exc.message})")
+    if state.startswith("22") or state.startswith("54"):
+        # Data exceptions (bad text encoding, NUL bytes, numbers or times out of range)
+        # and program limits (a value too large to index): the input's fault.
+        return InvalidArgument(f"invalid value: {exc.message[:200]}")
+    if state == "23514":
+        return InvalidArgument(f"a value is out of range (constraint {constraint})")
+    return Internal(f"unexpected database error {state}: {exc.message[:200]}")
+
+
+@contextlib.asynccontextmanager
+async def mapped_errors(constraints: Constraints | None = None) -> AsyncIterator[None]:
+    """Run a block; any database failure leaves it as its domain error (`db_error`)."""
+    try:
+        yield
+    except DRIVER_ERRORS as exc:
+        raise db_error(exc, constraints) from exc
 
 
 class Database:
@@ -70,26 +131,26 @@ class Database:
     async def fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:
             return await self.pool.fetch(sql, *args)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StorageError(f"database error: {exc}") from exc
+        except DRIVER_ERRORS as exc:
+            raise db_error(exc) from exc
 
     async def fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         try:
             return await self.pool.fetchrow(sql, *args)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StorageError(f"database error: {exc}") from exc
+        except DRIVER_ERRORS as exc:
+            raise db_error(exc) from exc
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         try:
             return await self.pool.fetchval(sql, *args)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StorageError(f"database error: {exc}") from exc
+        except DRIVER_ERRORS as exc:
+            raise db_error(exc) from exc
 
     async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
         try:
             await self.pool.executemany(sql, args)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StorageError(f"database error: {exc}") from exc
+        except DRIVER_ERRORS as exc:
+            raise db_error(exc) from exc
 
     async def close(self) -> None:
         await self.pool.close()

@@ -1,4 +1,11 @@
-"""Vigil's one exception root, and the one place domain errors become gRPC statuses."""
+"""Vigil's one exception root, and the one place errors become gRPC statuses.
+
+Domain errors carry their status code. `grpc_errors` wraps every servicer method —
+unary, server-streaming and bidirectional alike — so an error raised anywhere in a call,
+also in the middle of a stream, ends the call with its mapped status and a message a
+person can act on; anything unexpected is logged and answered INTERNAL (never UNKNOWN).
+Database failures become domain errors in `vigil.core.db`, by SQLSTATE and constraint.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,16 @@ from typing import Any, TypeVar
 import grpc
 
 log = logging.getLogger(__name__)
+
+# Messages quote at most this much of a caller's input.
+QUOTE_LIMIT = 80
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """A short, printable rendering of (possibly huge or hostile) input for a message."""
+    text = value if isinstance(value, str) else str(value)
+    shown = repr(text[:limit])
+    return shown + f"… ({len(text)} characters)" if len(text) > limit else shown
 
 
 class VigilError(Exception):
@@ -49,6 +66,18 @@ class Unauthenticated(VigilError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class ResourceExhausted(VigilError):
+    """A per-identity cap (open streams, participants) is reached."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Aborted(VigilError):
+    """A transaction lost a race (serialization failure, deadlock); retry it."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Unavailable(VigilError):
     """This server cannot take the request now (shutting down); retry elsewhere."""
 
@@ -61,19 +90,28 @@ class StorageError(VigilError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Internal(VigilError):
+    """A bug: something Vigil itself got wrong. Logged with its cause."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message an exception ends a call with."""
     if isinstance(exc, VigilError):
+        if exc.code == grpc.StatusCode.INTERNAL:
+            log.error("internal error in RPC: %s", exc, exc_info=exc)
         return exc.code, str(exc)
     log.exception("unexpected error in RPC", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
 def grpc_errors(fn: F) -> F:
-    """Decorate a servicer method: VigilError becomes its status code; anything else
-    is logged and answered INTERNAL (never a bare UNKNOWN)."""
+    """Decorate a servicer method of any shape: a raised error ends the call with its
+    mapped status (see `status_for`). `context.abort` inside the method still works."""
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
@@ -84,7 +122,7 @@ def grpc_errors(fn: F) -> F:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                code, message = _status_for(exc)
+                code, message = status_for(exc)
                 await context.abort(code, message)
 
         return gen_wrapper  # type: ignore[return-value]
@@ -96,7 +134,7 @@ def grpc_errors(fn: F) -> F:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            code, message = _status_for(exc)
+            code, message = status_for(exc)
             await context.abort(code, message)
 
     return wrapper  # type: ignore[return-value]

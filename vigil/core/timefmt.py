@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import overload
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
+
+@overload
+def to_proto(dt: datetime) -> Timestamp: ...
+@overload
+def to_proto(dt: None) -> None: ...
+@overload
+def to_proto(dt: datetime | None) -> Timestamp | None: ...
 
 
 def to_proto(dt: datetime | None) -> Timestamp | None:

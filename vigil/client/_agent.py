@@ -1,0 +1,272 @@
+"""An agent's side of Vigil: stay live on one session and take task after task.
+
+    async with client.agent() as agent:       # chatroom/role/kind from the environment
+        async for task in agent.tasks():        # pushed, one at a time
+            await task.start()
+            ...                                  # the work
+            await task.complete()
+
+The session joins when the block is entered and leaves when it is left, with the reason
+that fits: `left` on a normal exit, `signal` on SIGINT/SIGTERM (handled while the block
+runs: the block is cancelled, ends quietly, and `agent.signalled` names the signal),
+`error` when an exception escapes. A task the agent received but never started is
+handed back by the server if the session drops; once started, it is the agent's until it
+completes it or releases it (or its process exits, for a remote agent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from vigil.client._errors import ClientConfigError, RPCError
+from vigil.client._session import ParticipantSession, SessionEnd
+from vigil.core.vocab import AgentKind, OfflineReason, TaskStatus
+from vigil.v1 import tasks_pb2 as tpb
+
+if TYPE_CHECKING:
+    from vigil.client._client import Client
+
+
+class Superseded(RPCError):
+    """Another session took this agent's chatroom and role: this one must stop."""
+
+    def __init__(self, chatroom: str, role: str) -> None:
+        super().__init__(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"superseded: another session took {chatroom}/{role}",
+        )
+
+
+@dataclass
+class ClaimedTask:
+    """A task claimed for this agent, with the attempt that fences it: `start`,
+    `complete` and `release` present that attempt, so a stale claim changes nothing."""
+
+    client: Client
+    message: tpb.Task
+
+    @property
+    def id(self) -> str:
+        return self.message.id
+
+    @property
+    def attempt(self) -> int:
+        return self.message.attempt
+
+    @property
+    def text(self) -> str:
+        return self.message.text
+
+    @property
+    def chatroom(self) -> str:
+        return self.message.chatroom
+
+    @property
+    def role(self) -> str:
+        return self.message.role
+
+    @property
+    def status(self) -> TaskStatus:
+        return TaskStatus.from_pb(self.message.status)
+
+    async def start(self) -> None:
+        self.message = await self.client.start_task(self.id, self.attempt)
+
+    async def complete(self) -> None:
+        self.message = await self.client.complete_task(self.id, self.attempt)
+
+    async def release(self, reason: str = "") -> None:
+        """Hand the task back: pending again, for the next agent (next attempt)."""
+        self.message = await self.client.release_task(self.id, reason)
+
+
+def _from_env(env: Mapping[str, str], value: str | None, var: str, flag: str) -> str:
+    found = value or env.get(var)
+    if not found:
+        raise ClientConfigError(f"no {flag}: give it, or set {var}")
+    return found
+
+
+class AgentSession:
+    def __init__(
+        self,
+        client: Client,
+        chatroom: str,
+        role: str,
+        kind: AgentKind | str = AgentKind.CUSTOM,
+        *,
+        handle_signals: bool = True,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.session = ParticipantSession(client, chatroom, role, kind, say=say)
+        self.handle_signals = handle_signals
+        self._runner: asyncio.Task[SessionEnd] | None = None
+        self._owner: asyncio.Task[Any] | None = None
+        self._signalled: int | None = None
+
+    @classmethod
+    def from_env(
+        cls,
+        client: Client,
+        chatroom: str | None,
+        role: str | None,
+        kind: AgentKind | str | None,
+        env: Mapping[str, str] | None = None,
+        **kw: Any,
+    ) -> AgentSession:
+        env = os.environ if env is None else env
+        room = _from_env(env, chatroom, "VIGIL_CHATROOM", "chatroom")
+        name = _from_env(env, role, "VIGIL_ROLE", "role")
+        try:
+            what = AgentKind(kind or env.get("VIGIL_KIND") or AgentKind.CUSTOM)
+        except ValueError:
+            raise ClientConfigError(
+                f"VIGIL_KIND must be remote or custom, got {env.get('VIGIL_KIND')!r}"
+            ) from None
+        return cls(client, room, name, what, **kw)
+
+    @property
+    def chatroom(self) -> str:
+        return self.session.chatroom
+
+    @property
+    def role(self) -> str:
+        return self.session.role
+
+    @property
+    def signalled(self) -> int | None:
+        """The signal (SIGINT/SIGTERM) that ended the session, if one did."""
+        return self._signalled
+
+    # -- life cycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> AgentSession:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if self._signalled is not None:
+            reason = OfflineReason.SIGNAL
+        elif exc is None or isinstance(exc, Superseded):
+            reason = OfflineReason.LEFT
+        elif isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+            reason = OfflineReason.SIGNAL
+        else:
+            reason = OfflineReason.ERROR
+        await self.close(reason)
+        if self._signalled is not None and isinstance(exc, asyncio.CancelledError):
+            # Our own signal handler cancelled the block: it ends here, cleanly, and
+            # the program goes on after it (`signalled` says which signal it was).
+            me = asyncio.current_task()
+            if me is not None:
+                me.uncancel()
+            return True
+        return False
+
+    async def start(self) -> None:
+        """Join; returns once the participant is live (or raises why it cannot be)."""
+        self._owner = asyncio.current_task()
+        self._runner = asyncio.create_task(self.session.run(), name="vigil-session")
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal, sig)
+        await self._joined_or_ended()
+
+    def _on_signal(self, sig: int) -> None:
+        self._signalled = sig
+        self.session.stop(OfflineReason.SIGNAL)
+        if self._owner is not None:
+            self._owner.cancel()
+
+    async def close(self, reason: OfflineReason | str = OfflineReason.LEFT) -> SessionEnd | None:
+        """Leave with `reason` (once) and wait for the session to end."""
+        if self.handle_signals and threading.current_thread() is threading.main_thread():
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        if self._runner is None:
+            return None
+        self.session.stop(reason)
+        try:
+            return await asyncio.shield(self._runner)
+        except RPCError:
+            return None
+
+    async def _joined_or_ended(self) -> int:
+        """The current epoch once joined; raises if the session ended instead."""
+        assert self._runner is not None
+        joined = asyncio.ensure_future(self.session.joined.wait())
+        try:
+            await asyncio.wait({joined, self._runner}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
+        if self._runner.done():
+            end = self._runner.result()  # raises the session's RPCError
+            if end == SessionEnd.SUPERSEDED:
+                raise Superseded(self.chatroom, self.role)
+            raise RPCError(grpc.StatusCode.CANCELLED, "the session was stopped")
+        assert self.session.epoch is not None
+        return self.session.epoch
+
+    # -- tasks -------------------------------------------------------------------
+
+    async def next_task(self) -> ClaimedTask:
+        """Wait for the next task of this role and claim it for this session. If the
+        session rejoins meanwhile (it was expired while paused) the wait is renewed
+        under the new epoch; a lost connection is retried."""
+        delay = 0.05
+        while True:
+            epoch = await self._joined_or_ended()
+            generation = self.session.generation
+            wait = asyncio.ensure_future(
+                self.client.await_task(self.chatroom, self.role, self.session.connection_id, epoch)
+            )
+            assert self._runner is not None
+            renewed = asyncio.ensure_future(self.session.wait_rejoin(generation))
+            try:
+                await asyncio.wait(
+                    {wait, renewed, self._runner}, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                renewed.cancel()
+            if not wait.done():
+                wait.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RPCError):
+                    await wait
+                continue  # a new epoch (or the session ended: the top of the loop says)
+            try:
+                return ClaimedTask(self.client, wait.result())
+            except RPCError as exc:
+                if not exc.retryable:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def tasks(self) -> AsyncIterator[ClaimedTask]:
+        """Task after task, for as long as the session lasts."""
+        while True:
+            yield await self.next_task()
+
+    async def receive_one(self) -> ClaimedTask:
+        """The one-shot form (`vigil wait-for-task`): wait for one task, then leave with
+        reason `task_received`, which confirms its delivery."""
+        task = await self.next_task()
+        await self.close(OfflineReason.TASK_RECEIVED)
+        return task

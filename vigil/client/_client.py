@@ -1,0 +1,308 @@
+"""`Client`: one object that talks to Vigil. It owns the channels (to the liveness
+service and to the task service, the same one when they share an address), attaches
+the caller's credentials to every call, and turns every failure into an `RPCError`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from vigil.client._channel import open_channel
+from vigil.client._config import ClientConfig
+from vigil.client._errors import RPCError, from_grpc
+from vigil.core.vocab import AgentKind, TaskStatus
+from vigil.v1 import liveness_pb2 as lpb
+from vigil.v1 import liveness_pb2_grpc as lpb_grpc
+from vigil.v1 import machines_pb2 as mpb
+from vigil.v1 import machines_pb2_grpc as mpb_grpc
+from vigil.v1 import tasks_pb2 as tpb
+from vigil.v1 import tasks_pb2_grpc as tpb_grpc
+
+if TYPE_CHECKING:
+    from vigil.client._agent import AgentSession
+    from vigil.client._session import ParticipantSession
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 5.0
+LIVENESS = lpb.DESCRIPTOR.services_by_name["Liveness"].full_name
+TASKS = tpb.DESCRIPTOR.services_by_name["Tasks"].full_name
+
+
+class Client:
+    """Use as `async with Client(config) as client:` (or `vigil.client.connect()`)."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._liveness_ch = open_channel(
+            config.liveness_addr, config, LIVENESS, "VIGIL_LIVENESS_ADDR"
+        )
+        self._tasks_ch = (
+            self._liveness_ch
+            if config.tasks_addr == config.liveness_addr
+            else open_channel(config.tasks_addr, config, TASKS, "VIGIL_TASKS_ADDR")
+        )
+        self.liveness = lpb_grpc.LivenessStub(self._liveness_ch)
+        self.tasks = tpb_grpc.TasksStub(self._tasks_ch)
+        self.machines = mpb_grpc.MachinesStub(self._tasks_ch)
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        )
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._liveness_ch.close()
+        if self._tasks_ch is not self._liveness_ch:
+            await self._tasks_ch.close()
+
+    async def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Wait until a connection to Vigil is up; UNAVAILABLE after `timeout`."""
+        for ch, addr in {
+            (self._liveness_ch, self.config.liveness_addr),
+            (self._tasks_ch, self.config.tasks_addr),
+        }:
+            try:
+                await asyncio.wait_for(ch.channel_ready(), timeout)
+            except TimeoutError:
+                raise RPCError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"cannot reach Vigil at {addr} (is `vigil up` running?)",
+                ) from None
+
+    async def call(self, method: Callable[..., Awaitable[T]], request: Any, **kw: Any) -> T:
+        """One unary call with the client's credentials; a failure is an RPCError."""
+        kw.setdefault("timeout", DEFAULT_TIMEOUT_S)
+        try:
+            return await method(request, metadata=self.metadata, **kw)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc) from None
+
+    async def stream(
+        self, method: Callable[..., Any], request: Any, **kw: Any
+    ) -> AsyncIterator[Any]:
+        """The replies of a server-streaming call; a failure is an RPCError."""
+        call = method(request, metadata=self.metadata, **kw)
+        try:
+            async for item in call:
+                yield item
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc) from None
+        finally:
+            call.cancel()
+
+    # -- participants and agents -------------------------------------------------
+
+    def session(
+        self, chatroom: str, role: str, kind: AgentKind | str = AgentKind.CUSTOM, **kw: Any
+    ) -> ParticipantSession:
+        """A liveness session for (chatroom, role); run it with `await session.run()`."""
+        from vigil.client._session import ParticipantSession
+
+        return ParticipantSession(self, chatroom, role, kind, **kw)
+
+    def agent(
+        self,
+        chatroom: str | None = None,
+        role: str | None = None,
+        kind: AgentKind | str | None = None,
+        **kw: Any,
+    ) -> AgentSession:
+        """An agent's session: `async with client.agent() as agent: async for task in
+        agent.tasks(): ...`. Chatroom, role and kind default to VIGIL_CHATROOM,
+        VIGIL_ROLE and VIGIL_KIND (what a machine daemon gives the agents it starts)."""
+        from vigil.client._agent import AgentSession
+
+        return AgentSession.from_env(self, chatroom, role, kind, **kw)
+
+    async def list_participants(
+        self, chatroom: str = "", *, live_only: bool = False
+    ) -> lpb.ListParticipantsResponse:
+        return await self.call(
+            self.liveness.ListParticipants,
+            lpb.ListParticipantsRequest(chatroom=chatroom, live_only=live_only),
+        )
+
+    def watch_participants(
+        self, from_revision: int, chatroom: str = ""
+    ) -> AsyncIterator[lpb.PresenceEvent]:
+        return self.stream(
+            self.liveness.WatchParticipants,
+            lpb.WatchParticipantsRequest(from_revision=from_revision, chatroom=chatroom),
+        )
+
+    # -- chatrooms and tasks ---------------------------------------------------
+
+    async def create_chatroom(self, name: str, roles: list[tpb.Role]) -> tpb.Chatroom:
+        return await self.call(
+            self.tasks.CreateChatroom, tpb.CreateChatroomRequest(name=name, roles=roles)
+        )
+
+    async def get_chatroom(self, name: str) -> tpb.Chatroom:
+        return await self.call(self.tasks.GetChatroom, tpb.GetChatroomRequest(name=name))
+
+    async def list_chatrooms(self) -> list[tpb.Chatroom]:
+        reply = await self.call(self.tasks.ListChatrooms, tpb.ListChatroomsRequest())
+        return list(reply.chatrooms)
+
+    async def send(self, chatroom: str, role: str, text: str) -> tpb.Task:
+        """Send a message to a role: it becomes a task (returned, pending or queued)."""
+        return await self.call(
+            self.tasks.SendMessage, tpb.SendMessageRequest(chatroom=chatroom, role=role, text=text)
+        )
+
+    async def await_task(
+        self, chatroom: str, role: str, connection_id: str, epoch: int
+    ) -> tpb.Task:
+        """Wait until the server claims a task of the role for this participant."""
+        request = tpb.AwaitTaskRequest(
+            chatroom=chatroom, role=role, connection_id=connection_id, epoch=epoch
+        )
+        task: tpb.Task | None = None
+        # Read to the end of the stream: the server ends it right after the one task,
+        # and a clean end is its confirmation that the task was written.
+        async for reply in self.stream(self.tasks.AwaitTask, request):
+            task = reply.task
+        if task is None:
+            raise RPCError(grpc.StatusCode.UNAVAILABLE, "the server ended AwaitTask without a task")
+        return task
+
+    async def start_task(self, task_id: str, attempt: int, *, actor: str = "") -> tpb.Task:
+        return await self.call(
+            self.tasks.StartTask, tpb.TaskRef(id=task_id, attempt=attempt, actor=actor)
+        )
+
+    async def complete_task(self, task_id: str, attempt: int, *, actor: str = "") -> tpb.Task:
+        return await self.call(
+            self.tasks.CompleteTask, tpb.TaskRef(id=task_id, attempt=attempt, actor=actor)
+        )
+
+    async def cancel_task(self, task_id: str, reason: str = "", *, actor: str = "") -> tpb.Task:
+        return await self.call(
+            self.tasks.CancelTask, tpb.TaskRef(id=task_id, reason=reason, actor=actor)
+        )
+
+    async def release_task(self, task_id: str, reason: str = "", *, actor: str = "") -> tpb.Task:
+        return await self.call(
+            self.tasks.ReleaseTask, tpb.TaskRef(id=task_id, reason=reason, actor=actor)
+        )
+
+    async def get_task(self, task_id: str) -> tpb.Task:
+        return await self.call(self.tasks.GetTask, tpb.GetTaskRequest(id=task_id))
+
+    async def task_history(self, task_id: str) -> list[tpb.Transition]:
+        reply = await self.call(self.tasks.TaskHistory, tpb.TaskHistoryRequest(id=task_id))
+        return list(reply.transitions)
+
+    async def list_tasks(
+        self, chatroom: str = "", status: TaskStatus | None = None, limit: int = 0
+    ) -> list[tpb.Task]:
+        request = tpb.ListTasksRequest(
+            chatroom=chatroom,
+            status=status.to_pb() if status else tpb.TASK_STATUS_UNSPECIFIED,
+            limit=limit,
+        )
+        reply = await self.call(self.tasks.ListTasks, request)
+        return list(reply.tasks)
+
+    async def list_notifications(
+        self, after_id: int = 0, limit: int = 0, *, newest_first: bool = False
+    ) -> list[tpb.Notification]:
+        request = tpb.ListNotificationsRequest(
+            after_id=after_id, limit=limit, newest_first=newest_first
+        )
+        reply = await self.call(self.tasks.ListNotifications, request)
+        return list(reply.notifications)
+
+    async def count_tasks(self, chatroom: str = "") -> dict[TaskStatus, int]:
+        """Tasks by status (every status, zero included)."""
+        reply = await self.call(self.tasks.CountTasks, tpb.CountTasksRequest(chatroom=chatroom))
+        return {TaskStatus.from_pb(c.status): c.count for c in reply.counts}
+
+    def watch_notifications(self, after_id: int = 0, **kw: Any) -> AsyncIterator[tpb.Notification]:
+        return self.stream(
+            self.tasks.WatchNotifications, tpb.WatchNotificationsRequest(after_id=after_id), **kw
+        )
+
+    # -- machines and their agents ---------------------------------------------------
+
+    async def register_machine(
+        self, machine_id: str, hostname: str = "", harnesses: list[str] | None = None
+    ) -> mpb.RegisterMachineResponse:
+        request = mpb.RegisterMachineRequest(
+            machine_id=machine_id, hostname=hostname, harnesses=harnesses or []
+        )
+        return await self.call(self.machines.RegisterMachine, request)
+
+    async def list_machines(self) -> list[mpb.Machine]:
+        reply = await self.call(self.machines.ListMachines, mpb.ListMachinesRequest())
+        return list(reply.machines)
+
+    async def list_agents(self, chatroom: str = "") -> list[mpb.Agent]:
+        reply = await self.call(self.machines.ListAgents, mpb.ListAgentsRequest(chatroom=chatroom))
+        return list(reply.agents)
+
+    async def list_commands(self, machine_id: str = "", limit: int = 0) -> list[mpb.Command]:
+        reply = await self.call(
+            self.machines.ListCommands, mpb.ListCommandsRequest(machine_id=machine_id, limit=limit)
+        )
+        return list(reply.commands)
+
+    async def list_exits(
+        self, chatroom: str = "", role: str = "", limit: int = 0
+    ) -> list[mpb.AgentExit]:
+        """Recorded exits of agent processes, newest first."""
+        request = mpb.ListExitsRequest(chatroom=chatroom, role=role, limit=limit)
+        reply = await self.call(self.machines.ListExits, request)
+        return list(reply.exits)
+
+    async def start_agent(self, chatroom: str, role: str) -> mpb.Agent:
+        return await self.call(self.machines.StartAgent, mpb.AgentRef(chatroom=chatroom, role=role))
+
+    async def stop_agent(self, chatroom: str, role: str) -> mpb.Agent:
+        return await self.call(self.machines.StopAgent, mpb.AgentRef(chatroom=chatroom, role=role))
+
+    async def report_exit(
+        self, report: mpb.ExitReport, timeout: float = DEFAULT_TIMEOUT_S
+    ) -> mpb.ExitAck:
+        return await self.call(self.machines.ReportExit, report, timeout=timeout)
+
+    def daemon_session(self) -> grpc.aio.StreamStreamCall:
+        """The raw DaemonSession stream (the machine daemon drives it)."""
+        return self.machines.DaemonSession(metadata=self.metadata)
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    addr: str | None = None,
+    *,
+    token: str | None = None,
+    token_file: str | None = None,
+    config: ClientConfig | None = None,
+    wait_ready: bool = True,
+) -> AsyncIterator[Client]:
+    """A connected `Client`: settings from `config`, else from the environment
+    (`ClientConfig.from_env`), with `addr`, `token` and `token_file` overriding."""
+    if config is None:
+        config = ClientConfig.from_env(addr=addr, token_file=token_file)
+    if token is not None:
+        config = config.with_token(token)
+    async with Client(config) as client:
+        if wait_ready:
+            await client.wait_ready()
+        yield client

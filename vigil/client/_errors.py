@@ -1,0 +1,47 @@
+"""The client's one error type: every failed call becomes an `RPCError` here, and only
+here, carrying the gRPC status, the server's message and whether a retry can help."""
+
+from __future__ import annotations
+
+import grpc
+
+from vigil.core.errors import VigilError
+
+# Worth retrying (elsewhere or later): the server or the network, not the request.
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+class RPCError(VigilError):
+    """A call Vigil refused or could not answer. `code` is the gRPC status;
+    `retryable` says whether the same request may succeed later."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.code.name})"
+
+
+def from_grpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> RPCError:
+    code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+    return RPCError(code, details or code.name.lower().replace("_", " "))
+
+
+class ClientConfigError(VigilError):
+    """A bad client setting (address, TLS file, token file); the message names it."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
