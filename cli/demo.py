@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from vigil.cli.rpc import CliError
 from vigil.client import Client, ClientConfig
 from vigil.core.timefmt import from_proto
 from vigil.core.timings import Timings
@@ -71,7 +72,7 @@ class Demo:
             if value:
                 return value
             await asyncio.sleep(0.05)
-        raise TimeoutError(f"demo: gave up waiting for {what}")
+        raise CliError(f"demo: gave up waiting for {what}")
 
 
 async def demo(database_url: str | None) -> int:
@@ -106,7 +107,14 @@ async def demo(database_url: str | None) -> int:
 
 async def _story(d: Demo, client: Client, addr: str, tmp: Path) -> subprocess.Popen[bytes]:
     room = "demo"
-    agent_cmd = f"{sys.executable} -m vigil.example_agent"
+    python = json.dumps(sys.executable)
+    harnesses = tmp / f"{MACHINE}.harnesses.toml"
+    harnesses.write_text(
+        "[harnesses]\n"
+        f'example = [{python}, "-m", "vigil.example_agent"]\n'
+        f'crash = [{python}, "-m", "vigil.example_agent", "--crash"]\n'
+    )
+    harnesses.chmod(0o600)
 
     d.step("1. a machine and its daemon")
     registered = await client.register_machine(MACHINE, "localhost", ["example"])
@@ -128,6 +136,8 @@ async def _story(d: Demo, client: Client, addr: str, tmp: Path) -> subprocess.Po
             str(cred),
             "--state-dir",
             str(tmp / "daemon"),
+            "--harness-file",
+            str(harnesses),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -139,8 +149,8 @@ async def _story(d: Demo, client: Client, addr: str, tmp: Path) -> subprocess.Po
     await client.create_chatroom(
         room,
         [
-            tpb.Role(role="builder", kind=remote, machine=MACHINE, command=agent_cmd),
-            tpb.Role(role="flaky", kind=remote, machine=MACHINE, command=f"{agent_cmd} --crash"),
+            tpb.Role(role="builder", kind=remote, machine=MACHINE, harness="example"),
+            tpb.Role(role="flaky", kind=remote, machine=MACHINE, harness="crash"),
             tpb.Role(role="reviewer", kind=custom),
         ],
     )

@@ -36,6 +36,7 @@ from vigil.core.vocab import (
     DesiredState,
     ExitClassification,
 )
+from vigil.daemon.harnesses import write_starter
 from vigil.v1 import machines_pb2 as pb
 
 DEFAULT_DATA_DIR = ".vigil"
@@ -64,6 +65,7 @@ COMMAND_COLUMNS = [
     "created_at",
     "deadline_at",
     "reason",
+    "outcome",
 ]
 
 
@@ -82,6 +84,12 @@ def default_credential_path(machine_id: str, data_dir: Path | None = None) -> Pa
     The machine id is checked first: it becomes a file name."""
     _check_name(machine_id, "--machine-id")
     return _data_dir(data_dir) / "machines" / f"{machine_id}.credential"
+
+
+def default_harness_path(machine_id: str, data_dir: Path | None = None) -> Path:
+    """`$VIGIL_DATA_DIR/machines/<machine_id>.harnesses.toml`: what the machine runs."""
+    _check_name(machine_id, "--machine-id")
+    return _data_dir(data_dir) / "machines" / f"{machine_id}.harnesses.toml"
 
 
 def _prepare_credential_dir(path: Path) -> None:
@@ -254,11 +262,13 @@ def command_json(c: pb.Command) -> dict[str, Any]:
         "type": name_of(CommandType, c.type),
         "chatroom": c.chatroom,
         "role": c.role,
+        "harness": c.harness or None,
         "command": c.command or None,
         "status": name_of(CommandStatus, c.status),
         "created_at": _ts(c, "created_at"),
         "deadline_at": _ts(c, "deadline_at"),
         "reason": c.reason or None,
+        "outcome": c.outcome_message or None,
     }
 
 
@@ -310,10 +320,24 @@ async def register_machine(
             f"registered machine {machine_id} but could not write its credential to {path}: "
             f"{exc.strerror or exc}; register it again (that rotates the credential)"
         ) from None
+    harness_path = default_harness_path(machine_id, data_dir).absolute()
+    wrote = write_starter(harness_path)
+    harness_note = (
+        f"; harnesses it runs: {harness_path} (written, edit it)"
+        if wrote
+        else f"; harnesses it runs: {harness_path}"
+    )
     _emit(
         as_json,
-        lambda: {"machine_id": machine_id, "credential_file": str(path)},
-        lambda: f"registered machine {machine_id}; credential written to {path} (mode 600)",
+        lambda: {
+            "machine_id": machine_id,
+            "credential_file": str(path),
+            "harness_file": str(harness_path),
+        },
+        lambda: (
+            f"registered machine {machine_id}; credential written to {path} (mode 600)"
+            + harness_note
+        ),
     )
     return 0
 

@@ -117,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
     dm_start.add_argument(
         "--leave-agents", action="store_true", help="on SIGTERM, leave agents running"
     )
+    dm_start.add_argument(
+        "--harness-file",
+        metavar="FILE",
+        help="what this machine runs: harness = [program, args] "
+        "(default: $VIGIL_DATA_DIR/machines/MACHINE.harnesses.toml)",
+    )
+    dm_start.add_argument(
+        "--allow-any-command",
+        action="store_true",
+        help="also run free-form command lines the server sends (anyone who may create "
+        "a role on this machine can then run any program here)",
+    )
     _client_flags(dm_start)
     dm_start.add_argument(
         "--metrics-addr", help="serve the daemon's Prometheus metrics here (HOST:PORT)"
@@ -156,21 +168,22 @@ def _add_task_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     create = cr_sub.add_parser(
         "create",
         help="create a chatroom and its team of roles",
-        description="Create a chatroom. Each --role is ROLE=custom (run by a person), "
-        "ROLE=remote:MACHINE or ROLE=remote:MACHINE:COMMAND (started by MACHINE's daemon; "
-        "everything after the second ':' is the command).",
+        description="Create a chatroom. Each --role is ROLE=custom (run by a person) or "
+        "ROLE=remote:MACHINE:HARNESS (started by MACHINE's daemon, which runs the program "
+        "its own harness file gives for HARNESS).",
     )
     create.add_argument("name", metavar="NAME")
     create.add_argument(
         "--role",
         action="append",
         metavar="ROLE=KIND",
-        help="ROLE=custom, ROLE=remote:MACHINE or ROLE=remote:MACHINE:COMMAND (repeatable)",
+        help="ROLE=custom or ROLE=remote:MACHINE:HARNESS (repeatable)",
     )
     create.add_argument(
         "--team-file",
         metavar="FILE",
-        help='JSON {"roles": [{"role", "kind": "remote|custom", "machine", "command"}]}',
+        help='JSON {"roles": [{"role", "kind": "remote|custom", "machine", "harness"}]} '
+        '("command": a command line, instead of a harness)',
     )
     show = cr_sub.add_parser("show", help="show a chatroom and its roles")
     show.add_argument("name", metavar="NAME")
@@ -318,6 +331,8 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             args.state_dir,
             args.leave_agents,
             args.metrics_addr,
+            args.harness_file,
+            args.allow_any_command,
         )
     if args.command == "wait-for-task":
         from vigil.cli.durations import parse_duration

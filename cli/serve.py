@@ -31,7 +31,15 @@ async def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT. With `ui` (a terminal), draw the live view on stdout;
     logs then go to DATA_DIR/vigil.log."""
-    url = await resolve_url(settings.database_url, settings.data_dir)
+    url, embedded = await resolve_url(settings.database_url, settings.data_dir)
+    try:
+        return await _serve(settings, services, url, ui=ui)
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+async def _serve(settings: Settings, services: tuple[str, ...], url: str, *, ui: bool) -> int:
     where = (
         "DATABASE_URL"
         if settings.database_url

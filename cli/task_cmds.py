@@ -57,7 +57,7 @@ TASK_COLUMNS = [
     "deadline_at",
 ]
 HISTORY_COLUMNS = ["at", "transition", "trigger", "actor", "attempt", "reason"]
-ROLE_COLUMNS = ["role", "kind", "machine", "command"]
+ROLE_COLUMNS = ["role", "kind", "machine", "harness", "command"]
 CHATROOM_COLUMNS = ["name", "roles", "created_at"]
 
 
@@ -96,10 +96,9 @@ def check_task_id(value: str) -> str:
 
 
 def parse_role_spec(spec: str) -> pb.Role:
-    """ROLE=custom, ROLE=remote:MACHINE or ROLE=remote:MACHINE:COMMAND.
-
-    Everything after the second ':' is the command, which may hold ':' and spaces."""
-    expected = "expected ROLE=custom, ROLE=remote:MACHINE or ROLE=remote:MACHINE:COMMAND"
+    """ROLE=custom or ROLE=remote:MACHINE:HARNESS (a harness is a name the machine's
+    daemon maps to a program; a command line goes in a team file)."""
+    expected = "expected ROLE=custom or ROLE=remote:MACHINE:HARNESS"
     role, eq, rest = spec.partition("=")
     if not eq or not role:
         raise _usage(f"--role {spec!r}: {expected}")
@@ -108,27 +107,37 @@ def parse_role_spec(spec: str) -> pb.Role:
         return pb.Role(role=role, kind=AgentKind.CUSTOM.to_pb())
     kind, colon, target = rest.partition(":")
     if kind == "remote":
-        machine, _, command = target.partition(":")
-        if not colon or not machine:
-            raise _usage(f"--role {spec!r}: a remote role needs a machine (remote:MACHINE)")
-        return pb.Role(role=role, kind=AgentKind.REMOTE.to_pb(), machine=machine, command=command)
+        machine, _, harness = target.partition(":")
+        if not colon or not machine or not harness:
+            raise _usage(
+                f"--role {spec!r}: a remote role needs its machine and harness "
+                "(remote:MACHINE:HARNESS, e.g. remote:box-1:claude)"
+            )
+        _check_name(machine, f"--role {spec!r}: machine")
+        _check_name(
+            harness,
+            f"--role {spec!r}: harness (a name the machine defines; "
+            "a command line goes in a --team-file)",
+        )
+        return pb.Role(role=role, kind=AgentKind.REMOTE.to_pb(), machine=machine, harness=harness)
     if kind == "custom":
-        raise _usage(f"--role {spec!r}: a custom role takes no machine or command")
+        raise _usage(f"--role {spec!r}: a custom role takes no machine or harness")
     raise _usage(f"--role {spec!r}: unknown kind {kind!r}; {expected}")
 
 
-_TEAM_KEYS = {"role", "kind", "machine", "command"}
+_TEAM_KEYS = {"role", "kind", "machine", "harness", "command"}
 
 
 def parse_team(data: Any, where: str) -> list[pb.Role]:
-    """A team file's content, {"roles": [{"role", "kind", "machine", "command"}]}."""
+    """A team file's content: {"roles": [{"role", "kind", "machine", "harness" or
+    "command"}]}."""
     if not isinstance(data, dict) or not isinstance(data.get("roles"), list):
         raise _usage(f'{where}: expected an object {{"roles": [...]}}')
     roles: list[pb.Role] = []
     for i, entry in enumerate(data["roles"]):
         at = f"{where}: roles[{i}]"
         if not isinstance(entry, dict):
-            raise _usage(f"{at}: expected an object with role, kind, machine, command")
+            raise _usage(f"{at}: expected an object with role, kind, machine, harness")
         unknown = sorted(set(entry) - _TEAM_KEYS)
         if unknown:
             raise _usage(
@@ -146,13 +155,23 @@ def parse_team(data: Any, where: str) -> list[pb.Role]:
         if kind not in AgentKind.values():
             raise _usage(f"{at}: 'kind' must be 'remote' or 'custom', got {kind!r}")
         machine = entry.get("machine") or ""
+        harness = entry.get("harness") or ""
         command = entry.get("command") or ""
-        if kind == "remote" and not machine:
-            raise _usage(f"{at}: 'machine' is required for a remote role")
-        if kind == "custom" and (machine or command):
-            raise _usage(f"{at}: a custom role takes no machine or command")
+        if kind == "remote":
+            if not machine:
+                raise _usage(f"{at}: 'machine' is required for a remote role")
+            if bool(harness) == bool(command):
+                raise _usage(f"{at}: a remote role has a 'harness' or a 'command' (one of them)")
+        if kind == "custom" and (machine or harness or command):
+            raise _usage(f"{at}: a custom role takes no machine, harness or command")
         roles.append(
-            pb.Role(role=role, kind=AgentKind(kind).to_pb(), machine=machine, command=command)
+            pb.Role(
+                role=role,
+                kind=AgentKind(kind).to_pb(),
+                machine=machine,
+                harness=harness,
+                command=command,
+            )
         )
     return roles
 
@@ -260,6 +279,7 @@ def role_json(r: pb.Role) -> dict[str, Any]:
         "role": r.role,
         "kind": name_of(AgentKind, r.kind),
         "machine": r.machine or None,
+        "harness": r.harness or None,
         "command": r.command or None,
     }
 

@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -123,10 +122,7 @@ class Children:
         self._save()
         return gone
 
-    async def spawn(self, chatroom: str, role: str, command: str) -> Child:
-        argv = shlex.split(command)
-        if not argv:
-            raise ValueError("the role has no agent command to start")
+    async def spawn(self, chatroom: str, role: str, argv: list[str]) -> Child:
         log_path = self.logs / f"{chatroom}--{role}.log"
         # Where Vigil is and who the agent is, in its environment (never its argv):
         # `vigil wait-for-task` and the client library read these with no flags.
@@ -153,7 +149,7 @@ class Children:
         task = asyncio.create_task(self._wait(child, p))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
-        log.info("started %s/%s: pid %d (%s)", chatroom, role, p.pid, command)
+        log.info("started %s/%s: pid %d (%s)", chatroom, role, p.pid, argv[0])
         return child
 
     async def _wait(self, child: Child, p: asyncio.subprocess.Process) -> None:

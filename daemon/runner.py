@@ -26,6 +26,7 @@ from vigil.core.vocab import (
     OfflineReason,
 )
 from vigil.daemon.children import Child, Children, Exit
+from vigil.daemon.harnesses import Harnesses, Refused
 from vigil.daemon.metrics import DaemonMetrics
 from vigil.daemon.outbox import Outbox
 from vigil.v1 import machines_pb2 as pb
@@ -51,6 +52,7 @@ class Daemon:
         timings: Timings,
         *,
         agent_env: Mapping[str, str],
+        harnesses: Harnesses,
         stop_agents_on_exit: bool = True,
         metrics: DaemonMetrics | None = None,
         clock: Clock | None = None,
@@ -59,6 +61,7 @@ class Daemon:
         self.metrics = metrics or DaemonMetrics(CollectorRegistry())
         self.clock = clock or SystemClock()
         self.machine_id = machine_id
+        self.harnesses = harnesses
         self.credential = credential
         self.timings = timings
         self.stop_agents_on_exit = stop_agents_on_exit
@@ -178,19 +181,22 @@ class Daemon:
                 return
             log.info("session open (reconciled, %d marked lost)", welcome.welcome.reconciled_lost)
             done: set[int] = set()
+            writing = asyncio.Lock()  # one write at a time on a stream
             while True:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
                     return
                 if msg.WhichOneof("msg") == "command" and msg.command.id not in done:
                     done.add(msg.command.id)
-                    task = asyncio.create_task(self._execute(call, msg.command))
+                    task = asyncio.create_task(self._execute(call, writing, msg.command))
                     self._running.add(task)
                     task.add_done_callback(self._running.discard)
         finally:
             call.cancel()
 
-    async def _execute(self, call: grpc.aio.StreamStreamCall, cmd: pb.Command) -> None:
+    async def _execute(
+        self, call: grpc.aio.StreamStreamCall, writing: asyncio.Lock, cmd: pb.Command
+    ) -> None:
         key = (cmd.chatroom, cmd.role)
         kind = CommandType.from_pb(cmd.type)
         result = pb.DaemonMessage.CommandResult(command_id=cmd.id)
@@ -204,17 +210,26 @@ class Daemon:
                 result.outcome = CommandStatus.DONE.to_pb()
             else:
                 child = self.children.running.get(key)
+                what = cmd.harness or cmd.command
                 try:
                     if child is None:
-                        child = await self.children.spawn(cmd.chatroom, cmd.role, cmd.command)
+                        argv = self.harnesses.argv(cmd.harness, cmd.command)
+                        child = await self.children.spawn(cmd.chatroom, cmd.role, argv)
                     result.outcome = CommandStatus.DONE.to_pb()
                     result.child.CopyFrom(_child_pb(child))
-                except (OSError, ValueError) as exc:
+                except Refused as exc:
                     result.outcome = CommandStatus.FAILED.to_pb()
-                    result.message = f"cannot start {cmd.command!r}: {exc}"
-                    log.error("command %d: %s", cmd.id, result.message)
+                    result.message = f"refused: {exc}"
+                    log.error("command %d (%s/%s): %s", cmd.id, *key, result.message)
+                except OSError as exc:
+                    result.outcome = CommandStatus.FAILED.to_pb()
+                    result.message = f"cannot start {what!r}: {exc.strerror or exc}"
+                    log.error("command %d (%s/%s): %s", cmd.id, *key, result.message)
         outcome = CommandStatus.from_pb(result.outcome)
         self.metrics.commands.labels(kind, outcome).inc()
         self.metrics.children.set(len(self.children.running))
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await call.write(pb.DaemonMessage(result=result))
+        # A result lost with its stream is not lost: on reconnect the server hands the
+        # still-open command over again, and running it again is idempotent.
+        async with writing:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.write(pb.DaemonMessage(result=result))

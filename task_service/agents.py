@@ -20,7 +20,13 @@ from typing import Protocol
 
 from vigil.core import validation
 from vigil.core.clock import Clock
-from vigil.core.errors import FailedPrecondition, NotFound, PermissionDenied, Unauthenticated
+from vigil.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
 from vigil.core.timings import Timings
 from vigil.core.vocab import (
     COMMAND_OUTCOMES,
@@ -35,7 +41,15 @@ from vigil.core.vocab import (
 from vigil.task_service import policy
 from vigil.task_service.agents_store import AgentStore, AgentTx
 from vigil.task_service.metrics import TaskMetrics
-from vigil.task_service.model import Agent, Child, Command, Exit, Machine, RecordedExit
+from vigil.task_service.model import (
+    Agent,
+    Child,
+    Command,
+    Exit,
+    Machine,
+    RecordedExit,
+    Role,
+)
 from vigil.task_service.store import Effects, TaskStore, TaskTx
 
 log = logging.getLogger(__name__)
@@ -86,11 +100,16 @@ class Agents:
     async def register_machine(self, machine_id: str, hostname: str, harnesses: list[str]) -> str:
         """Register (or re-register) a machine; returns its new credential (shown once)."""
         validation.name(machine_id, "machine id")
+        validation.text(
+            hostname, "hostname", validation.MAX_HOSTNAME, required=False, one_line=True
+        )
+        if len(harnesses) > 64:
+            raise InvalidArgument(f"a machine declares at most 64 harnesses, got {len(harnesses)}")
         for h in harnesses:
             validation.name(h, "harness")
         credential = secrets.token_urlsafe(32)
         await self.store.upsert_machine(
-            machine_id, hostname[:255], harnesses, credential_hash(credential)
+            machine_id, hostname, harnesses, credential_hash(credential)
         )
         return credential
 
@@ -138,14 +157,12 @@ class Agents:
             self.metrics.commands.labels(cmd.type, status).inc()
         return cmd
 
-    async def _request_restart(
-        self, atx: AgentTx, agent: Agent, reason: str, command: str | None
-    ) -> bool:
+    async def _request_restart(self, atx: AgentTx, agent: Agent, reason: str, role: Role) -> bool:
         """One stop+start pair per role at most (the database refuses a second); True
         when this call issued it."""
         deadline = self._deadline()
         stop = await atx.insert_command(agent, CommandType.STOP, None, deadline, reason)
-        start = await atx.insert_command(agent, CommandType.START, command, deadline, reason)
+        start = await atx.insert_command(agent, CommandType.START, role, deadline, reason)
         issued = stop is not None or start is not None
         self.metrics.restart_requests.labels("issued" if issued else "deduplicated").inc()
         return issued
@@ -168,7 +185,7 @@ class Agents:
             return False
         role_row = await tx.lock_role(chatroom, role)
         assert role_row is not None
-        if not await self._request_restart(atx, agent, reason, role_row.command):
+        if not await self._request_restart(atx, agent, reason, role_row):
             return False
         await tx.notify(
             NotificationKind.RESTART_REQUESTED,
@@ -201,7 +218,7 @@ class Agents:
                 reason = (
                     "half-open attempt after the cool-down" if half else "restart after backoff"
                 )
-                if await self._request_restart(atx, agent, reason, role.command):
+                if await self._request_restart(atx, agent, reason, role):
                     await atx.update_agent(
                         agent, status=AgentStatus.STARTING, restart_count=agent.restart_count + 1
                     )
@@ -372,7 +389,7 @@ class Agents:
                 await atx.insert_command(
                     agent,
                     CommandType.START,
-                    role_row.command,
+                    role_row,
                     self._deadline(),
                     "started by a person",
                 )

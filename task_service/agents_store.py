@@ -13,7 +13,15 @@ from typing import Any
 
 from vigil.core.db import Database
 from vigil.core.vocab import CommandStatus, CommandType, DesiredState
-from vigil.task_service.model import Agent, Child, Command, Exit, Machine, RecordedExit
+from vigil.task_service.model import (
+    Agent,
+    Child,
+    Command,
+    Exit,
+    Machine,
+    RecordedExit,
+    Role,
+)
 from vigil.task_service.store import Q, TaskTx
 
 # The agent fields `update_agent` writes (the others change through their own queries).
@@ -78,19 +86,20 @@ class AgentTx:
         self,
         agent: Agent,
         type_: CommandType,
-        command: str | None,
+        role: Role | None,
         deadline_at: datetime,
         reason: str,
     ) -> int | None:
-        """A new open command; None when one of that type is open already (the database
-        holds at most one per role and type)."""
+        """A new open command (a start runs what `role` names); None when one of that
+        type is open already (the database holds at most one per role and type)."""
         value = await self.conn.fetchval(
             Q["insert_command"],
             agent.machine_id,
             agent.chatroom,
             agent.role,
             type_.value,
-            command,
+            role.harness if role else None,
+            role.command if role else None,
             deadline_at,
             reason,
         )

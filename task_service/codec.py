@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import Message
 
 from vigil.core import validation
-from vigil.core.errors import InvalidArgument
+from vigil.core.errors import InvalidArgument, quote
 from vigil.core.timefmt import from_proto, to_proto
 from vigil.core.vocab import AgentKind, WireEnum
 from vigil.task_service.model import (
@@ -49,9 +49,10 @@ def timestamp(msg: Message, field: str) -> datetime:
     if not msg.HasField(field):
         raise InvalidArgument(f"{field} is required")
     try:
-        return from_proto(getattr(msg, field))
+        value = from_proto(getattr(msg, field))
     except (ValueError, OverflowError):
         raise InvalidArgument(f"{field} is out of range") from None
+    return validation.moment(value, field)
 
 
 def _set_times(msg: Message, obj: Any, names: tuple[str, ...]) -> None:
@@ -67,15 +68,20 @@ def _set_times(msg: Message, obj: Any, names: tuple[str, ...]) -> None:
 def role_from_pb(r: pb.Role) -> Role:
     return Role(
         role=r.role,
-        kind=enum(AgentKind, r.kind, f"role {r.role!r} kind"),
+        kind=enum(AgentKind, r.kind, f"role {quote(r.role)} kind"),
         machine=r.machine or None,
+        harness=r.harness or None,
         command=r.command or None,
     )
 
 
 def role(r: Role) -> pb.Role:
     return pb.Role(
-        role=r.role, kind=r.kind.to_pb(), machine=r.machine or "", command=r.command or ""
+        role=r.role,
+        kind=r.kind.to_pb(),
+        machine=r.machine or "",
+        harness=r.harness or "",
+        command=r.command or "",
     )
 
 
@@ -158,10 +164,12 @@ def command(c: Command) -> mpb.Command:
         type=c.type.to_pb(),
         chatroom=c.chatroom,
         role=c.role,
+        harness=c.harness or "",
         command=c.command or "",
         status=c.status.to_pb(),
         machine_id=c.machine_id,
         reason=c.reason,
+        outcome_message=c.message or "",
         created_at=to_proto(c.created_at),
         deadline_at=to_proto(c.deadline_at),
     )

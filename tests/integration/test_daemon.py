@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import signal
-import subprocess
-import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,54 +35,19 @@ TIMINGS = harness.fast_timings(
 
 
 def worker(mode: str) -> str:
-    return f"{sys.executable} -m vigil.testing.agent {mode}"
+    """The harness (in every test machine's harness file) running the test agent in `mode`."""
+    assert mode in harness.AGENT_MODES
+    return mode
 
 
-class Machine:
-    def __init__(self, srv_addr: str, machine_id: str, tmp: Path, credential: str) -> None:
-        self.addr = srv_addr
-        self.machine_id = machine_id
-        self.state = tmp / f"daemon-{machine_id}"
-        self.cred_file = tmp / f"{machine_id}.credential"
-        self.credential = credential
-        fd = os.open(self.cred_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"machine_id": machine_id, "credential": credential}, f)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tmp / f"daemon-{machine_id}.log"
-
-    def start(self, addr: str | None = None) -> None:
-        self.proc = subprocess.Popen(
-            harness.vigil_cmd(
-                "daemon",
-                "start",
-                "--machine-id",
-                self.machine_id,
-                "--credential-file",
-                str(self.cred_file),
-                "--state-dir",
-                str(self.state),
-            ),
-            env=harness.child_env({"VIGIL_ADDR": addr or self.addr}),
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("ab"),
-        )
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        self.proc.wait(15)
+Machine = harness.MachineDaemon
 
 
 async def register(addr: str, machine_id: str, tmp: Path) -> Machine:
-    async with grpc.aio.insecure_channel(addr) as ch:
-        reply = await mpb_grpc.MachinesStub(ch).RegisterMachine(
-            mpb.RegisterMachineRequest(machine_id=machine_id, hostname="test")
-        )
-    return Machine(addr, machine_id, tmp, reply.credential)
+    return await harness.register_machine(addr, machine_id, tmp)
 
 
-async def room(addr: str, command: str, name: str = "room", machine: str = "m1") -> None:
+async def room(addr: str, harness_name: str, name: str = "room", machine: str = "m1") -> None:
     async with grpc.aio.insecure_channel(addr) as ch:
         await tpb_grpc.TasksStub(ch).CreateChatroom(
             tpb.CreateChatroomRequest(
@@ -95,7 +57,7 @@ async def room(addr: str, command: str, name: str = "room", machine: str = "m1")
                         role="builder",
                         kind=common_pb2.AGENT_KIND_REMOTE,
                         machine=machine,
-                        command=command,
+                        harness=harness_name,
                     ),
                     tpb.Role(role="reviewer", kind=common_pb2.AGENT_KIND_CUSTOM),
                 ],
@@ -165,7 +127,7 @@ async def test_sigkilled_agent_exit_is_recorded_and_its_pid_cleared(db_url: str,
             assert row["pid"] == running.pid and row["signal"] == 9
             assert (row["recorded_at"] - killed).total_seconds() < 1.0
         finally:
-            m.kill(signal.SIGTERM)
+            await m.kill(signal.SIGTERM)
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
@@ -201,7 +163,7 @@ async def test_100_concurrent_messages_make_one_stop_start_pair(
             await asyncio.sleep(0.5)
             assert [c["type"] for c in await commands(db_url)].count("start") == 2
         finally:
-            m.kill(signal.SIGTERM)
+            await m.kill(signal.SIGTERM)
 
 
 async def test_a_crash_loop_opens_the_circuit(db_url: str, tmp: Path) -> None:
@@ -231,7 +193,7 @@ async def test_a_crash_loop_opens_the_circuit(db_url: str, tmp: Path) -> None:
             assert len([c for c in await commands(db_url) if c["type"] == "start"]) == 3
             assert (await agent(srv.addr)).status == AgentStatus.CIRCUIT_OPEN.to_pb()
         finally:
-            m.kill(signal.SIGTERM)
+            await m.kill(signal.SIGTERM)
 
 
 async def test_a_stopped_role_stays_stopped_and_custom_roles_are_never_restarted(
@@ -310,7 +272,7 @@ async def test_agent_killed_mid_task_gives_the_task_to_the_next_agent(
                 "startTask",
             ]
         finally:
-            m.kill(signal.SIGTERM)
+            await m.kill(signal.SIGTERM)
 
 
 async def test_an_exit_while_the_server_is_down_is_reported_once_it_is_back(
@@ -339,7 +301,7 @@ async def test_an_exit_while_the_server_is_down_is_reported_once_it_is_back(
             assert len(rows) == 1 and rows[0]["signal"] == 9
             assert list((m.state / "outbox").glob("*.json")) == []
     finally:
-        m.kill(signal.SIGTERM)
+        await m.kill(signal.SIGTERM)
 
 
 async def test_a_restarted_daemon_reconciles_its_children(db_url: str, tmp: Path) -> None:
@@ -354,7 +316,7 @@ async def test_a_restarted_daemon_reconciles_its_children(db_url: str, tmp: Path
                             role=r,
                             kind=common_pb2.AGENT_KIND_REMOTE,
                             machine="m1",
-                            command=worker("sleep"),
+                            harness=worker("sleep"),
                         )
                         for r in ("builder", "keeper")
                     ],
@@ -365,7 +327,7 @@ async def test_a_restarted_daemon_reconciles_its_children(db_url: str, tmp: Path
         m.start()
         builder = await wait_agent(srv.addr, lambda a: a.pid != 0, "builder running")
         keeper = await harness.wait_for(lambda: _running(srv, "keeper"), 10, what="keeper running")
-        m.kill(signal.SIGKILL)  # the daemon dies; its agents keep running
+        await m.kill(signal.SIGKILL)  # the daemon dies; its agents keep running
         os.kill(builder.pid, signal.SIGKILL)  # one of them dies while nobody watches
         await asyncio.sleep(0.5)
         m.start()
@@ -380,7 +342,7 @@ async def test_a_restarted_daemon_reconciles_its_children(db_url: str, tmp: Path
             rows = await fetch(db_url, "SELECT role FROM tasks.agent_exits")
             assert [r["role"] for r in rows] == ["builder"]
         finally:
-            m.kill(signal.SIGTERM)  # stops its agents intentionally
+            await m.kill(signal.SIGTERM)  # stops its agents intentionally
 
 
 async def _running(srv: LocalServer, role: str) -> mpb.Agent | None:
@@ -408,7 +370,7 @@ async def test_late_commands_expire_and_credentials_are_per_machine(db_url: str,
             await harness.wait_for(expired, 10, what="command expired")
             assert (await agent(srv.addr)).pid == 0  # not executed
         finally:
-            m2.kill(signal.SIGTERM)
+            await m2.kill(signal.SIGTERM)
         async with grpc.aio.insecure_channel(srv.addr) as ch:
             stub = mpb_grpc.MachinesStub(ch)
             report = mpb.ExitReport(

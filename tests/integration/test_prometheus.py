@@ -7,12 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -244,39 +241,15 @@ async def get(url: str) -> str:
     return await asyncio.to_thread(http_get, url)
 
 
-class Daemon:
+class Daemon(harness.MachineDaemon):
     """A real `vigil daemon start` process serving its metrics on a loopback port."""
-
-    def __init__(self, addr: str, machine_id: str, credential: str, tmp: Path) -> None:
-        self.cred = tmp / f"{machine_id}.credential"
-        fd = os.open(self.cred, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"machine_id": machine_id, "credential": credential}, f)
-        self.metrics_port = harness.free_port()
-        self.log = tmp / f"daemon-{machine_id}.log"
-        self.proc = subprocess.Popen(
-            harness.vigil_cmd(
-                "daemon",
-                "start",
-                "--machine-id",
-                machine_id,
-                "--credential-file",
-                str(self.cred),
-                "--state-dir",
-                str(tmp / f"daemon-{machine_id}"),
-                "--metrics-addr",
-                f"127.0.0.1:{self.metrics_port}",
-            ),
-            env=harness.child_env({"VIGIL_ADDR": addr}),
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("ab"),
-        )
 
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     async def metrics(self, timeout: float = 15) -> str:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -290,15 +263,6 @@ class Daemon:
                     ) from None
             await asyncio.sleep(0.1)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
 
 @contextlib.asynccontextmanager
 async def machine_daemon(addr: str, tmp: Path, machine_id: str = "m1") -> AsyncIterator[Daemon]:
@@ -306,11 +270,12 @@ async def machine_daemon(addr: str, tmp: Path, machine_id: str = "m1") -> AsyncI
         reply = await mpb_grpc.MachinesStub(ch).RegisterMachine(
             mpb.RegisterMachineRequest(machine_id=machine_id, hostname="test")
         )
-    d = Daemon(addr, machine_id, reply.credential, tmp)
+    d = Daemon(addr, machine_id, reply.credential, tmp, metrics=True)
+    d.start()
     try:
         yield d
     finally:
-        d.stop()
+        await d.stop()
 
 
 async def crash_room(addr: str, machine: str = "m1") -> None:
@@ -324,7 +289,7 @@ async def crash_room(addr: str, machine: str = "m1") -> None:
                         role="builder",
                         kind=common_pb2.AGENT_KIND_REMOTE,
                         machine=machine,
-                        command=f"{sys.executable} -m vigil.testing.agent crash",
+                        harness="crash",
                     ),
                     tpb.Role(role="reviewer", kind=common_pb2.AGENT_KIND_CUSTOM),
                 ],

@@ -97,7 +97,7 @@ async def make_room(addr: str, name: str = "demo") -> None:
 
 
 async def test_chatroom_create_with_both_kinds_then_show_and_list(srv: LocalServer) -> None:
-    command = "claude --url http://h:8080 -p 'x y'"
+    await srv.tasks.svc.agents.register_machine("box-1", "h", ["claude"])
     created = json.loads(
         ok(
             await vigil(
@@ -106,7 +106,7 @@ async def test_chatroom_create_with_both_kinds_then_show_and_list(srv: LocalServ
                 "create",
                 "demo",
                 "--role",
-                f"builder=remote:box-1:{command}",
+                "builder=remote:box-1:claude",
                 "--role",
                 "reviewer=custom",
                 "--json",
@@ -115,8 +115,14 @@ async def test_chatroom_create_with_both_kinds_then_show_and_list(srv: LocalServ
     )
     assert created["name"] == "demo" and RFC3339.match(created["created_at"])
     assert sorted(created["roles"], key=lambda r: r["role"]) == [
-        {"role": "builder", "kind": "remote", "machine": "box-1", "command": command},
-        {"role": "reviewer", "kind": "custom", "machine": None, "command": None},
+        {
+            "role": "builder",
+            "kind": "remote",
+            "machine": "box-1",
+            "harness": "claude",
+            "command": None,
+        },
+        {"role": "reviewer", "kind": "custom", "machine": None, "harness": None, "command": None},
     ]
     shown = json.loads(ok(await vigil(srv.addr, "chatroom", "show", "demo", "--json")))
     assert shown == created
@@ -125,7 +131,7 @@ async def test_chatroom_create_with_both_kinds_then_show_and_list(srv: LocalServ
 
     text = ok(await vigil(srv.addr, "chatroom", "show", "demo")).splitlines()
     assert text[0].startswith("chatroom demo (created ")
-    assert text[1].split() == ["ROLE", "KIND", "MACHINE", "COMMAND"]
+    assert text[1].split() == ["ROLE", "KIND", "MACHINE", "HARNESS", "COMMAND"]
     assert {tuple(line.split()[:3]) for line in text[2:]} == {
         ("builder", "remote", "box-1"),
         ("reviewer", "custom", "-"),
@@ -133,6 +139,7 @@ async def test_chatroom_create_with_both_kinds_then_show_and_list(srv: LocalServ
 
 
 async def test_chatroom_from_a_team_file(srv: LocalServer, tmp: Path) -> None:
+    await srv.tasks.svc.agents.register_machine("m1", "h", [])
     team = tmp / "team.json"
     team.write_text(
         json.dumps(
@@ -303,7 +310,7 @@ async def test_a_stale_attempt_is_refused_in_one_line(srv: LocalServer) -> None:
         await ch.close()
 
 
-async def test_refusals_are_one_line(srv: LocalServer) -> None:
+async def test_refusals_are_one_line(srv: LocalServer, tmp: Path) -> None:
     unknown = str(uuid.uuid4())
     for action in (("show",), ("history",), ("cancel",), ("start", "--attempt", "0")):
         err = one_line_error(await vigil(srv.addr, "task", action[0], unknown, *action[1:]), 1)
@@ -318,19 +325,30 @@ async def test_refusals_are_one_line(srv: LocalServer) -> None:
 
     # The CLI's own checks: usage errors, exit 2, before any request.
     err = one_line_error(await vigil(srv.addr, "chatroom", "create", "d", "--role", "b=remote"), 2)
-    assert err == "--role 'b=remote': a remote role needs a machine (remote:MACHINE)"
+    assert err == (
+        "--role 'b=remote': a remote role needs its machine and harness "
+        "(remote:MACHINE:HARNESS, e.g. remote:box-1:claude)"
+    )
     err = one_line_error(await vigil(srv.addr, "chatroom", "create", "d", "--role", "b"), 2)
     assert err.startswith("--role 'b': expected ROLE=custom")
     err = one_line_error(await vigil(srv.addr, "task", "start", unknown), 2)
     assert "--attempt" in err
 
-    # The server's own INVALID_ARGUMENT reason is shown as it is.
-    err = one_line_error(
-        await vigil(srv.addr, "chatroom", "create", "d", "--role", "b=remote:no/such:run"), 1
+    # The server's own INVALID_ARGUMENT and NOT_FOUND reasons are shown as they are.
+    team = tmp / "bad.json"
+    team.write_text(
+        json.dumps({"roles": [{"role": "b", "kind": "remote", "machine": "m", "command": "a\0b"}]})
     )
-    assert err.startswith("role 'b' machine 'no/such' may contain only") and err.endswith(
+    err = one_line_error(
+        await vigil(srv.addr, "chatroom", "create", "d", "--team-file", str(team)), 1
+    )
+    assert err.startswith("role 'b' command holds a control character") and err.endswith(
         "(INVALID_ARGUMENT)"
     )
+    err = one_line_error(
+        await vigil(srv.addr, "chatroom", "create", "d", "--role", "b=remote:ghost:claude"), 1
+    )
+    assert err.startswith("machine 'ghost' is not registered") and err.endswith("(NOT_FOUND)")
 
 
 async def test_unreachable_server_is_one_line(tmp: Path) -> None:

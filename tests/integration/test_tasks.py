@@ -18,6 +18,8 @@ from vigil import testing as harness
 from vigil.core.vocab import TaskStatus
 from vigil.testing import local_server
 from vigil.v1 import common_pb2
+from vigil.v1 import machines_pb2 as mpb
+from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
 
@@ -29,10 +31,18 @@ async def _room(addr: str, name: str = "room", **kinds: str) -> None:
     roles = []
     for role, kind in (kinds or {"builder": "custom"}).items():
         if kind == "remote":
-            roles.append(tpb.Role(role=role, kind=common_pb2.AGENT_KIND_REMOTE, machine="m1"))
+            roles.append(
+                tpb.Role(
+                    role=role, kind=common_pb2.AGENT_KIND_REMOTE, machine="m1", harness="idle"
+                )
+            )
         else:
             roles.append(tpb.Role(role=role, kind=common_pb2.AGENT_KIND_CUSTOM))
     async with grpc.aio.insecure_channel(addr) as ch:
+        if any(kind == "remote" for kind in kinds.values()):
+            await mpb_grpc.MachinesStub(ch).RegisterMachine(
+                mpb.RegisterMachineRequest(machine_id="m1")
+            )
         await tpb_grpc.TasksStub(ch).CreateChatroom(
             tpb.CreateChatroomRequest(name=name, roles=roles)
         )

@@ -20,6 +20,7 @@ from vigil.cli.rpc import CliError
 from vigil.client import ClientConfig
 from vigil.core.timefmt import to_proto
 from vigil.core.vocab import AgentStatus, CommandStatus, DesiredState, ExitClassification
+from vigil.daemon.harnesses import Harnesses
 from vigil.v1 import machines_pb2 as pb
 from vigil.v1 import machines_pb2_grpc as pb_grpc
 
@@ -305,7 +306,7 @@ def _command(**kw: Any) -> pb.Command:
         "type": pb.COMMAND_TYPE_START,
         "chatroom": "demo",
         "role": "builder",
-        "command": "claude --print",
+        "harness": "claude",
         "status": "pending",
         "created_at": to_proto(T0),
         "deadline_at": to_proto(T0),
@@ -323,15 +324,17 @@ def test_command_json() -> None:
         "type": "start",
         "chatroom": "demo",
         "role": "builder",
-        "command": "claude --print",
+        "harness": "claude",
+        "command": None,
         "status": "pending",
         "created_at": T0_TEXT,
         "deadline_at": T0_TEXT,
         "reason": None,
+        "outcome": None,
     }
     stop = machine_cmds.command_json(
         _command(
-            type=pb.COMMAND_TYPE_STOP, command="", status="expired", reason="no daemon answered"
+            type=pb.COMMAND_TYPE_STOP, harness="", status="expired", reason="no daemon answered"
         )
     )
     assert (stop["type"], stop["command"], stop["reason"]) == (
@@ -356,9 +359,10 @@ def test_commands_table() -> None:
         T0_TEXT,
         T0_TEXT,
         "-",
+        "-",
     ]
     assert lines[2].split()[:4] == ["18", "box-1", "stop", "demo/builder"]
-    assert lines[2].endswith("stopped by cli:ann")
+    assert lines[2].split()[-4:] == ["stopped", "by", "cli:ann", "-"]
     assert machine_cmds.render_commands([]) == "no commands"
 
 
@@ -561,7 +565,13 @@ async def test_register_writes_the_credential_and_never_prints_it(
     assert _mode(path.parent) == 0o700
     assert machine_cmds.read_credential(path) == ("box-1", SECRET)
     out = capsys.readouterr().out
-    assert out == f"registered machine box-1; credential written to {path} (mode 600)\n"
+    harnesses = data_dir / "machines" / "box-1.harnesses.toml"
+    assert out == (
+        f"registered machine box-1; credential written to {path} (mode 600); "
+        f"harnesses it runs: {harnesses.absolute()} (written, edit it)\n"
+    )
+    assert _mode(harnesses) == 0o600
+    assert "example" in Harnesses.load(harnesses).programs
     req = servicer.requests[-1]
     assert (req.machine_id, req.hostname, list(req.harnesses)) == ("box-1", "h1", ["claude"])
 
@@ -570,7 +580,11 @@ async def test_register_writes_the_credential_and_never_prints_it(
     assert rc == 0
     out = capsys.readouterr().out
     assert SECRET not in out
-    assert json.loads(out) == {"machine_id": "box-1", "credential_file": str(other)}
+    assert json.loads(out) == {
+        "machine_id": "box-1",
+        "credential_file": str(other),
+        "harness_file": str(harnesses.absolute()),
+    }
     assert machine_cmds.read_credential(other) == ("box-1", SECRET)
     assert servicer.requests[-1].hostname  # this host's name by default
 

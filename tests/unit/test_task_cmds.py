@@ -35,18 +35,15 @@ def test_role_spec_custom() -> None:
     assert (r.role, r.kind, r.machine, r.command) == ("reviewer", AgentKind.CUSTOM.to_pb(), "", "")
 
 
-def test_role_spec_remote_with_and_without_command() -> None:
-    r = task_cmds.parse_role_spec("builder=remote:box-1")
-    assert (r.role, r.kind, r.machine, r.command) == (
+def test_role_spec_remote_names_a_harness() -> None:
+    r = task_cmds.parse_role_spec("builder=remote:box-1:claude")
+    assert (r.role, r.kind, r.machine, r.harness, r.command) == (
         "builder",
         AgentKind.REMOTE.to_pb(),
         "box-1",
+        "claude",
         "",
     )
-    # Everything after the second ':' is the command, colons and spaces included.
-    r = task_cmds.parse_role_spec("builder=remote:box-1:claude --url http://x:80 -p 'a b'")
-    assert r.machine == "box-1"
-    assert r.command == "claude --url http://x:80 -p 'a b'"
 
 
 @pytest.mark.parametrize(
@@ -56,9 +53,11 @@ def test_role_spec_remote_with_and_without_command() -> None:
         ("=custom", "expected ROLE=custom"),
         ("builder=", "unknown kind ''"),
         ("builder=robot", "unknown kind 'robot'"),
-        ("builder=remote", "needs a machine"),
-        ("builder=remote:", "needs a machine"),
-        ("builder=remote::cmd", "needs a machine"),
+        ("builder=remote", "needs its machine and harness"),
+        ("builder=remote:", "needs its machine and harness"),
+        ("builder=remote::claude", "needs its machine and harness"),
+        ("builder=remote:box-1", "needs its machine and harness"),
+        ("builder=remote:box-1:claude --print", "a command line goes in a --team-file"),
         ("builder=custom:box", "takes no machine"),
         ("bad role=custom", "may contain only"),
     ],
@@ -85,7 +84,8 @@ def test_team_file_roles(tmp_path: Path) -> None:
         json.dumps(
             {
                 "roles": [
-                    {"role": "builder", "kind": "remote", "machine": "m1", "command": "a:b c"},
+                    {"role": "builder", "kind": "remote", "machine": "m1", "harness": "claude"},
+                    {"role": "tool", "kind": "remote", "machine": "m1", "command": "a:b c"},
                     {"role": "reviewer", "kind": "custom"},
                 ]
             }
@@ -93,8 +93,15 @@ def test_team_file_roles(tmp_path: Path) -> None:
     )
     roles = task_cmds.load_team_file(path)
     assert [task_cmds.role_json(r) for r in roles] == [
-        {"role": "builder", "kind": "remote", "machine": "m1", "command": "a:b c"},
-        {"role": "reviewer", "kind": "custom", "machine": None, "command": None},
+        {
+            "role": "builder",
+            "kind": "remote",
+            "machine": "m1",
+            "harness": "claude",
+            "command": None,
+        },
+        {"role": "tool", "kind": "remote", "machine": "m1", "harness": None, "command": "a:b c"},
+        {"role": "reviewer", "kind": "custom", "machine": None, "harness": None, "command": None},
     ]
 
 
@@ -108,6 +115,10 @@ def test_team_file_roles(tmp_path: Path) -> None:
         ('{"roles": [{"kind": "custom"}]}', "roles[0]: 'role' is required"),
         ('{"roles": [{"role": "a", "kind": "robot"}]}', "'kind' must be 'remote' or 'custom'"),
         ('{"roles": [{"role": "a", "kind": "remote"}]}', "'machine' is required"),
+        (
+            '{"roles": [{"role": "a", "kind": "remote", "machine": "m"}]}',
+            "'harness' or a 'command'",
+        ),
         ('{"roles": [{"role": "a", "kind": "custom", "machine": "m"}]}', "takes no machine"),
         ('{"roles": [{"role": "a", "kind": "custom", "machin": "m"}]}', "unknown key 'machin'"),
         ('{"roles": [{"role": 7, "kind": "custom"}]}', "'role' must be a string"),
@@ -133,7 +144,7 @@ def test_chatroom_roles_merges_and_refuses_duplicates(tmp_path: Path) -> None:
     roles = task_cmds.chatroom_roles(["reviewer=custom"], path)
     assert [r.role for r in roles] == ["builder", "reviewer"]
     with pytest.raises(CliError) as exc:
-        task_cmds.chatroom_roles(["builder=remote:m"], path)
+        task_cmds.chatroom_roles(["builder=remote:m:h"], path)
     assert "'builder' is given twice" in _usage_error(exc)
     with pytest.raises(CliError) as exc:
         task_cmds.chatroom_roles([], None)
@@ -249,7 +260,7 @@ def test_chatroom_rendering() -> None:
     room = pb.Chatroom(
         name="demo",
         roles=[
-            pb.Role(role="builder", kind=AgentKind.REMOTE.to_pb(), machine="m1", command="run it"),
+            pb.Role(role="builder", kind=AgentKind.REMOTE.to_pb(), machine="m1", harness="claude"),
             pb.Role(role="reviewer", kind=AgentKind.CUSTOM.to_pb()),
         ],
         created_at=to_proto(T0),
@@ -257,16 +268,28 @@ def test_chatroom_rendering() -> None:
     assert task_cmds.chatroom_json(room) == {
         "name": "demo",
         "roles": [
-            {"role": "builder", "kind": "remote", "machine": "m1", "command": "run it"},
-            {"role": "reviewer", "kind": "custom", "machine": None, "command": None},
+            {
+                "role": "builder",
+                "kind": "remote",
+                "machine": "m1",
+                "harness": "claude",
+                "command": None,
+            },
+            {
+                "role": "reviewer",
+                "kind": "custom",
+                "machine": None,
+                "harness": None,
+                "command": None,
+            },
         ],
         "created_at": "2025-03-01T12:00:00.123456Z",
     }
     lines = task_cmds.render_chatroom(room).splitlines()
     assert lines[0] == "chatroom demo (created 2025-03-01T12:00:00.123456Z)"
-    assert lines[1].split() == ["ROLE", "KIND", "MACHINE", "COMMAND"]
-    assert lines[2].split() == ["builder", "remote", "m1", "run", "it"]
-    assert lines[3].split() == ["reviewer", "custom", "-", "-"]
+    assert lines[1].split() == ["ROLE", "KIND", "MACHINE", "HARNESS", "COMMAND"]
+    assert lines[2].split() == ["builder", "remote", "m1", "claude", "-"]
+    assert lines[3].split() == ["reviewer", "custom", "-", "-", "-"]
     listing = task_cmds.render_chatrooms([room]).splitlines()
     assert "builder(remote), reviewer(custom)" in listing[1]
     assert task_cmds.render_chatrooms([]) == "no chatrooms"
@@ -336,13 +359,13 @@ def test_notification_rendering() -> None:
 def test_parser_knows_the_task_commands() -> None:
     p = build_parser()
     a = p.parse_args(
-        ["chatroom", "create", "demo", "--role", "b=custom", "--role", "r=remote:m", "--json"]
+        ["chatroom", "create", "demo", "--role", "b=custom", "--role", "r=remote:m:h", "--json"]
     )
     assert (a.command, a.chatroom_command, a.name, a.role, a.json) == (
         "chatroom",
         "create",
         "demo",
-        ["b=custom", "r=remote:m"],
+        ["b=custom", "r=remote:m:h"],
         True,
     )
     a = p.parse_args(["send", "--chatroom", "c", "--role", "r", "fix", "it"])

