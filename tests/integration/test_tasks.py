@@ -32,9 +32,7 @@ async def _room(addr: str, name: str = "room", **kinds: str) -> None:
     for role, kind in (kinds or {"builder": "custom"}).items():
         if kind == "remote":
             roles.append(
-                tpb.Role(
-                    role=role, kind=common_pb2.AGENT_KIND_REMOTE, machine="m1", harness="idle"
-                )
+                tpb.Role(role=role, kind=common_pb2.AGENT_KIND_REMOTE, machine="m1", harness="idle")
             )
         else:
             roles.append(tpb.Role(role=role, kind=common_pb2.AGENT_KIND_CUSTOM))
