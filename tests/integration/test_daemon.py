@@ -25,6 +25,9 @@ from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
 
+# Spawns real processes (servers, agents, daemons, the CLI): not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 TIMINGS = harness.fast_timings(
     restart_backoff_base_ms=200,
     restart_backoff_cap_ms=2000,

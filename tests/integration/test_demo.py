@@ -7,7 +7,12 @@ import re
 import subprocess
 import time
 
+import pytest
+
 from vigil import testing as harness
+
+# Spawns real processes (servers, agents, daemons, the CLI): not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def test_demo_shows_each_step_and_leaves_nothing_running() -> None:

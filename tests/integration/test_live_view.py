@@ -12,6 +12,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from vigil import testing as harness
 from vigil.cli.live_view import Snapshot, render
 from vigil.core.timefmt import to_proto
@@ -28,6 +30,9 @@ from vigil.core.vocab import (
 from vigil.v1 import liveness_pb2 as lpb
 from vigil.v1 import machines_pb2 as mpb
 from vigil.v1 import tasks_pb2 as tpb
+
+# Spawns real processes (servers, agents, daemons, the CLI): not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def test_render_shows_every_section() -> None:

@@ -32,6 +32,9 @@ from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
 
+# Spawns real processes (servers, agents, daemons, the CLI): not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ROOT = harness.ROOT
 PROM_DIR = ROOT / "deploy" / "prometheus"
 CONFIG = PROM_DIR / "prometheus.yml"

@@ -10,11 +10,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from vigil import testing as harness
 from vigil.client import Client, ClientConfig
 from vigil.core.vocab import AgentKind
 from vigil.v1 import tasks_pb2 as tpb
+
+# Spawns real processes (servers, agents, daemons, the CLI): not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 N = 20
 # Seconds of TTL: a server process restarts within it.

@@ -25,6 +25,9 @@ from vigil.v1 import liveness_pb2_grpc as lpb_grpc
 from vigil.v1 import tasks_pb2 as pb
 from vigil.v1 import tasks_pb2_grpc as pb_grpc
 
+# Spawns real processes (servers, agents, daemons, the CLI): not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 TIMINGS = harness.fast_timings()
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

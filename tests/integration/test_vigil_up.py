@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -16,6 +17,9 @@ from vigil import testing as harness
 from vigil.v1 import common_pb2
 from vigil.v1 import liveness_pb2 as pb
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
+
+# Spawns real processes (servers, agents, daemons, the CLI): not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def _up(data: Path, log: Path) -> harness.ServerProcess:

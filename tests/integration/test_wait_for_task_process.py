@@ -16,6 +16,9 @@ import pytest
 from vigil import testing as harness
 from vigil.testing import local_server, spawn_agent
 
+# Spawns real processes (servers, agents, daemons, the CLI): not in `make test-fast`.
+pytestmark = pytest.mark.slow
+
 TIMINGS = harness.fast_timings()
 TTL = TIMINGS.heartbeat_ttl
 

@@ -50,17 +50,6 @@ def server_options(timings: Timings) -> list[tuple[str, int]]:
     ]
 
 
-def client_options(timings: Timings) -> list[tuple[str, int]]:
-    return [
-        ("grpc.keepalive_time_ms", timings.keepalive_time_ms),
-        ("grpc.keepalive_timeout_ms", timings.keepalive_timeout_ms),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1_000),
-    ]
-
-
 class Server:
     """A started gRPC server hosting `services`; `port` is the bound port."""
 
