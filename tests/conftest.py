@@ -46,3 +46,10 @@ async def db_url(pg_admin_url: str) -> AsyncIterator[str]:
 @pytest.fixture
 def tmp(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """A test that fails half-way leaves no server, daemon or agent behind."""
+    yield
+    harness.kill_leftovers()

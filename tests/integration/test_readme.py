@@ -142,18 +142,22 @@ async def test_the_readme_remote_role_example_runs_as_written(db_url: str, tmp: 
     # Every line but the last (which only looks): as written, in one shell, in a new
     # session so the daemon it puts in the background can be stopped with it.
     script = "set -e\n" + "\n".join(lines[:-1]) + "\n"
+    log = tmp / "shell.log"  # a file, not a pipe: the daemon in the background keeps it
     shell = subprocess.Popen(
         ["bash", "-c", script],
         cwd=tmp,
         env=shell_env,
-        stdout=subprocess.PIPE,
+        stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
-        out, _ = await asyncio.to_thread(shell.communicate, None, 60)
-        assert shell.returncode == 0, out.decode()
-        task_id = out.decode().strip().splitlines()[-1].split()[0]
+        rc = await asyncio.to_thread(shell.wait, 60)
+        out = log.read_text()
+        assert rc == 0, out
+        sent = [ln for ln in out.splitlines() if " team/builder " in ln]
+        assert sent, out
+        task_id = sent[-1].split()[0]
         await _wait_completed(server.addr, task_id)
         looked = subprocess.run(
             ["bash", "-c", lines[-1]], cwd=tmp, env=shell_env, capture_output=True, text=True

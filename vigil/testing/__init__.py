@@ -154,6 +154,39 @@ async def make_room(srv: LocalServer, name: str = "room", *custom_roles: str) ->
 
 AGENT_MODES = ("work", "idle", "crash", "sleep")
 
+# What this harness started, so a test that fails half-way leaves nothing running.
+_STARTED: list[subprocess.Popen[bytes]] = []
+_DAEMON_STATES: list[Path] = []
+
+
+def _track(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    _STARTED.append(proc)
+    return proc
+
+
+def kill_leftovers() -> list[int]:
+    """SIGKILL every process this harness started that still runs, and the agents its
+    daemons left (they run in sessions of their own); the pids it had to kill."""
+    killed = []
+    for state in _DAEMON_STATES:
+        try:
+            children = json.loads((state / "children.json").read_text())
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(child["pid"]), signal.SIGKILL)
+                killed.append(int(child["pid"]))
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+            killed.append(proc.pid)
+    _STARTED.clear()
+    _DAEMON_STATES.clear()
+    return killed
+
 
 def write_harness_file(path: Path, *, allow_any_command: bool = False) -> Path:
     """A machine's harness file for tests: each test-agent mode (vigil.testing.agent) as a
@@ -219,12 +252,15 @@ class MachineDaemon:
         return args
 
     def start(self, addr: str | None = None) -> MachineDaemon:
-        self.proc = subprocess.Popen(
-            vigil_cmd(*self.args()),
-            env=child_env({"VIGIL_ADDR": addr or self.addr, **self.env}),
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("ab"),
+        self.proc = _track(
+            subprocess.Popen(
+                vigil_cmd(*self.args()),
+                env=child_env({"VIGIL_ADDR": addr or self.addr, **self.env}),
+                stdout=subprocess.DEVNULL,
+                stderr=self.log.open("ab"),
+            )
         )
+        _DAEMON_STATES.append(self.state)
         return self
 
     async def kill(self, sig: int = signal.SIGKILL, timeout: float = 15) -> int:
@@ -317,7 +353,9 @@ def start_server_process(
 ) -> ServerProcess:
     """Start `vigil ARGS` and wait for its 'serving … on HOST:PORT' line."""
     out = log.open("wb")
-    proc = subprocess.Popen(vigil_cmd(*args), env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc = _track(
+        subprocess.Popen(vigil_cmd(*args), env=env, stdout=out, stderr=subprocess.STDOUT)
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         m = _SERVING.search(log.read_bytes())
@@ -358,11 +396,13 @@ def spawn_agent(
     if timeout:
         args += ["--timeout", timeout]
     path = tmp / f"agent-{chatroom}-{role}-{uuid.uuid4().hex[:6]}.err"
-    proc = subprocess.Popen(
-        vigil_cmd(*args),
-        env=child_env({"VIGIL_ADDR": addr, **(env or {})}),
-        stdout=subprocess.DEVNULL,
-        stderr=path.open("wb"),
+    proc = _track(
+        subprocess.Popen(
+            vigil_cmd(*args),
+            env=child_env({"VIGIL_ADDR": addr, **(env or {})}),
+            stdout=subprocess.DEVNULL,
+            stderr=path.open("wb"),
+        )
     )
     return Agent(proc, role, chatroom, path)
 
