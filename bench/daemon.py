@@ -28,7 +28,7 @@ import grpc
 from bench import common
 from bench.common import Context, Goal
 from vigil import testing as harness
-from vigil.core.vocab import AgentStatus
+from vigil.core.vocab import AgentStatus, ExitClassification
 from vigil.v1 import common_pb2
 from vigil.v1 import machines_pb2 as mpb
 from vigil.v1 import machines_pb2_grpc as mpb_grpc
@@ -68,10 +68,6 @@ EXIT_SQL = (
 
 def _roles() -> list[str]:
     return [f"r{i:02d}" for i in range(KILL_ROLES)]
-
-
-def _agent_cmd() -> str:
-    return " ".join(common.python_cmd(AGENT_MODULE, "sleep"))
 
 
 def _write_credential(path: Path, machine_id: str, credential: str) -> None:
@@ -128,14 +124,18 @@ async def _start_round(
         pids = {
             r: int(agents[r].pid)
             for r in roles
-            if agents[r].status == "running" and agents[r].pid and agents[r].pid not in old_pids
+            if (
+                agents[r].status == AgentStatus.RUNNING.to_pb()
+                and agents[r].pid
+                and agents[r].pid not in old_pids
+            )
         }
         if len(pids) == len(roles):
             break
         if daemon.poll() is not None:
             raise RuntimeError(f"daemon exited {daemon.returncode}:\n{common.log_tail(daemon_log)}")
         if time.monotonic() > deadline:
-            state = {r: (a.status, a.pid) for r, a in agents.items()}
+            state = {r: (AgentStatus.from_pb(a.status).value, a.pid) for r, a in agents.items()}
             raise RuntimeError(
                 f"agents not running within 60 s: {state}\n{common.log_tail(daemon_log)}"
             )
@@ -256,7 +256,7 @@ async def kill_to_recorded(ctx: Context) -> dict[str, Any]:
                         role=r,
                         kind=common_pb2.AGENT_KIND_REMOTE,
                         machine=MACHINE,
-                        command=_agent_cmd(),
+                        harness="sleep",  # vigil.testing.agent sleep: no Vigil at all
                     )
                     for r in roles
                 ],
@@ -269,6 +269,7 @@ async def kill_to_recorded(ctx: Context) -> dict[str, Any]:
                 "--machine-id", MACHINE,
                 "--credential-file", str(cred_file),
                 "--state-dir", str(state),
+                "--harness-file", str(harness.write_harness_file(ctx.tmp / "m.harnesses.toml")),
             ),
             harness.child_env({"VIGIL_ADDR": server.addr, **KILL_ENV}),
             daemon_log.stem,
@@ -301,9 +302,9 @@ async def kill_to_recorded(ctx: Context) -> dict[str, Any]:
                     )
                 if (
                     after.pid != 0
-                    or after.status != "backoff"
+                    or after.status != AgentStatus.BACKOFF.to_pb()
                     or after.last_exit_signal != 9
-                    or after.last_exit_classification != "signal"
+                    or after.last_exit_classification != ExitClassification.SIGNAL.to_pb()
                 ):
                     bad_agents.append(
                         f"{role} pid {pid}: ListAgents right after shows pid {after.pid}, "

@@ -27,15 +27,11 @@ import os
 import signal
 import sys
 import time
-import uuid
 from array import array
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import grpc
-
-from vigil.v1 import common_pb2
-from vigil.v1 import liveness_pb2 as pb
-from vigil.v1 import liveness_pb2_grpc as pb_grpc
+from vigil.client import Beat, Client, ClientConfig, ParticipantSession
+from vigil.core.vocab import AgentKind
 
 
 @dataclass
@@ -50,64 +46,50 @@ class Samples:
 
 
 async def _hold(
-    stub: pb_grpc.LivenessStub,
+    client: Client,
     chatroom: str,
     index: int,
     total: int,
     interval: float,
     samples: Samples,
     join_gate: asyncio.Semaphore,
-    stop: asyncio.Event,
+    running_sessions: list[asyncio.Task[object]],
     role_offset: int = 0,
-) -> None:
-    call = stub.Session()
+) -> ParticipantSession | None:
+    """Join one participant (gated) whose beats fall at its own phase of the interval;
+    every acknowledged beat lands in `samples`. Returns the running session."""
+
+    def beat(b: Beat) -> None:
+        samples.send_wall.append(b.sent_wall)
+        samples.ack_ms.append(b.ack_s * 1000)
+        samples.lag_ms.append((b.sent_wall - b.scheduled_wall) * 1000)
+        if not b.ok:
+            samples.not_ok += 1
+
+    def said(line: str) -> None:
+        if not line.startswith("joined"):  # anything after the join is a disruption
+            samples.stream_errors.append(f"{index}: {line}")
+
+    session = client.session(
+        chatroom,
+        f"p{role_offset + index:05d}",
+        AgentKind.CUSTOM,
+        say=said,
+        on_heartbeat=beat,
+        beat_offset=interval * index / total,
+    )
     async with join_gate:
-        join = pb.JoinRequest(
-            chatroom=chatroom,
-            role=f"p{role_offset + index:05d}",
-            kind=common_pb2.AGENT_KIND_CUSTOM,
-            connection_id=str(uuid.uuid4()),
-        )
-        try:
-            await call.write(pb.SessionRequest(join=join))
-            first = await call.read()
-        except grpc.aio.AioRpcError as exc:
-            samples.join_errors.append(f"{index}: {exc.code().name} {exc.details()}")
-            return
-        if first is grpc.aio.EOF or first.WhichOneof("msg") != "joined":
-            samples.join_errors.append(f"{index}: unexpected first answer {first!r}")
-            return
+        running = asyncio.create_task(session.run())
+        joined = asyncio.create_task(session.joined.wait())
+        await asyncio.wait({running, joined}, return_when=asyncio.FIRST_COMPLETED)
+        joined.cancel()
+        if running.done():
+            exc = running.exception()
+            samples.join_errors.append(f"{index}: {exc}")
+            return None
     samples.joined += 1
-    beat = pb.SessionRequest(heartbeat=pb.SessionRequest.Beat())
-    phase = interval * index / total
-    try:
-        while not stop.is_set():
-            now = time.time()
-            due = (int((now - phase) // interval) + 1) * interval + phase
-            await asyncio.sleep(due - now)
-            if stop.is_set():
-                return
-            sent_wall = time.time()
-            t0 = time.perf_counter()
-            await call.write(beat)
-            msg = await call.read()
-            ack = (time.perf_counter() - t0) * 1000
-            if msg is grpc.aio.EOF:
-                samples.stream_errors.append(f"{index}: stream ended by the server")
-                return
-            samples.send_wall.append(sent_wall)
-            samples.ack_ms.append(ack)
-            samples.lag_ms.append((sent_wall - due) * 1000)
-            if (
-                msg.WhichOneof("msg") != "heartbeat"
-                or msg.heartbeat.status != pb.HEARTBEAT_STATUS_OK
-            ):
-                samples.not_ok += 1
-    except grpc.aio.AioRpcError as exc:
-        if not stop.is_set():
-            samples.stream_errors.append(f"{index}: {exc.code().name} {exc.details()}")
-    finally:
-        call.cancel()
+    running_sessions.append(running)
+    return session
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -115,9 +97,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    # Separate TCP connections per channel (channels with equal arguments share one).
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(args.addr, options=options) for _ in range(args.channels)]
+    # Separate TCP connections per client (channels with equal arguments share one).
+    config = replace(
+        ClientConfig.from_env(addr=args.addr),
+        channel_options=(("grpc.use_local_subchannel_pool", 1),),
+    )
+    clients = [Client(config) for _ in range(args.channels)]
     samples = Samples()
     dumped = {"parts": 0, "upto": 0}
 
@@ -141,24 +126,24 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
     loop.add_signal_handler(signal.SIGUSR1, dump)
     gate = asyncio.Semaphore(args.join_concurrency)
-    tasks: list[asyncio.Task[None]] = []
+    tasks: list[asyncio.Task[ParticipantSession | None]] = []
+    session_tasks: list[asyncio.Task[object]] = []
     try:
-        for ch in channels:
-            await asyncio.wait_for(ch.channel_ready(), 10)
+        for client in clients:
+            await client.wait_ready(10)
         total = args.count * args.shards
         for i in range(args.count):
-            stub = pb_grpc.LivenessStub(channels[i % len(channels)])
             tasks.append(
                 asyncio.create_task(
                     _hold(
-                        stub,
+                        clients[i % len(clients)],
                         args.chatroom,
                         i * args.shards + args.shard,
                         total,
                         args.interval_ms / 1000,
                         samples,
                         gate,
-                        stop,
+                        session_tasks,
                         args.role_offset,
                     )
                 )
@@ -176,13 +161,15 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         await stop.wait()
     finally:
         stop.set()
-        for t in tasks:
+        for t in [*tasks, *session_tasks]:
             t.cancel()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
-        for ch in channels:
+            await asyncio.wait_for(
+                asyncio.gather(*tasks, *session_tasks, return_exceptions=True), 5
+            )
+        for client in clients:
             with contextlib.suppress(Exception):
-                await ch.close()
+                await client.close()
     return {
         "send_wall": samples.send_wall.tolist(),
         "ack_ms": samples.ack_ms.tolist(),

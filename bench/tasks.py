@@ -192,7 +192,7 @@ async def send_to_receipt(ctx: Context) -> dict[str, Any]:
                 latencies.append(latency)
                 rpc_ms.append(rpc)
                 mismatched += got[1] != task.id
-                queued += task.status != "pending"
+                queued += task.status != TaskStatus.PENDING.to_pb()
             elapsed = time.monotonic() - started
             cpu_pct = meter.stop()
             m1 = await common.scrape(server.metrics_port)
