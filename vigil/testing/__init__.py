@@ -353,9 +353,7 @@ def start_server_process(
 ) -> ServerProcess:
     """Start `vigil ARGS` and wait for its 'serving … on HOST:PORT' line."""
     out = log.open("wb")
-    proc = _track(
-        subprocess.Popen(vigil_cmd(*args), env=env, stdout=out, stderr=subprocess.STDOUT)
-    )
+    proc = _track(subprocess.Popen(vigil_cmd(*args), env=env, stdout=out, stderr=subprocess.STDOUT))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         m = _SERVING.search(log.read_bytes())
