@@ -44,26 +44,23 @@ SELECT * FROM liveness.participants WHERE chatroom = $1 AND role = $2;
 
 -- name: flush_heartbeats
 -- Batched heartbeat write: one statement for many beats. A row is updated only
--- while it is live with the same epoch; its deadline only moves forward. Returns one
--- row per beat: whether it counted, and the role's current epoch (a newer one means
--- the beat's participant was superseded, not merely lost).
+-- while it is live with the same epoch; its deadline only moves forward.
 -- $1 chatrooms, $2 roles, $3 epochs, $4 ready_untils, $5 beat times (arrays)
-WITH b AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[],
-                         $5::timestamptz[]) AS b(chatroom, role, epoch, ready_until, beat_at)
-), updated AS (
-    UPDATE liveness.participants AS p
-    SET ready_until = greatest(p.ready_until, b.ready_until),
-        last_heartbeat_at = greatest(p.last_heartbeat_at, b.beat_at)
-    FROM b
-    WHERE p.chatroom = b.chatroom AND p.role = b.role AND p.epoch = b.epoch
-      AND p.status = 'live'
-    RETURNING p.chatroom, p.role, p.epoch
-)
-SELECT b.chatroom, b.role, b.epoch, u.epoch IS NOT NULL AS ok, cur.epoch AS current_epoch
-FROM b
-LEFT JOIN updated u ON u.chatroom = b.chatroom AND u.role = b.role AND u.epoch = b.epoch
-LEFT JOIN liveness.participants cur ON cur.chatroom = b.chatroom AND cur.role = b.role;
+UPDATE liveness.participants AS p
+SET ready_until = greatest(p.ready_until, b.ready_until),
+    last_heartbeat_at = greatest(p.last_heartbeat_at, b.beat_at)
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::timestamptz[], $5::timestamptz[])
+    AS b(chatroom, role, epoch, ready_until, beat_at)
+WHERE p.chatroom = b.chatroom AND p.role = b.role AND p.epoch = b.epoch
+  AND p.status = 'live'
+RETURNING p.chatroom, p.role, p.epoch;
+
+-- name: current_epochs
+-- The current epoch of roles whose beat did not count (a statement of its own, so it
+-- sees a join that committed while the flush waited for its row). $1 chatrooms, $2 roles
+SELECT p.chatroom, p.role, p.epoch FROM liveness.participants p
+JOIN unnest($1::text[], $2::text[]) AS k(chatroom, role)
+  ON p.chatroom = k.chatroom AND p.role = k.role;
 
 -- name: next_deadline
 -- The earliest deadline among live participants.

@@ -180,7 +180,23 @@ class LivenessStore:
             [b[3] for b in beats],
             [b[4] for b in beats],
         )
-        return {(r["chatroom"], r["role"], r["epoch"]): _beat_status(r) for r in rows}
+        counted = {(r["chatroom"], r["role"], r["epoch"]) for r in rows}
+        result = {(b[0], b[1], b[2]): HeartbeatStatus.OK for b in beats if b[:3] in counted}
+        missed = [b for b in beats if b[:3] not in counted]
+        if missed:
+            # Superseded (a newer epoch holds the role) or merely no longer live?
+            current = {
+                (r["chatroom"], r["role"]): r["epoch"]
+                for r in await self.db.fetch(
+                    Q["current_epochs"], [b[0] for b in missed], [b[1] for b in missed]
+                )
+            }
+            for chatroom, role, epoch, _until, _at in missed:
+                newer = current.get((chatroom, role), 0) > epoch
+                result[(chatroom, role, epoch)] = (
+                    HeartbeatStatus.SUPERSEDED if newer else HeartbeatStatus.REJOIN_REQUIRED
+                )
+        return result
 
     async def next_deadline(self) -> datetime | None:
         value: datetime | None = await self.db.fetchval(Q["next_deadline"])
@@ -222,11 +238,3 @@ class LivenessStore:
     async def counts(self) -> list[tuple[AgentKind, ParticipantStatus, int]]:
         rows = await self.db.fetch(Q["count_by_kind_status"], MACHINES_CHATROOM)
         return [(AgentKind(r["kind"]), ParticipantStatus(r["status"]), r["n"]) for r in rows]
-
-
-def _beat_status(row: Any) -> HeartbeatStatus:
-    if row["ok"]:
-        return HeartbeatStatus.OK
-    if (row["current_epoch"] or 0) > row["epoch"]:
-        return HeartbeatStatus.SUPERSEDED
-    return HeartbeatStatus.REJOIN_REQUIRED
