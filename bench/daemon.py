@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 
 from bench import common
 from bench.common import Context, Goal
@@ -228,7 +227,7 @@ async def kill_to_recorded(ctx: Context) -> dict[str, Any]:
     daemon_log = ctx.tmp / f"daemon-{MACHINE}.log"
     daemon: subprocess.Popen[bytes] | None = None
     conn: asyncpg.Connection | None = None
-    ch = grpc.aio.insecure_channel(server.addr)
+    ch = harness.channel(server.addr)
     seen_pids: set[int] = set()
     latencies: list[float] = []  # kill -> recorded_at
     visible: list[float] = []  # kill -> row seen by a polling client (after commit)

@@ -38,6 +38,7 @@ from bench import common
 from bench.common import Context, Goal
 from vigil import testing as harness
 from vigil.client import ClientConfig
+from vigil.core.auth import AuthStore
 from vigil.core.clock import SystemClock
 from vigil.core.db import Database, open_database
 from vigil.core.timings import Timings
@@ -138,7 +139,7 @@ async def send_to_receipt(ctx: Context) -> dict[str, Any]:
     rpc_ms: list[float] = []
     mismatched = queued = 0
     try:
-        async with grpc.aio.insecure_channel(server.addr) as ch:
+        async with harness.channel(server.addr) as ch:
             stub = tpb_grpc.TasksStub(ch)
             await _create_room(stub, RECEIPT_CHATROOM, [RECEIPT_ROLE])
             cmd = common.python_cmd(
@@ -175,7 +176,6 @@ async def send_to_receipt(ctx: Context) -> dict[str, Any]:
                         chatroom=RECEIPT_CHATROOM,
                         role=RECEIPT_ROLE,
                         text=f"task {i}",
-                        sender="bench",
                     )
                 )
                 rpc = (time.perf_counter() - t0) * 1000
@@ -641,6 +641,7 @@ async def _pass_db(ctx: Context, size: int) -> _PassDb:
         svc = TaskService(
             TaskStore(db),
             AgentStore(db),
+            AuthStore(db),
             url,
             ClientConfig(),
             Timings(),
@@ -755,7 +756,7 @@ Worker = Callable[[Any, str, _Window, list[float]], Awaitable[None]]
 
 
 async def _grpc_lifecycles(addr: str, role: str, window: _Window, out: list[float]) -> None:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         stub = tpb_grpc.TasksStub(ch)
         conn = str(uuid.uuid4())
         for done in itertools.count():
@@ -773,7 +774,7 @@ async def _grpc_lifecycles(addr: str, role: str, window: _Window, out: list[floa
             reply = await call.read()
             if reply is grpc.aio.EOF or reply.task.id != sent.id:
                 raise RuntimeError(f"{role}: claimed {reply!r}, sent {sent.id}")
-            ref = tpb.TaskRef(id=sent.id, attempt=reply.task.attempt, actor=role)
+            ref = tpb.TaskRef(id=sent.id, attempt=reply.task.attempt)
             await stub.StartTask(ref)
             final = await stub.CompleteTask(ref)
             if final.status != TaskStatus.COMPLETED.to_pb():
@@ -865,7 +866,7 @@ async def tasks_lifecycle_rate(ctx: Context) -> dict[str, Any]:
             await conn.execute("SELECT pg_stat_statements_reset()")
 
     try:
-        async with grpc.aio.insecure_channel(server.addr) as ch:
+        async with harness.channel(server.addr) as ch:
             await _create_room(tpb_grpc.TasksStub(ch), RATE_CHATROOM, roles)
         meter = common.CpuMeter(ctx, server.proc.pid, {})
         grpc_ms, grpc_rate, grpc_cpu = await _rate(

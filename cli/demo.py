@@ -88,6 +88,7 @@ async def demo(database_url: str | None) -> int:
             d.say("starting a throwaway embedded PostgreSQL")
         async with local_vigil(tmp, timings, database_url=database_url) as vigil:
             config = ClientConfig.from_env(addr=vigil.addr, data_dir=tmp, timings=timings)
+            config = config.with_token(vigil.admin_token)  # the throwaway server's admin
             async with Client(config) as client:
                 try:
                     daemon = await _story(d, client, vigil.addr, tmp)

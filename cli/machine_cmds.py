@@ -342,6 +342,27 @@ async def register_machine(
     return 0
 
 
+async def unregister_machine(
+    config: ClientConfig, machine_id: str, reason: str, as_json: bool
+) -> int:
+    _check_name(machine_id, "--machine-id")
+    async with connected(config) as client:
+        reply = await client.unregister_machine(machine_id, reason)
+    _emit(
+        as_json,
+        lambda: {
+            "machine_id": reply.machine_id,
+            "credentials_revoked": reply.credentials_revoked,
+            "tasks_recovered": reply.tasks_recovered,
+        },
+        lambda: (
+            f"unregistered machine {reply.machine_id}: {reply.credentials_revoked} "
+            f"credential(s) revoked, {reply.tasks_recovered} task(s) pending again"
+        ),
+    )
+    return 0
+
+
 async def list_machines(config: ClientConfig, as_json: bool) -> int:
     async with connected(config) as client:
         machines = await client.list_machines()
@@ -400,6 +421,8 @@ async def list_commands(
 async def run(args: argparse.Namespace, config: ClientConfig, data_dir: Path | None = None) -> int:
     """Run the parsed command `args.command` (one of cli.main.MACHINE_COMMANDS)."""
     cmd = args.command
+    if cmd == "machine" and args.machine_command == "unregister":
+        return await unregister_machine(config, args.machine_id, args.reason or "", args.json)
     if cmd == "machine":
         return await register_machine(
             config,

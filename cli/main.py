@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 
 from vigil.cli.rpc import CliError, client_config
-from vigil.core import logs
+from vigil.core import logs, validation
 from vigil.core.config import Settings
 from vigil.core.errors import ConfigError, VigilError
 from vigil.core.vocab import TaskStatus
@@ -54,6 +54,35 @@ def _client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", metavar="FILE", help=TOKEN_HELP)
 
 
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    """--addr, --metrics-addr and the listeners' security."""
+    p.add_argument("--addr", help="listen address (default: $VIGIL_ADDR or 127.0.0.1:7070)")
+    p.add_argument("--metrics-addr", help="metrics address (default: 127.0.0.1:9464)")
+    p.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="serve TLS with this certificate ($VIGIL_SERVER_TLS_CERT)",
+    )
+    p.add_argument("--tls-key", metavar="FILE", help="its private key ($VIGIL_SERVER_TLS_KEY)")
+    p.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="mutual TLS: require client certificates from this CA; a machine's certificate "
+        "then proves its daemon ($VIGIL_SERVER_TLS_CLIENT_CA)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on a non-loopback address (anyone on the path can read and "
+        "forge traffic; $VIGIL_INSECURE=1)",
+    )
+    p.add_argument(
+        "--reflection",
+        action="store_true",
+        help="serve gRPC reflection (off by default; $VIGIL_REFLECTION=1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vigil",
@@ -66,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser(
         "up", help="run every service in one process (embedded database by default)"
     )
-    up.add_argument("--addr", help="listen address (default: $VIGIL_ADDR or 127.0.0.1:7070)")
-    up.add_argument("--metrics-addr", help="metrics address (default: 127.0.0.1:9464)")
+    _server_flags(up)
     up.add_argument(
         "--no-ui", action="store_true", help="no live view: logs on stderr (default off a terminal)"
     )
@@ -80,16 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="liveness_command", metavar="ACTION", parser_class=_Parser, required=True
     )
     lv_serve = lv_sub.add_parser("serve", help="run the liveness service alone")
-    lv_serve.add_argument("--addr", help="listen address")
-    lv_serve.add_argument("--metrics-addr", help="metrics address")
+    _server_flags(lv_serve)
 
     ts = sub.add_parser("task-service", help="the task service")
     ts_sub = ts.add_subparsers(
         dest="task_service_command", metavar="ACTION", parser_class=_Parser, required=True
     )
     ts_serve = ts_sub.add_parser("serve", help="run the task service alone")
-    ts_serve.add_argument("--addr", help="listen address")
-    ts_serve.add_argument("--metrics-addr", help="metrics address")
+    _server_flags(ts_serve)
 
     sub.add_parser(
         "demo",
@@ -133,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     dm_start.add_argument(
         "--metrics-addr", help="serve the daemon's Prometheus metrics here (HOST:PORT)"
     )
+    dm_start.add_argument(
+        "--agent-tls-cert",
+        metavar="FILE",
+        help="under mutual TLS: the client certificate its agents present (one naming no "
+        "machine; the daemon's own never reaches them)",
+    )
+    dm_start.add_argument("--agent-tls-key", metavar="FILE", help="that certificate's key")
 
     w = sub.add_parser(
         "wait-for-task",
@@ -155,7 +188,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_task_commands(sub)
     _add_machine_commands(sub)
+    _add_token_commands(sub)
+    _add_tls_commands(sub)
     return p
+
+
+def _add_token_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """token create|list|revoke (run by cli.token_cmds)."""
+    tk = sub.add_parser("token", help="create, list or revoke the tokens that may call Vigil")
+    tk_sub = tk.add_subparsers(
+        dest="token_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    create = tk_sub.add_parser(
+        "create",
+        help="create a token; its secret is printed once, alone on stdout",
+        description="Create a token: --admin (everything), --read-only (read everything) "
+        "or --chatroom C (one chatroom: join, take and work its tasks, send to it; with "
+        "--role R only that role). The secret is printed once; keep it in an owner-only "
+        "file (VIGIL_TOKEN_FILE).",
+    )
+    create.add_argument("--admin", action="store_true", help="may do everything")
+    create.add_argument("--read-only", action="store_true", help="may read everything")
+    create.add_argument("--chatroom", metavar="C", help="may act in chatroom C only")
+    create.add_argument("--role", metavar="R", help="with --chatroom: as role R only")
+    create.add_argument("--ttl", metavar="DURATION", help="expires after DURATION (e.g. 8h, 30d)")
+    create.add_argument("--name", metavar="NAME", help="who or what it is for (shown in audits)")
+    ls = tk_sub.add_parser("list", help="list tokens (never their secrets)")
+    ls.add_argument("--all", action="store_true", help="revoked and expired ones too")
+    rv = tk_sub.add_parser("revoke", help="revoke a token: its open streams end within a second")
+    rv.add_argument("id", metavar="ID", help="the token id (`vigil token list`)")
+    rv.add_argument("--reason", help="why (kept with the token)")
+    for p in (create, ls, rv):
+        p.add_argument("--json", action="store_true", help="JSON output")
+        _client_flags(p)
+
+
+def _add_tls_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
+    tls = sub.add_parser("tls", help="certificates for trying TLS and mutual TLS locally")
+    tls_sub = tls.add_subparsers(
+        dest="tls_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    ca = tls_sub.add_parser(
+        "dev-ca",
+        help="write a development CA, a server certificate and client certificates",
+        description="Writes ca.pem, server.pem/.key (for --host names), one certificate "
+        "per --machine (naming it: under mutual TLS it proves that machine's daemon) and "
+        "per --client (naming nobody). Keys are owner-only. For trying TLS, not for "
+        "production: use your own CA there.",
+    )
+    ca.add_argument("--out", required=True, metavar="DIR", help="where to write the files")
+    ca.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME",
+        help="a name or IP the server is reached by (repeatable; default: localhost, "
+        "127.0.0.1, ::1)",
+    )
+    ca.add_argument("--machine", action="append", default=[], metavar="ID", help="(repeatable)")
+    ca.add_argument(
+        "--client", action="append", metavar="NAME", help="(repeatable; default: client)"
+    )
+    ca.add_argument("--days", type=int, default=30, help="validity (default 30)")
 
 
 def _add_task_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
@@ -268,6 +361,17 @@ def _add_machine_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     reg.add_argument("--credential-file", metavar="FILE", help="where to write the credential")
     reg.add_argument("--json", action="store_true", help=json_help)
     _client_flags(reg)
+    unreg = mc_sub.add_parser(
+        "unregister",
+        help="forget a machine: its daemon and its agents are refused at once",
+        description="Unregister a machine: its credential and every credential of its "
+        "agents stop working within a second, its agents show stopped, and the tasks they "
+        "held are pending again.",
+    )
+    unreg.add_argument("--machine-id", required=True, metavar="MACHINE")
+    unreg.add_argument("--reason", help="why (kept with the revoked credentials)")
+    unreg.add_argument("--json", action="store_true", help=json_help)
+    _client_flags(unreg)
 
     ms = sub.add_parser("machines", help="list registered machines")
     ms.add_argument("--json", action="store_true", help=json_help)
@@ -300,12 +404,26 @@ def _add_machine_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     _client_flags(cs)
 
 
+_SERVER_FLAGS = {
+    "addr": "VIGIL_ADDR",
+    "metrics_addr": "VIGIL_METRICS_ADDR",
+    "tls_cert": "VIGIL_SERVER_TLS_CERT",
+    "tls_key": "VIGIL_SERVER_TLS_KEY",
+    "tls_client_ca": "VIGIL_SERVER_TLS_CLIENT_CA",
+}
+
+
 def _settings(args: argparse.Namespace) -> Settings:
+    """A server's settings: its flags over the environment."""
     env = dict(os.environ)
-    if args.command in SERVER_COMMANDS and getattr(args, "addr", None):
-        env["VIGIL_ADDR"] = args.addr
-    if getattr(args, "metrics_addr", None):
-        env["VIGIL_METRICS_ADDR"] = args.metrics_addr
+    if args.command in SERVER_COMMANDS:
+        for flag, var in _SERVER_FLAGS.items():
+            if getattr(args, flag, None):
+                env[var] = getattr(args, flag)
+        if getattr(args, "insecure", False):
+            env["VIGIL_INSECURE"] = "1"
+        if getattr(args, "reflection", False):
+            env["VIGIL_REFLECTION"] = "1"
     return Settings.from_env(env)
 
 
@@ -319,6 +437,8 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     if args.command in SERVER_COMMANDS:
         return await _serve(args, log_format)
     logs.configure(os.environ.get("VIGIL_LOG_LEVEL", "WARNING").upper(), log_format)
+    if args.command == "tls":
+        return _dev_ca(args)
     config = client_config(args)
     if args.command == "daemon":
         from vigil.cli.daemon_cmd import daemon_start
@@ -333,6 +453,7 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             args.metrics_addr,
             args.harness_file,
             args.allow_any_command,
+            (args.agent_tls_cert, args.agent_tls_key),
         )
     if args.command == "wait-for-task":
         from vigil.cli.durations import parse_duration
@@ -353,8 +474,39 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         from vigil.cli.machine_cmds import run as run_machine
 
         return await run_machine(args, config, _settings(args).data_dir)
+    if args.command == "token":
+        from vigil.cli.token_cmds import run as run_token
+
+        return await run_token(args, config)
     parser.print_help()
     return 2
+
+
+def _dev_ca(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vigil.core.auth.tls import dev_ca
+
+    if not 1 <= args.days <= 3650:
+        raise CliError("--days must be between 1 and 3650", 2)
+    for machine in args.machine:
+        try:
+            validation.name(machine, "--machine")
+        except VigilError as exc:
+            raise CliError(str(exc), 2) from None
+    out = Path(args.out)
+    try:
+        written = dev_ca(
+            out,
+            hosts=args.host or ("localhost", "127.0.0.1", "::1"),
+            machines=args.machine,
+            clients=args.client or ("client",),
+            days=args.days,
+        )
+    except OSError as exc:
+        raise CliError(f"cannot write to {out}: {exc.strerror or exc}") from None
+    print(f"wrote {len(written)} files to {out}: " + ", ".join(p.name for p in written))
+    return 0
 
 
 async def _serve(args: argparse.Namespace, log_format: str) -> int:

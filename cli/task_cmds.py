@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import json
 import signal
 import sys
@@ -59,19 +58,6 @@ TASK_COLUMNS = [
 HISTORY_COLUMNS = ["at", "transition", "trigger", "actor", "attempt", "reason"]
 ROLE_COLUMNS = ["role", "kind", "machine", "harness", "command"]
 CHATROOM_COLUMNS = ["name", "roles", "created_at"]
-
-
-# -- who is asking ---------------------------------------------------------------
-
-
-def actor() -> str:
-    """`cli:<user>`: the audit log's answer to "who did this"."""
-    try:
-        user = getpass.getuser()
-    except (OSError, KeyError):
-        # No login name and no passwd entry (a bare container uid): still say it was us.
-        user = "unknown"
-    return f"cli:{user}"
 
 
 # -- parsing ---------------------------------------------------------------------
@@ -439,13 +425,13 @@ async def task_action(
     task_id = check_task_id(task_id)
     async with connected(config) as client:
         if action == "start":
-            task = await client.start_task(task_id, attempt or 0, actor=actor())
+            task = await client.start_task(task_id, attempt or 0)
         elif action == "complete":
-            task = await client.complete_task(task_id, attempt or 0, actor=actor())
+            task = await client.complete_task(task_id, attempt or 0)
         elif action == "cancel":
-            task = await client.cancel_task(task_id, reason or "", actor=actor())
+            task = await client.cancel_task(task_id, reason or "")
         else:
-            task = await client.release_task(task_id, reason or "", actor=actor())
+            task = await client.release_task(task_id, reason or "")
     _emit(as_json, lambda: task_json(task), lambda: task_summary(task))
     return 0
 

@@ -122,7 +122,8 @@ class Children:
         self._save()
         return gone
 
-    async def spawn(self, chatroom: str, role: str, argv: list[str]) -> Child:
+    async def spawn(self, chatroom: str, role: str, argv: list[str], token: str = "") -> Child:
+        """Start `argv` for the role, its own credential `token` in its environment."""
         log_path = self.logs / f"{chatroom}--{role}.log"
         # Where Vigil is and who the agent is, in its environment (never its argv):
         # `vigil wait-for-task` and the client library read these with no flags.
@@ -133,6 +134,8 @@ class Children:
             "VIGIL_ROLE": role,
             "VIGIL_KIND": "remote",
         }
+        if token:
+            env["VIGIL_TOKEN"] = token
         with open(log_path, "ab") as out:  # noqa: ASYNC230  # a local file, handed to the child
             p = await asyncio.create_subprocess_exec(
                 *argv,

@@ -69,13 +69,12 @@ class Outbox:
         return sorted(self.folder.glob("*.json"))
 
     @staticmethod
-    def _load(path: Path, machine_id: str, credential: str) -> pb.ExitReport:
+    def _load(path: Path, machine_id: str) -> pb.ExitReport:
         from datetime import UTC, datetime
 
         d: dict[str, Any] = json.loads(path.read_text())
         return pb.ExitReport(
             machine_id=machine_id,
-            credential=credential,
             child=pb.Child(
                 chatroom=d["chatroom"],
                 role=d["role"],
@@ -89,14 +88,14 @@ class Outbox:
             classification=d["classification"],
         )
 
-    async def send_pending(self, client: Client, machine_id: str, credential: str) -> bool:
+    async def send_pending(self, client: Client, machine_id: str) -> bool:
         """Send every report on disk, oldest first; False if the server could not be
         reached (the rest stay for the next try). Sending twice is harmless: the server
         records each incarnation once."""
         async with self._sending:
             for path in self.pending():
                 try:
-                    report = self._load(path, machine_id, credential)
+                    report = self._load(path, machine_id)
                     await client.report_exit(report)
                 except RPCError as exc:
                     if exc.code in _FATAL:
@@ -118,12 +117,12 @@ class Outbox:
             self.metrics.outbox.set(len(self.pending()))
             return True
 
-    async def run(self, client: Client, machine_id: str, credential: str) -> None:
+    async def run(self, client: Client, machine_id: str) -> None:
         """Send every report until acknowledged, retrying with jittered backoff."""
         attempt = 0
         while True:
             self._wake.clear()
-            if await self.send_pending(client, machine_id, credential):
+            if await self.send_pending(client, machine_id):
                 attempt = 0
                 delay = 5.0  # nothing to send: wait to be woken
             else:

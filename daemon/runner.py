@@ -47,7 +47,6 @@ class Daemon:
         self,
         client: Client,
         machine_id: str,
-        credential: str,
         state_dir: Path,
         timings: Timings,
         *,
@@ -62,7 +61,6 @@ class Daemon:
         self.clock = clock or SystemClock()
         self.machine_id = machine_id
         self.harnesses = harnesses
-        self.credential = credential
         self.timings = timings
         self.stop_agents_on_exit = stop_agents_on_exit
         self.outbox = Outbox(state_dir / "outbox", self.metrics)
@@ -106,7 +104,7 @@ class Daemon:
             say=lambda line: log.info("presence: %s", line),
         )
         tasks = [
-            asyncio.create_task(self.outbox.run(self.client, self.machine_id, self.credential)),
+            asyncio.create_task(self.outbox.run(self.client, self.machine_id)),
             asyncio.create_task(self._sessions()),
             asyncio.create_task(self._presence(presence)),
         ]
@@ -163,7 +161,7 @@ class Daemon:
         # Exits recorded while we were away go first: reconciliation below would
         # otherwise record those agents as merely lost (daemon_lost), losing their
         # exit code and signal.
-        await self.outbox.send_pending(self.client, self.machine_id, self.credential)
+        await self.outbox.send_pending(self.client, self.machine_id)
         call = self.client.daemon_session()
         try:
             # Reconcile: the full list of the children we still run.
@@ -171,7 +169,6 @@ class Daemon:
                 pb.DaemonMessage(
                     hello=pb.DaemonMessage.Hello(
                         machine_id=self.machine_id,
-                        credential=self.credential,
                         children=[_child_pb(c) for c in self.children.running.values()],
                     )
                 )
@@ -214,7 +211,9 @@ class Daemon:
                 try:
                     if child is None:
                         argv = self.harnesses.argv(cmd.harness, cmd.command)
-                        child = await self.children.spawn(cmd.chatroom, cmd.role, argv)
+                        child = await self.children.spawn(
+                            cmd.chatroom, cmd.role, argv, cmd.agent_token
+                        )
                     result.outcome = CommandStatus.DONE.to_pb()
                     result.child.CopyFrom(_child_pb(child))
                 except Refused as exc:

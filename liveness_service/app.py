@@ -5,8 +5,10 @@ from __future__ import annotations
 import grpc
 from prometheus_client import CollectorRegistry
 
+from vigil.core.auth import Authenticator
 from vigil.core.clock import Clock
 from vigil.core.db import Database
+from vigil.core.limits import Limits
 from vigil.core.migrations import Migration, discover
 from vigil.core.timings import Timings
 from vigil.liveness_service.metrics import LivenessMetrics
@@ -24,14 +26,25 @@ class LivenessApp:
     service_names = [SERVICE_NAME]
 
     def __init__(
-        self, db: Database, timings: Timings, clock: Clock, registry: CollectorRegistry
+        self,
+        db: Database,
+        auth: Authenticator,
+        timings: Timings,
+        clock: Clock,
+        registry: CollectorRegistry,
+        limits: Limits | None = None,
     ) -> None:
         self.store = LivenessStore(db)
         self.metrics = LivenessMetrics(registry)
-        self.live = Liveness(self.store, db.url, timings, clock, self.metrics)
+        self.auth = auth
+        limits = limits or Limits()
+        self.live = Liveness(
+            self.store, db.url, timings, clock, self.metrics, limits.participants_per_token
+        )
+        auth.on_revoked(self.live.token_revoked)
 
     def register(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_LivenessServicer_to_server(LivenessServicer(self.live), server)
+        pb_grpc.add_LivenessServicer_to_server(LivenessServicer(self.live, self.auth), server)
 
     async def start(self) -> None:
         await self.live.start()

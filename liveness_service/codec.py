@@ -17,6 +17,8 @@ def participant(p: Participant) -> pb.Participant:
         connection_id=p.connection_id,
         joined_at=to_proto(p.joined_at),
         revision=p.revision,
+        principal=p.principal,
+        token_id=p.token_id or "",
     )
     if p.live and p.ready_until is not None:
         msg.ready_until.FromDatetime(p.ready_until)

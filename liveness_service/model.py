@@ -25,6 +25,8 @@ class Participant:
     offline_at: datetime | None
     offline_reason: OfflineReason | None
     revision: int
+    principal: str = ""  # who holds it
+    token_id: str | None = None  # the credential it was joined with
 
     @property
     def key(self) -> Key:
@@ -48,6 +50,8 @@ class Participant:
             offline_at=row["offline_at"],
             offline_reason=OfflineReason(row["offline_reason"]) if row["offline_reason"] else None,
             revision=row["revision"],
+            principal=row["principal"],
+            token_id=row["token_id"],
         )
 
 

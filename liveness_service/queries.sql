@@ -7,17 +7,19 @@ SELECT * FROM liveness.participants WHERE chatroom = $1 AND role = $2 FOR UPDATE
 UPDATE liveness.revision SET value = value + $1 RETURNING value;
 
 -- name: upsert_joined
--- A new participant for the role with the next epoch.
--- $1 chatroom, $2 role, $3 kind, $4 connection_id, $5 now, $6 ready_until, $7 revision
+-- A new participant for the role with the next epoch, held by a principal.
+-- $1 chatroom, $2 role, $3 kind, $4 connection_id, $5 now, $6 ready_until, $7 revision,
+-- $8 principal, $9 token_id
 INSERT INTO liveness.participants AS p
     (chatroom, role, kind, status, epoch, connection_id, ready_until, joined_at,
-     last_heartbeat_at, offline_at, offline_reason, revision)
-VALUES ($1, $2, $3, 'live', 1, $4, $6, $5, $5, NULL, NULL, $7)
+     last_heartbeat_at, offline_at, offline_reason, revision, principal, token_id)
+VALUES ($1, $2, $3, 'live', 1, $4, $6, $5, $5, NULL, NULL, $7, $8, $9)
 ON CONFLICT (chatroom, role) DO UPDATE SET
     kind = EXCLUDED.kind, status = 'live', epoch = p.epoch + 1,
     connection_id = EXCLUDED.connection_id, ready_until = EXCLUDED.ready_until,
     joined_at = EXCLUDED.joined_at, last_heartbeat_at = EXCLUDED.joined_at,
-    offline_at = NULL, offline_reason = NULL, revision = EXCLUDED.revision
+    offline_at = NULL, offline_reason = NULL, revision = EXCLUDED.revision,
+    principal = EXCLUDED.principal, token_id = EXCLUDED.token_id
 RETURNING *;
 
 -- name: mark_offline
@@ -94,23 +96,26 @@ WHERE p.chatroom = r.chatroom AND p.role = r.role;
 -- Presence events (arrays, one element per event).
 -- $1 revisions, $2 types, $3 ats, $4 chatrooms, $5 roles, $6 kinds, $7 statuses,
 -- $8 epochs, $9 connection_ids, $10 ready_untils, $11 joined_ats, $12 offline_ats,
--- $13 offline_reasons
+-- $13 offline_reasons, $14 principals, $15 token_ids
 INSERT INTO liveness.events
     (revision, type, at, chatroom, role, kind, status, epoch, connection_id,
-     ready_until, joined_at, offline_at, offline_reason)
+     ready_until, joined_at, offline_at, offline_reason, principal, token_id)
 SELECT * FROM unnest($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], $5::text[],
     $6::text[], $7::text[], $8::bigint[], $9::uuid[], $10::timestamptz[],
-    $11::timestamptz[], $12::timestamptz[], $13::text[]);
+    $11::timestamptz[], $12::timestamptz[], $13::text[], $14::text[], $15::text[]);
 
 -- name: notify
 -- Wake every replica's event listener. $1 the newest revision.
 SELECT pg_notify('vigil_liveness', $1);
 
 -- name: list_participants
--- $1 chatroom or NULL for all, $2 live only
+-- A page. $1 chatroom or NULL for all, $2 live only, $3 $4 the (chatroom, role) it
+-- follows or NULL, $5 limit
 SELECT * FROM liveness.participants
 WHERE ($1::text IS NULL OR chatroom = $1) AND (NOT $2 OR status = 'live')
-ORDER BY chatroom, role;
+  AND ($3::text IS NULL OR (chatroom, role) > ($3, $4::text))
+ORDER BY chatroom, role
+LIMIT $5;
 
 -- name: current_revision
 SELECT value FROM liveness.revision;
@@ -128,6 +133,17 @@ SELECT kind, status, count(*) AS n FROM liveness.participants
 WHERE chatroom <> $1 GROUP BY kind, status;
 
 -- name: roles_live
--- $1 the machines chatroom
+-- The roles vigil_role_live shows: live ones, and those offline since $2 (bounded: at
+-- most $3, live first). $1 the machines chatroom
 SELECT chatroom, role, kind, status = 'live' AS live FROM liveness.participants
-WHERE chatroom <> $1;
+WHERE chatroom <> $1 AND (status = 'live' OR offline_at >= $2)
+ORDER BY status = 'live' DESC, offline_at DESC NULLS LAST
+LIMIT $3;
+
+-- name: live_of_token
+-- The live participants a credential holds. $1 token_id
+SELECT * FROM liveness.participants WHERE token_id = $1 AND status = 'live';
+
+-- name: count_live_of_token
+-- $1 token_id
+SELECT count(*) FROM liveness.participants WHERE token_id = $1 AND status = 'live';

@@ -12,8 +12,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from vigil.core import validation
+from vigil.core.auth.principal import SYSTEM, Principal
+from vigil.core.auth.rules import participant_scope
 from vigil.core.clock import Clock
-from vigil.core.errors import FailedPrecondition, InvalidArgument, StorageError, Unavailable
+from vigil.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    StorageError,
+    Unavailable,
+)
+from vigil.core.paging import Page
 from vigil.core.timings import Timings
 from vigil.core.vocab import (
     LEAVE_REASONS,
@@ -31,6 +41,12 @@ from vigil.liveness_service.store import LivenessStore
 from vigil.liveness_service.sweeper import TtlSweeper
 
 log = logging.getLogger(__name__)
+
+# vigil_role_live keeps a series per live role and per role offline for at most this
+# long, and never more than MAX_ROLE_SERIES series (live ones first): joins of made-up
+# roles cannot grow Prometheus's label sets without bound.
+ROLE_SERIES_KEPT = timedelta(hours=1)
+MAX_ROLE_SERIES = 5000
 
 OK, REJOIN_REQUIRED, SUPERSEDED = (
     HeartbeatStatus.OK,
@@ -86,6 +102,7 @@ class Liveness:
         timings: Timings,
         clock: Clock,
         metrics: LivenessMetrics,
+        max_participants: int = 1000,
     ) -> None:
         self.store = store
         self.timings = timings
@@ -104,6 +121,8 @@ class Liveness:
         self._background: set[asyncio.Task[None]] = set()
         self._counts_task: asyncio.Task[None] | None = None
         self.draining = False
+        self.max_participants = max_participants
+        self._revoked: dict[str, float] = {}  # token id -> when (recently revoked)
 
     # -- life cycle -------------------------------------------------------
 
@@ -145,16 +164,61 @@ class Liveness:
     # -- joins, beats and leaves -----------------------------------------
 
     async def join(
-        self, chatroom: str, role: str, kind: AgentKind, connection_id: str
+        self,
+        chatroom: str,
+        role: str,
+        kind: AgentKind,
+        connection_id: str,
+        by: Principal | None = None,
     ) -> Participant:
+        """A new participant for (chatroom, role), held by `by` (None: the server itself)."""
         self.check_identity(chatroom, role)
+        if by is not None:
+            participant_scope(by, chatroom, role)
         connection_id = validation.uuid_str(connection_id, "connection_id")
+        if by is not None:
+            await self._check_cap(by, chatroom, role)
         now = self.clock.now()
         participant, _superseded = await self.store.join(
-            chatroom, role, kind, connection_id, now, now + self._ttl
+            chatroom,
+            role,
+            kind,
+            connection_id,
+            now,
+            now + self._ttl,
+            by.display if by else SYSTEM,
+            by.token_id if by else None,
         )
         self.sweeper.poke()
         return participant
+
+    async def _check_cap(self, by: Principal, chatroom: str, role: str) -> None:
+        """One credential holds at most `max_participants` live participants (rejoining a
+        role it already holds does not count twice)."""
+        if by.token_id is None or by.is_admin:
+            return
+        held = await self.store.count_live_of_token(by.token_id)
+        if held < self.max_participants:
+            return
+        current = await self.store.get(chatroom, role)
+        if current is not None and current.live and current.token_id == by.token_id:
+            return
+        raise ResourceExhausted(
+            f"{by.display} already holds {held} live participants (the limit is "
+            f"{self.max_participants}); leave some first"
+        )
+
+    @staticmethod
+    def check_owner(p: Participant, by: Principal | None, what: str) -> None:
+        """A participant answers only to the credential that joined it (and admins)."""
+        if by is None or by.is_admin or (p.token_id is not None and p.token_id == by.token_id):
+            return
+        if p.token_id is None and p.principal == by.display:
+            return  # a machine proven by its certificate, both times
+        raise PermissionDenied(
+            f"{what} refused: {p.chatroom}/{p.role} is held by {p.principal or 'another caller'}, "
+            f"not {by.display}"
+        )
 
     def check_accepting(self) -> None:
         if self.draining:
@@ -183,13 +247,23 @@ class Liveness:
             del self.sessions[key]
 
     async def resume(
-        self, chatroom: str, role: str, epoch: int, connection_id: str
+        self,
+        chatroom: str,
+        role: str,
+        epoch: int,
+        connection_id: str,
+        by: Principal | None = None,
     ) -> tuple[HeartbeatStatus, Participant | None]:
         """The same participant after a reconnect: (ok, participant), or the reason it
         cannot be resumed (rejoin_required / superseded)."""
         self.check_identity(chatroom, role)
         validation.positive(epoch, "epoch")
         connection_id = validation.uuid_str(connection_id, "connection_id")
+        if by is not None:
+            participant_scope(by, chatroom, role)
+            held = await self.store.get(chatroom, role)
+            if held is not None and held.epoch == epoch:
+                self.check_owner(held, by, "resume")
         now = self.clock.now()
         p = await self.store.resume(chatroom, role, epoch, connection_id, now, now + self._ttl)
         if p is not None:
@@ -221,13 +295,18 @@ class Liveness:
         return Push("heartbeat", status=OK, ready_until=ready_until)
 
     async def beat_unary(
-        self, chatroom: str, role: str, epoch: int, connection_id: str
+        self,
+        chatroom: str,
+        role: str,
+        epoch: int,
+        connection_id: str,
+        by: Principal | None = None,
     ) -> tuple[HeartbeatStatus, datetime | None]:
         """A heartbeat from a client without a stream; always written before the answer."""
         self.check_identity(chatroom, role)
         validation.positive(epoch, "epoch")
         connection_id = validation.uuid_str(connection_id, "connection_id")
-        current = await self._fenced(chatroom, role, epoch, connection_id, "heartbeat")
+        current = await self._fenced(chatroom, role, epoch, connection_id, "heartbeat", by)
         if not current.live:
             return REJOIN_REQUIRED, None
         self.metrics.heartbeats.inc()
@@ -237,9 +316,16 @@ class Liveness:
         return (status, ready_until) if status == OK else (status, None)
 
     async def _fenced(
-        self, chatroom: str, role: str, epoch: int, connection_id: str, what: str
+        self,
+        chatroom: str,
+        role: str,
+        epoch: int,
+        connection_id: str,
+        what: str,
+        by: Principal | None,
     ) -> Participant:
-        """The participant, if (epoch, connection_id) is its current one; otherwise
+        """The participant, if `by` holds it (PERMISSION_DENIED otherwise, before anything
+        else is said about it) and (epoch, connection_id) is its current one; otherwise
         FAILED_PRECONDITION: a stale connection can change nothing."""
         current = await self.store.get(chatroom, role)
         if current is None:
@@ -247,6 +333,7 @@ class Liveness:
                 f"{what} before join: no participant for role {role!r} in chatroom "
                 f"{chatroom!r}; join first"
             )
+        self.check_owner(current, by, what)
         if epoch < current.epoch:
             raise FailedPrecondition(
                 f"{what} rejected: epoch {epoch} was superseded by epoch {current.epoch} "
@@ -264,20 +351,26 @@ class Liveness:
         return current
 
     async def leave(
-        self, chatroom: str, role: str, epoch: int, connection_id: str, reason: OfflineReason
+        self,
+        chatroom: str,
+        role: str,
+        epoch: int,
+        connection_id: str,
+        reason: OfflineReason,
+        by: Principal | None = None,
     ) -> Participant:
         self.check_identity(chatroom, role)
         validation.positive(epoch, "epoch")
         connection_id = validation.uuid_str(connection_id, "connection_id")
         self._check_leave_reason(reason)
-        current = await self._fenced(chatroom, role, epoch, connection_id, "leave")
+        current = await self._fenced(chatroom, role, epoch, connection_id, "leave", by)
         if not current.live:
             return current  # leaving twice is harmless
         p = await self.store.mark_offline(
             chatroom, role, epoch, connection_id, self.clock.now(), reason
         )
         if p is None:  # went offline between the read and the write
-            p = await self._fenced(chatroom, role, epoch, connection_id, "leave")
+            p = await self._fenced(chatroom, role, epoch, connection_id, "leave", by)
         else:
             self.metrics.offline.labels(reason).inc()
         return p
@@ -305,6 +398,32 @@ class Liveness:
         self.metrics.offline.labels(reason).inc()
         return left
 
+    def token_revoked(self, token_id: str) -> None:
+        """A credential lost its rights: the participants it holds go offline (`revoked`),
+        and the streams holding them (ended by the authenticator) mark nothing else."""
+        self._revoked[token_id] = self.clock.monotonic()
+        for stale in [t for t, at in self._revoked.items() if self.clock.monotonic() - at > 60]:
+            del self._revoked[stale]
+        task = asyncio.create_task(self._mark_revoked(token_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _mark_revoked(self, token_id: str) -> None:
+        try:
+            for p in await self.store.live_of_token(token_id):
+                gone = await self.store.mark_offline(
+                    p.chatroom,
+                    p.role,
+                    p.epoch,
+                    p.connection_id,
+                    self.clock.now(),
+                    OfflineReason.REVOKED,
+                )
+                if gone is not None:
+                    self.metrics.offline.labels(OfflineReason.REVOKED).inc()
+        except StorageError as exc:
+            log.warning("could not take the participants of a revoked credential offline: %s", exc)
+
     def stream_ended(self, session: Session) -> None:
         """The stream ended without a leave. If the client was heartbeating on time, it
         died (killed, connection reset): offline now, `stream_dropped`. If its beats
@@ -313,6 +432,8 @@ class Liveness:
         self.close_session(session)
         if session.detached or session.state != "live" or self.draining:
             return  # a server going away is not an agent dying
+        if session.participant.token_id in self._revoked:
+            return  # its credential was revoked: `revoked`, not `stream_dropped`
         session.state = "ended"
         overdue = self.clock.monotonic() - session.last_beat > self.timings.heartbeat_interval * 1.5
         if overdue:
@@ -379,11 +500,12 @@ class Liveness:
     # -- queries ------------------------------------------------------------
 
     async def list_participants(
-        self, chatroom: str, live_only: bool
+        self, chatroom: str, live_only: bool, page: Page
     ) -> tuple[list[Participant], int]:
+        """A page of participants, and the revision it is consistent with."""
         if chatroom:
             validation.name(chatroom, "chatroom")
-        return await self.store.list_participants(chatroom or None, live_only)
+        return await self.store.list_participants(chatroom or None, live_only, page)
 
     async def watch(self, from_revision: int, chatroom: str) -> AsyncIterator[PresenceEvent]:
         """Every event after `from_revision`, then live ones; nothing missed, nothing twice."""
@@ -436,7 +558,9 @@ class Liveness:
                         self.metrics.participants.labels(kind, status).set(0)
                 for kind, status, n in counts:
                     self.metrics.participants.labels(kind, status).set(n)
-                roles = await self.store.roles_live()
+                roles = await self.store.roles_live(
+                    self.clock.now() - ROLE_SERIES_KEPT, MAX_ROLE_SERIES
+                )
                 self.metrics.role_live.clear()
                 for chatroom, role, kind, live in roles:
                     self.metrics.role_live.labels(chatroom, role, kind).set(1 if live else 0)

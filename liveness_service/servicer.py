@@ -9,7 +9,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from vigil.core.errors import FailedPrecondition, InvalidArgument, grpc_errors
+from vigil.core import paging
+from vigil.core.auth import Authenticator
+from vigil.core.auth.rules import visible_chatroom
+from vigil.core.errors import FailedPrecondition, InvalidArgument
+from vigil.core.rpc import caller, rpc
 from vigil.core.timefmt import to_proto
 from vigil.core.vocab import AgentKind, OfflineReason
 from vigil.liveness_service import codec
@@ -64,15 +68,18 @@ def _push_to_pb(push: Push, live: Liveness) -> pb.SessionResponse:
 
 
 class LivenessServicer(pb_grpc.LivenessServicer):
-    def __init__(self, live: Liveness) -> None:
-        self.live = live
+    service_name = SERVICE_NAME
 
-    @grpc_errors
+    def __init__(self, live: Liveness, auth: Authenticator) -> None:
+        self.live = live
+        self.auth = auth
+
+    @rpc
     async def Join(
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
     ) -> pb.JoinResponse:
         p = await self.live.join(
-            request.chatroom, request.role, _kind(request.kind), request.connection_id
+            request.chatroom, request.role, _kind(request.kind), request.connection_id, caller()
         )
         return pb.JoinResponse(
             participant=codec.participant(p),
@@ -80,16 +87,16 @@ class LivenessServicer(pb_grpc.LivenessServicer):
             ttl_ms=self.live.timings.heartbeat_ttl_ms,
         )
 
-    @grpc_errors
+    @rpc
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
         status, ready_until = await self.live.beat_unary(
-            request.chatroom, request.role, request.epoch, request.connection_id
+            request.chatroom, request.role, request.epoch, request.connection_id, caller()
         )
         return pb.HeartbeatResponse(status=status.to_pb(), ready_until=to_proto(ready_until))
 
-    @grpc_errors
+    @rpc
     async def Leave(
         self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
     ) -> pb.LeaveResponse:
@@ -99,26 +106,33 @@ class LivenessServicer(pb_grpc.LivenessServicer):
             request.epoch,
             request.connection_id,
             _reason(request.reason),
+            caller(),
         )
         return pb.LeaveResponse(participant=codec.participant(p))
 
-    @grpc_errors
+    @rpc
     async def ListParticipants(
         self, request: pb.ListParticipantsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListParticipantsResponse:
-        parts, revision = await self.live.list_participants(request.chatroom, request.live_only)
+        chatroom = visible_chatroom(caller(), request.chatroom) or ""
+        page = paging.page("participants", request.page_size, request.page_token)
+        parts, revision = await self.live.list_participants(chatroom, request.live_only, page)
+        shown, token = paging.split(parts, page, lambda p: (p.chatroom, p.role))
         return pb.ListParticipantsResponse(
-            participants=[codec.participant(p) for p in parts], revision=revision
+            participants=[codec.participant(p) for p in shown],
+            revision=revision,
+            next_page_token=token,
         )
 
-    @grpc_errors
+    @rpc
     async def WatchParticipants(
         self, request: pb.WatchParticipantsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PresenceEvent]:
-        async for ev in self.live.watch(request.from_revision, request.chatroom):
+        chatroom = visible_chatroom(caller(), request.chatroom) or ""
+        async for ev in self.live.watch(request.from_revision, chatroom):
             yield codec.event(ev)
 
-    @grpc_errors
+    @rpc
     async def Session(  # type: ignore[override]  # read/write style, not an iterator
         self, request_iterator: object, context: grpc.aio.ServicerContext
     ) -> None:
@@ -153,13 +167,15 @@ class LivenessServicer(pb_grpc.LivenessServicer):
         which = first.WhichOneof("msg")
         if which == "join":
             j = first.join
-            p = await self.live.join(j.chatroom, j.role, _kind(j.kind), j.connection_id)
+            p = await self.live.join(j.chatroom, j.role, _kind(j.kind), j.connection_id, caller())
             session = self.live.open_session(p)
             session.outbox.put_nowait(Push("joined", participant=p))
             return session
         if which == "resume":
             r = first.resume
-            status, resumed = await self.live.resume(r.chatroom, r.role, r.epoch, r.connection_id)
+            status, resumed = await self.live.resume(
+                r.chatroom, r.role, r.epoch, r.connection_id, caller()
+            )
             if status != OK or resumed is None:
                 await context.write(
                     pb.SessionResponse(heartbeat=pb.HeartbeatResponse(status=status.to_pb()))

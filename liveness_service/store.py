@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from vigil.core.db import Database, mapped_errors
+from vigil.core.paging import Page
 from vigil.core.sql import load_queries
 from vigil.core.vocab import (
     MACHINES_CHATROOM,
@@ -65,6 +66,8 @@ class LivenessStore:
             [p.joined_at for p in parts],
             [p.offline_at for p in parts],
             [p.offline_reason.value if p.offline_reason else None for p in parts],
+            [p.principal for p in parts],
+            [p.token_id for p in parts],
         )
         await conn.execute(Q["notify"], str(last))
         return [
@@ -80,8 +83,11 @@ class LivenessStore:
         connection_id: str,
         now: datetime,
         ready_until: datetime,
+        principal: str = "",
+        token_id: str | None = None,
     ) -> tuple[Participant, Participant | None]:
-        """A new participant with the next epoch; returns it and the live one it superseded."""
+        """A new participant with the next epoch, held by `principal`; returns it and the
+        live one it superseded."""
         async with mapped_errors(), self.db.pool.acquire() as conn, conn.transaction():
             old = await conn.fetchrow(Q["lock_participant"], chatroom, role)
             superseded = None
@@ -99,7 +105,16 @@ class LivenessStore:
                 (ev,) = await self._record(conn, PresenceEventType.OFFLINE, [row], now)
                 superseded = ev.participant
             row = await conn.fetchrow(
-                Q["upsert_joined"], chatroom, role, kind.value, connection_id, now, ready_until, 0
+                Q["upsert_joined"],
+                chatroom,
+                role,
+                kind.value,
+                connection_id,
+                now,
+                ready_until,
+                0,
+                principal,
+                token_id,
             )
             (ev,) = await self._record(conn, PresenceEventType.JOINED, [row], now)
             return ev.participant, superseded
@@ -161,6 +176,12 @@ class LivenessStore:
             0,
         )
 
+    async def live_of_token(self, token_id: str) -> list[Participant]:
+        return [Participant.from_row(r) for r in await self.db.fetch(Q["live_of_token"], token_id)]
+
+    async def count_live_of_token(self, token_id: str) -> int:
+        return int(await self.db.fetchval(Q["count_live_of_token"], token_id))
+
     async def get(self, chatroom: str, role: str) -> Participant | None:
         row = await self.db.fetchrow(Q["get_participant"], chatroom, role)
         return Participant.from_row(row) if row else None
@@ -209,16 +230,18 @@ class LivenessStore:
             return [e.participant for e in events]
 
     async def list_participants(
-        self, chatroom: str | None, live_only: bool
+        self, chatroom: str | None, live_only: bool, page: Page
     ) -> tuple[list[Participant], int]:
-        """A snapshot of participants and the revision it is consistent with."""
+        """A page of participants and the revision it is consistent with."""
         async with (
             mapped_errors(),
             self.db.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             revision = await conn.fetchval(Q["current_revision"])
-            rows = await conn.fetch(Q["list_participants"], chatroom, live_only)
+            rows = await conn.fetch(
+                Q["list_participants"], chatroom, live_only, page.arg(0), page.arg(1), page.fetch
+            )
         return [Participant.from_row(r) for r in rows], revision
 
     async def current_revision(self) -> int:
@@ -231,8 +254,10 @@ class LivenessStore:
         rows = await self.db.fetch(Q["events_since"], revision, chatroom, limit)
         return [PresenceEvent.from_row(r) for r in rows]
 
-    async def roles_live(self) -> list[tuple[str, str, AgentKind, bool]]:
-        rows = await self.db.fetch(Q["roles_live"], MACHINES_CHATROOM)
+    async def roles_live(
+        self, offline_since: datetime, limit: int
+    ) -> list[tuple[str, str, AgentKind, bool]]:
+        rows = await self.db.fetch(Q["roles_live"], MACHINES_CHATROOM, offline_since, limit)
         return [(r["chatroom"], r["role"], AgentKind(r["kind"]), r["live"]) for r in rows]
 
     async def counts(self) -> list[tuple[AgentKind, ParticipantStatus, int]]:

@@ -11,22 +11,22 @@ The decisions themselves (backoff, circuit) are pure functions in `policy`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Protocol
 
 from vigil.core import validation
+from vigil.core.auth.principal import Principal
+from vigil.core.auth.store import AuthStore
 from vigil.core.clock import Clock
 from vigil.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    Unauthenticated,
 )
+from vigil.core.paging import Page
 from vigil.core.timings import Timings
 from vigil.core.vocab import (
     COMMAND_OUTCOMES,
@@ -37,6 +37,7 @@ from vigil.core.vocab import (
     DesiredState,
     ExitClassification,
     NotificationKind,
+    TokenKind,
 )
 from vigil.task_service import policy
 from vigil.task_service.agents_store import AgentStore, AgentTx
@@ -63,10 +64,6 @@ class PresenceView(Protocol):
     def count_live(self, chatroom: str) -> int: ...
 
 
-def credential_hash(credential: str) -> bytes:
-    return hashlib.sha256(credential.encode()).digest()
-
-
 class Agents:
     def __init__(
         self,
@@ -76,8 +73,10 @@ class Agents:
         timings: Timings,
         metrics: TaskMetrics,
         presence: PresenceView,
+        auth: AuthStore,
         *,
         on_agent_gone: Callable[[str, str], Awaitable[None]],
+        on_revoked: Callable[[list[str]], None] = lambda ids: None,
         after_commit: Callable[[Effects], None],
         poke: Callable[[datetime | None], None],
     ) -> None:
@@ -87,6 +86,8 @@ class Agents:
         self.timings = timings
         self.metrics = metrics
         self.presence = presence
+        self.auth = auth
+        self._revoked = on_revoked
         self._on_agent_gone = on_agent_gone
         self._after_commit = after_commit
         self._poke = poke
@@ -97,8 +98,11 @@ class Agents:
 
     # -- machines ---------------------------------------------------------------
 
-    async def register_machine(self, machine_id: str, hostname: str, harnesses: list[str]) -> str:
-        """Register (or re-register) a machine; returns its new credential (shown once)."""
+    async def register_machine(
+        self, machine_id: str, hostname: str, harnesses: list[str], by: Principal
+    ) -> str:
+        """Register a machine, or rotate its credential: the old one stops working at
+        once (its agents keep theirs). Returns the new credential (shown this once)."""
         validation.name(machine_id, "machine id")
         validation.text(
             hostname, "hostname", validation.MAX_HOSTNAME, required=False, one_line=True
@@ -107,30 +111,50 @@ class Agents:
             raise InvalidArgument(f"a machine declares at most 64 harnesses, got {len(harnesses)}")
         for h in harnesses:
             validation.name(h, "harness")
-        credential = secrets.token_urlsafe(32)
-        await self.store.upsert_machine(
-            machine_id, hostname, harnesses, credential_hash(credential)
-        )
+        now = self.clock.now()
+        async with self.tasks.tx() as tx:
+            await AgentTx(tx).upsert_machine(machine_id, hostname, harnesses)
+            old = await self.auth.revoke_machine_credential(
+                machine_id, now, f"rotated by {by.display}", conn=tx.conn
+            )
+            _record, credential = await self.auth.create(
+                TokenKind.MACHINE, machine_id, by.display, machine=machine_id, conn=tx.conn
+            )
+        self._revoked([t.id for t in old])
         return credential
 
-    async def authenticate(self, machine_id: str, credential: str) -> str:
-        """The machine the credential belongs to; it must be `machine_id`."""
-        if not credential:
-            raise Unauthenticated("a machine credential is required (vigil machine register)")
-        machine = await self.store.machine_by_credential(credential_hash(credential))
-        if machine is None:
-            raise Unauthenticated("unknown machine credential; register the machine again")
-        if machine_id and machine.machine_id != machine_id:
-            raise PermissionDenied(
-                f"this credential belongs to machine {machine.machine_id!r}, not {machine_id!r}"
-            )
-        return machine.machine_id
+    async def unregister_machine(
+        self, machine_id: str, reason: str, by: Principal
+    ) -> tuple[int, int]:
+        """Forget a machine: its credential and its agents' credentials stop working at
+        once, its agents show stopped, and the tasks they held are pending again.
+        Returns (credentials revoked, tasks recovered)."""
+        validation.name(machine_id, "machine id")
+        validation.text(reason, "reason", validation.MAX_REASON, required=False)
+        why = f"machine {machine_id} unregistered by {by.display}" + (
+            f": {reason}" if reason else ""
+        )
+        now = self.clock.now()
+        async with self.tasks.tx() as tx:
+            atx = AgentTx(tx)
+            if not await atx.unregister_machine(machine_id, now):
+                raise NotFound(f"no registered machine {machine_id!r}")
+            revoked = await self.auth.revoke_machine(machine_id, now, why, conn=tx.conn)
+            roles = await atx.stop_agents_of(machine_id)
+            held = [
+                t for chatroom, role in roles if (t := await tx.active_task_of_role(chatroom, role))
+            ]
+        self._revoked([t.id for t in revoked])
+        for task_id in held:
+            await self._on_agent_gone(task_id, why)
+        return len(revoked), len(held)
 
-    async def list_machines(self) -> list[tuple[Machine, bool]]:
-        """Every machine and whether its daemon is online (holds its presence)."""
+    async def list_machines(self, page: Page) -> list[tuple[Machine, bool]]:
+        """A page of machines, each with whether its daemon is online (holds its
+        presence)."""
         live = self.presence.role_is_live
         return [
-            (m, live(MACHINES_CHATROOM, m.machine_id)) for m in await self.store.list_machines()
+            (m, live(MACHINES_CHATROOM, m.machine_id)) for m in await self.store.list_machines(page)
         ]
 
     # -- commands ---------------------------------------------------------------
@@ -239,14 +263,51 @@ class Agents:
     ) -> None:
         if outcome not in COMMAND_OUTCOMES:
             raise FailedPrecondition(f"a command ends done, failed or expired, not {outcome}")
+        message = validation.truncate(message, validation.MAX_REASON)
         cmd = await self.mark_command(machine_id, command_id, outcome, message or None)
         if cmd is None or cmd.type != CommandType.START:
             return
         if outcome == CommandStatus.DONE and child is not None:
             await self.store.record_started(cmd.chatroom, cmd.role, child)
+            # The credential minted for this start now belongs to that process.
+            await self.auth.bind_agent(command_id, child.pid, child.started_at)
         else:
             # Not started (expired or failed): the next need may issue a new start.
             await self.store.start_not_done(cmd.chatroom, cmd.role)
+            revoked = await self.auth.revoke_agent_command(
+                command_id, self.clock.now(), f"its start command {outcome}"
+            )
+            self._revoked([t.id for t in revoked])
+            if outcome == CommandStatus.FAILED:
+                async with self.tasks.tx() as tx:
+                    await tx.notify(
+                        NotificationKind.START_FAILED,
+                        cmd.chatroom,
+                        cmd.role,
+                        None,
+                        None,
+                        f"machine {machine_id} did not start the agent of {cmd.chatroom}/"
+                        f"{cmd.role}: {message or 'no reason given'}",
+                        f"machine:{machine_id}",
+                    )
+
+    async def agent_credential(self, cmd: Command) -> str:
+        """A fresh credential for the process a start command is about to start, scoped
+        to its chatroom, role, machine and command (an earlier one minted for the same
+        command and never used is revoked: it was handed over again)."""
+        now = self.clock.now()
+        stale = await self.auth.revoke_agent_command(cmd.id, now, "handed over again")
+        self._revoked([t.id for t in stale])
+        _record, secret = await self.auth.create(
+            TokenKind.AGENT,
+            f"{cmd.chatroom}/{cmd.role}",
+            f"machine:{cmd.machine_id}",
+            chatroom=cmd.chatroom,
+            role=cmd.role,
+            machine=cmd.machine_id,
+            command_id=cmd.id,
+        )
+        return secret
 
     async def reconcile(self, machine_id: str, children: Iterable[Child]) -> int:
         """The daemon's list of the children it still runs is the truth: any agent the
@@ -273,6 +334,11 @@ class Agents:
                     lost.append(Exit(gone, None, None, now, ExitClassification.DAEMON_LOST))
         for ex in lost:
             await self.report_exit(machine_id, ex)
+        # Credentials of processes the daemon no longer runs die with them.
+        revoked = await self.auth.revoke_agents_not_running(
+            machine_id, [c.pid for c in running.values()], now, "its process is gone"
+        )
+        self._revoked([t.id for t in revoked])
         return len(lost)
 
     async def report_exit(self, machine_id: str, ex: Exit) -> bool:
@@ -292,6 +358,12 @@ class Agents:
             if not await atx.insert_exit(machine_id, ex):
                 return False
             self._count_exit(ex, now)
+            # The process's credential dies with it (its open streams end at once).
+            revoked = await self.auth.revoke_agent_process(
+                machine_id, c.pid, c.started_at, now, f"its process exited ({ex.classification})",
+                conn=tx.conn,
+            )  # fmt: skip
+            self._revoked([t.id for t in revoked])
             if agent.pid not in (None, c.pid):
                 return True  # an older incarnation: the agent runs on under a new pid
             decision = await self._decide(tx, atx, agent, ex, now)
@@ -363,7 +435,11 @@ class Agents:
 
     # -- a person's wishes -------------------------------------------------------
 
-    async def set_desired(self, chatroom: str, role: str, desired: DesiredState) -> Agent:
+    async def set_desired(
+        self, chatroom: str, role: str, desired: DesiredState, by: Principal
+    ) -> Agent:
+        """A person's wish, recorded with who they are: run the role's agent (start it
+        now) or keep it stopped (stop it now)."""
         validation.name(chatroom, "chatroom")
         validation.name(role, "role")
         async with self.tasks.tx() as tx:
@@ -380,8 +456,9 @@ class Agents:
             assert role_row is not None
             if desired == DesiredState.STOPPED:
                 await atx.insert_command(
-                    agent, CommandType.STOP, None, self._deadline(), "stopped by a person"
-                )
+                    agent, CommandType.STOP, None, self._deadline(), "stopped by a person",
+                    by.display,
+                )  # fmt: skip
                 agent = await atx.update_agent(
                     agent, next_restart_at=None, circuit_opened_at=None, half_open=False
                 )
@@ -392,6 +469,7 @@ class Agents:
                     role_row,
                     self._deadline(),
                     "started by a person",
+                    by.display,
                 )
                 agent = await atx.update_agent(
                     agent,
@@ -403,21 +481,19 @@ class Agents:
         self._after_commit(tx.effects)
         return agent
 
-    async def list_agents(self, chatroom: str) -> list[Agent]:
+    async def list_agents(self, chatroom: str, page: Page) -> list[Agent]:
         if chatroom:
             validation.name(chatroom, "chatroom")
-        return await self.store.list_agents(chatroom or None)
+        return await self.store.list_agents(chatroom or None, page)
 
-    async def list_commands(self, machine_id: str, limit: int) -> list[Command]:
+    async def list_commands(self, machine_id: str, page: Page) -> list[Command]:
         if machine_id:
             validation.name(machine_id, "machine id")
-        validation.limit(limit, 10_000)
-        return await self.store.list_commands(machine_id or None, limit or 100)
+        return await self.store.list_commands(machine_id or None, page)
 
-    async def list_exits(self, chatroom: str, role: str, limit: int) -> list[RecordedExit]:
+    async def list_exits(self, chatroom: str, role: str, page: Page) -> list[RecordedExit]:
         if chatroom:
             validation.name(chatroom, "chatroom")
         if role:
             validation.name(role, "role")
-        validation.limit(limit, 10_000)
-        return await self.store.list_exits(chatroom or None, role or None, limit or 100)
+        return await self.store.list_exits(chatroom or None, role or None, page)

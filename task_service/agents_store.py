@@ -11,7 +11,9 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from vigil.core.auth.principal import SYSTEM
 from vigil.core.db import Database
+from vigil.core.paging import Page
 from vigil.core.vocab import CommandStatus, CommandType, DesiredState
 from vigil.task_service.model import (
     Agent,
@@ -55,6 +57,16 @@ class AgentTx:
             Agent.from_row(r) for r in await self.conn.fetch(Q["agents_of_machine"], machine_id)
         ]
 
+    async def upsert_machine(self, machine_id: str, hostname: str, harnesses: list[str]) -> None:
+        await self.conn.execute(Q["upsert_machine"], machine_id, hostname, harnesses)
+
+    async def unregister_machine(self, machine_id: str, now: datetime) -> bool:
+        return await self.conn.fetchrow(Q["unregister_machine"], machine_id, now) is not None
+
+    async def stop_agents_of(self, machine_id: str) -> list[tuple[str, str]]:
+        rows = await self.conn.fetch(Q["machine_agents_stopped"], machine_id)
+        return [(r["chatroom"], r["role"]) for r in rows]
+
     async def due_restarts(self, now: datetime) -> list[Agent]:
         return [Agent.from_row(r) for r in await self.conn.fetch(Q["due_restarts"], now)]
 
@@ -89,6 +101,7 @@ class AgentTx:
         role: Role | None,
         deadline_at: datetime,
         reason: str,
+        requested_by: str = SYSTEM,
     ) -> int | None:
         """A new open command (a start runs what `role` names); None when one of that
         type is open already (the database holds at most one per role and type)."""
@@ -102,6 +115,7 @@ class AgentTx:
             role.command if role else None,
             deadline_at,
             reason,
+            requested_by,
         )
         if value is not None:
             await self.conn.execute(Q["notify_machine"], agent.machine_id)
@@ -147,20 +161,17 @@ class AgentStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def upsert_machine(
-        self, machine_id: str, hostname: str, harnesses: list[str], credential_sha256: bytes
-    ) -> Machine:
-        row = await self.db.fetchrow(
-            Q["upsert_machine"], machine_id, hostname, harnesses, credential_sha256
-        )
+    async def upsert_machine(self, machine_id: str, hostname: str, harnesses: list[str]) -> Machine:
+        row = await self.db.fetchrow(Q["upsert_machine"], machine_id, hostname, harnesses)
         return Machine.from_row(row)
 
-    async def machine_by_credential(self, credential_sha256: bytes) -> Machine | None:
-        row = await self.db.fetchrow(Q["machine_by_credential"], credential_sha256)
+    async def get_machine(self, machine_id: str) -> Machine | None:
+        row = await self.db.fetchrow(Q["get_machine"], machine_id)
         return Machine.from_row(row) if row else None
 
-    async def list_machines(self) -> list[Machine]:
-        return [Machine.from_row(r) for r in await self.db.fetch(Q["list_machines"])]
+    async def list_machines(self, page: Page) -> list[Machine]:
+        rows = await self.db.fetch(Q["list_machines"], page.arg(0), page.fetch)
+        return [Machine.from_row(r) for r in rows]
 
     async def count_machines(self) -> int:
         return int(await self.db.fetchval(Q["count_machines"]))
@@ -169,11 +180,12 @@ class AgentStore:
         row = await self.db.fetchrow(Q["get_agent"], chatroom, role)
         return Agent.from_row(row) if row else None
 
-    async def list_agents(self, chatroom: str | None) -> list[Agent]:
-        return [Agent.from_row(r) for r in await self.db.fetch(Q["list_agents"], chatroom)]
+    async def list_agents(self, chatroom: str | None, page: Page) -> list[Agent]:
+        rows = await self.db.fetch(Q["list_agents"], chatroom, page.arg(0), page.arg(1), page.fetch)
+        return [Agent.from_row(r) for r in rows]
 
-    async def list_commands(self, machine_id: str | None, limit: int) -> list[Command]:
-        rows = await self.db.fetch(Q["list_commands"], machine_id, limit)
+    async def list_commands(self, machine_id: str | None, page: Page) -> list[Command]:
+        rows = await self.db.fetch(Q["list_commands"], machine_id, page.arg(0), page.fetch)
         return [Command.from_row(r) for r in rows]
 
     async def open_commands(self, machine_id: str) -> list[Command]:
@@ -203,9 +215,9 @@ class AgentStore:
         await self.db.fetchval(Q["record_started"], chatroom, role, child.pid, child.started_at)
 
     async def list_exits(
-        self, chatroom: str | None, role: str | None, limit: int
+        self, chatroom: str | None, role: str | None, page: Page
     ) -> list[RecordedExit]:
-        rows = await self.db.fetch(Q["list_exits"], chatroom, role, limit)
+        rows = await self.db.fetch(Q["list_exits"], chatroom, role, page.arg(0), page.fetch)
         return [RecordedExit.from_row(r) for r in rows]
 
     async def next_restart(self) -> datetime | None:

@@ -103,6 +103,8 @@ def task(t: Task) -> pb.Task:
         recoveries=t.recoveries,
         needs_attention=t.needs_attention,
         created_at=to_proto(t.created_at),
+        sent_by=t.sent_by,
+        claimed_by=t.claimed_by or "",
     )
     _set_times(msg, t, ("acknowledged_at", "started_at", "completed_at", "deadline_at"))
     if t.completed_at is None and t.closed_at is not None:
@@ -131,6 +133,7 @@ def notification(n: Notification) -> pb.Notification:
         task_id=n.task_id or "",
         message=n.message,
         created_at=to_proto(n.created_at),
+        actor=n.actor,
     )
 
 
@@ -170,6 +173,7 @@ def command(c: Command) -> mpb.Command:
         machine_id=c.machine_id,
         reason=c.reason,
         outcome_message=c.message or "",
+        requested_by=c.requested_by,
         created_at=to_proto(c.created_at),
         deadline_at=to_proto(c.deadline_at),
     )

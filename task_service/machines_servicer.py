@@ -9,8 +9,12 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from vigil.core.errors import FailedPrecondition, InvalidArgument, grpc_errors
-from vigil.core.vocab import CommandStatus, DesiredState, ExitClassification
+from vigil.core import paging
+from vigil.core.auth import Authenticator, Principal
+from vigil.core.auth.rules import machine_scope
+from vigil.core.errors import FailedPrecondition, InvalidArgument
+from vigil.core.rpc import caller, rpc
+from vigil.core.vocab import CommandStatus, CommandType, DesiredState, ExitClassification
 from vigil.task_service import codec
 from vigil.task_service.agents import Agents
 from vigil.task_service.model import Exit
@@ -35,64 +39,104 @@ def _exit(request: pb.ExitReport) -> Exit:
     )
 
 
-class MachinesServicer(pb_grpc.MachinesServicer):
-    def __init__(self, agents: Agents) -> None:
-        self.agents = agents
+def _own_machine(principal: Principal, claimed: str) -> str:
+    """The caller's machine (a daemon acts only for its own)."""
+    assert principal.machine is not None
+    if claimed:
+        machine_scope(principal, claimed)
+    return principal.machine
 
-    @grpc_errors
+
+class MachinesServicer(pb_grpc.MachinesServicer):
+    service_name = SERVICE_NAME
+
+    def __init__(self, agents: Agents, auth: Authenticator) -> None:
+        self.agents = agents
+        self.auth = auth
+
+    @rpc
     async def RegisterMachine(
         self, request: pb.RegisterMachineRequest, context: Ctx
     ) -> pb.RegisterMachineResponse:
         credential = await self.agents.register_machine(
-            request.machine_id, request.hostname, list(request.harnesses)
+            request.machine_id, request.hostname, list(request.harnesses), caller()
         )
         return pb.RegisterMachineResponse(machine_id=request.machine_id, credential=credential)
 
-    @grpc_errors
+    @rpc
+    async def UnregisterMachine(
+        self, request: pb.UnregisterMachineRequest, context: Ctx
+    ) -> pb.UnregisterMachineResponse:
+        revoked, recovered = await self.agents.unregister_machine(
+            request.machine_id, request.reason, caller()
+        )
+        return pb.UnregisterMachineResponse(
+            machine_id=request.machine_id, credentials_revoked=revoked, tasks_recovered=recovered
+        )
+
+    @rpc
     async def ReportExit(self, request: pb.ExitReport, context: Ctx) -> pb.ExitAck:
-        machine = await self.agents.authenticate(request.machine_id, request.credential)
+        machine = _own_machine(caller(), request.machine_id)
         recorded = await self.agents.report_exit(machine, _exit(request))
         return pb.ExitAck(duplicate=not recorded)
 
-    @grpc_errors
+    @rpc
     async def ListMachines(
         self, request: pb.ListMachinesRequest, context: Ctx
     ) -> pb.ListMachinesResponse:
-        machines = await self.agents.list_machines()
-        return pb.ListMachinesResponse(machines=[codec.machine(m, on) for m, on in machines])
+        page = paging.page("machines", request.page_size, request.page_token)
+        machines = await self.agents.list_machines(page)
+        shown, token = paging.split(machines, page, lambda m: (m[0].machine_id,))
+        return pb.ListMachinesResponse(
+            machines=[codec.machine(m, on) for m, on in shown], next_page_token=token
+        )
 
-    @grpc_errors
+    @rpc
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: Ctx
     ) -> pb.ListAgentsResponse:
-        agents = await self.agents.list_agents(request.chatroom)
-        return pb.ListAgentsResponse(agents=[codec.agent(a) for a in agents])
+        page = paging.page("agents", request.page_size, request.page_token)
+        agents = await self.agents.list_agents(request.chatroom, page)
+        shown, token = paging.split(agents, page, lambda a: (a.chatroom, a.role))
+        return pb.ListAgentsResponse(agents=[codec.agent(a) for a in shown], next_page_token=token)
 
-    @grpc_errors
+    @rpc
     async def ListCommands(
         self, request: pb.ListCommandsRequest, context: Ctx
     ) -> pb.ListCommandsResponse:
-        commands = await self.agents.list_commands(request.machine_id, request.limit)
-        return pb.ListCommandsResponse(commands=[codec.command(c) for c in commands])
+        page = paging.page("commands", request.page_size, request.page_token)
+        commands = await self.agents.list_commands(request.machine_id, page)
+        shown, token = paging.split(commands, page, lambda c: (c.id,))
+        return pb.ListCommandsResponse(
+            commands=[codec.command(c) for c in shown], next_page_token=token
+        )
 
-    @grpc_errors
+    @rpc
     async def ListExits(self, request: pb.ListExitsRequest, context: Ctx) -> pb.ListExitsResponse:
-        exits = await self.agents.list_exits(request.chatroom, request.role, request.limit)
-        return pb.ListExitsResponse(exits=[codec.recorded_exit(e) for e in exits])
+        page = paging.page("exits", request.page_size, request.page_token)
+        exits = await self.agents.list_exits(request.chatroom, request.role, page)
+        shown, token = paging.split(exits, page, lambda e: (e.id,))
+        return pb.ListExitsResponse(
+            exits=[codec.recorded_exit(e) for e in shown], next_page_token=token
+        )
 
-    @grpc_errors
+    @rpc
     async def StartAgent(self, request: pb.AgentRef, context: Ctx) -> pb.Agent:
         return codec.agent(
-            await self.agents.set_desired(request.chatroom, request.role, DesiredState.RUNNING)
+            await self.agents.set_desired(
+                request.chatroom, request.role, DesiredState.RUNNING, caller()
+            )
         )
 
-    @grpc_errors
+    @rpc
     async def StopAgent(self, request: pb.AgentRef, context: Ctx) -> pb.Agent:
         return codec.agent(
-            await self.agents.set_desired(request.chatroom, request.role, DesiredState.STOPPED)
+            await self.agents.set_desired(
+                request.chatroom, request.role, DesiredState.STOPPED, caller()
+            )
         )
 
-    @grpc_errors
+    @rpc
     async def DaemonSession(  # type: ignore[override]  # read/write style
         self, request_iterator: object, context: Ctx
     ) -> None:
@@ -105,7 +149,7 @@ class MachinesServicer(pb_grpc.MachinesServicer):
         if first.WhichOneof("msg") != "hello":
             raise FailedPrecondition("the first DaemonSession message must be hello")
         hello = first.hello
-        machine = await self.agents.authenticate(hello.machine_id, hello.credential)
+        machine = _own_machine(caller(), hello.machine_id)
         children = [codec.child_from_pb(c) for c in hello.children]
         lost = await self.agents.reconcile(machine, children)
         await context.write(
@@ -124,7 +168,10 @@ class MachinesServicer(pb_grpc.MachinesServicer):
                     sent.add(cmd.id)
                     if cmd.status == CommandStatus.PENDING:
                         await self.agents.mark_command(machine, cmd.id, CommandStatus.DELIVERED)
-                    await context.write(pb.ServerMessage(command=codec.command(cmd)))
+                    msg = codec.command(cmd)
+                    if cmd.type == CommandType.START:
+                        msg.agent_token = await self.agents.agent_credential(cmd)
+                    await context.write(pb.ServerMessage(command=msg))
                 waits: set[asyncio.Future[Any]] = {reader, asyncio.ensure_future(woken.wait())}
                 _done, pending = await asyncio.wait(
                     waits, timeout=SESSION_RECHECK_S, return_when=asyncio.FIRST_COMPLETED

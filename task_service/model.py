@@ -62,6 +62,9 @@ class Task:
     delivered_at: datetime | None
     claimer_dead_at: datetime | None
     needs_attention: bool
+    sent_by: str = ""
+    claimed_by: str | None = None  # the principal whose participant claimed it
+    claimed_by_token: str | None = None  # and the credential it used
 
     @classmethod
     def from_row(cls, row: Any) -> Task:
@@ -84,6 +87,9 @@ class Task:
             delivered_at=row["delivered_at"],
             claimer_dead_at=row["claimer_dead_at"],
             needs_attention=row["needs_attention"],
+            sent_by=row["sent_by"],
+            claimed_by=row["claimed_by"],
+            claimed_by_token=row["claimed_by_token"],
         )
 
 
@@ -119,6 +125,7 @@ class Notification:
     task_id: str | None
     message: str
     created_at: datetime
+    actor: str = "vigil"
 
     @classmethod
     def from_row(cls, row: Any) -> Notification:
@@ -130,6 +137,7 @@ class Notification:
             task_id=str(row["task_id"]) if row["task_id"] else None,
             message=row["message"],
             created_at=row["created_at"],
+            actor=row["actor"],
         )
 
 
@@ -215,6 +223,7 @@ class Command:
     deadline_at: datetime
     finished_at: datetime | None
     message: str | None
+    requested_by: str = "vigil"
 
     @classmethod
     def from_row(cls, row: Any) -> Command:
@@ -232,6 +241,7 @@ class Command:
             deadline_at=row["deadline_at"],
             finished_at=row["finished_at"],
             message=row["message"],
+            requested_by=row["requested_by"],
         )
 
 
@@ -261,6 +271,7 @@ class RecordedExit:
     machine_id: str
     exit: Exit
     recorded_at: datetime
+    id: int = 0  # its place in the record (newest: highest)
 
     @classmethod
     def from_row(cls, row: Any) -> RecordedExit:
@@ -272,4 +283,4 @@ class RecordedExit:
             row["exited_at"],
             ExitClassification(row["classification"]),
         )
-        return cls(row["machine_id"], ex, row["recorded_at"])
+        return cls(row["machine_id"], ex, row["recorded_at"], row["id"])

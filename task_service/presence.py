@@ -29,6 +29,8 @@ class Presence:
     connection_id: str
     live: bool
     offline_reason: OfflineReason | None
+    principal: str = ""  # who holds it
+    token_id: str | None = None  # the credential it was joined with
 
 
 def _presence(p: lpb.Participant) -> Presence:
@@ -39,6 +41,8 @@ def _presence(p: lpb.Participant) -> Presence:
         p.connection_id,
         p.status == ParticipantStatus.LIVE.to_pb(),
         OfflineReason.from_pb(p.offline_reason) if p.offline_reason else None,
+        p.principal,
+        p.token_id or None,
     )
 
 

@@ -12,7 +12,11 @@ VALUES ($1, $2, $3, $4, $5, $6);
 SELECT * FROM tasks.chatrooms WHERE chatroom = $1;
 
 -- name: list_chatrooms
-SELECT * FROM tasks.chatrooms ORDER BY chatroom;
+-- A page. $1 only this chatroom or NULL, $2 the chatroom it follows or NULL, $3 limit
+SELECT * FROM tasks.chatrooms
+WHERE ($1::text IS NULL OR chatroom = $1) AND ($2::text IS NULL OR chatroom > $2)
+ORDER BY chatroom
+LIMIT $3;
 
 -- name: roles_of
 -- $1 chatrooms (array)
@@ -28,9 +32,11 @@ SELECT EXISTS (SELECT 1 FROM tasks.tasks WHERE chatroom = $1 AND role = $2
                AND status IN ('pending', 'acknowledged', 'in_progress'));
 
 -- name: insert_task
--- $1 chatroom, $2 role, $3 text, $4 status (pending|queued), $5 now, $6 deadline_at
-INSERT INTO tasks.tasks (chatroom, role, text, status, created_at, updated_at, deadline_at)
-VALUES ($1, $2, $3, $4, $5, $5, $6)
+-- $1 chatroom, $2 role, $3 text, $4 status (pending|queued), $5 now, $6 deadline_at,
+-- $7 sent_by
+INSERT INTO tasks.tasks (chatroom, role, text, status, created_at, updated_at, deadline_at,
+                         sent_by)
+VALUES ($1, $2, $3, $4, $5, $5, $6, $7)
 RETURNING *;
 
 -- name: fsm_declare
@@ -42,10 +48,10 @@ SELECT set_config('vigil.fsm_trigger', $1, true), set_config('vigil.fsm_actor', 
 -- name: claim_next
 -- Claim the oldest pending task of a role for one connection; SKIP LOCKED so two
 -- waiting agents never take the same task. $1 chatroom, $2 role, $3 connection_id,
--- $4 epoch, $5 now, $6 deadline_at
+-- $4 epoch, $5 now, $6 deadline_at, $7 claimed_by, $8 claimed_by_token
 UPDATE tasks.tasks SET status = 'acknowledged', assigned_to = $3, claim_epoch = $4,
     acknowledged_at = $5, updated_at = $5, deadline_at = $6,
-    delivered_at = NULL, claimer_dead_at = NULL
+    delivered_at = NULL, claimer_dead_at = NULL, claimed_by = $7, claimed_by_token = $8
 WHERE id = (SELECT id FROM tasks.tasks
             WHERE chatroom = $1 AND role = $2 AND status = 'pending'
             ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
@@ -96,6 +102,7 @@ WHERE id = $1 RETURNING *;
 -- $1 id, $2 now, $3 deadline_at
 UPDATE tasks.tasks SET status = 'pending', attempt = attempt + 1, recoveries = recoveries + 1,
     assigned_to = NULL, claim_epoch = NULL, delivered_at = NULL, claimer_dead_at = NULL,
+    claimed_by = NULL, claimed_by_token = NULL,
     acknowledged_at = NULL, started_at = NULL, updated_at = $2, deadline_at = $3
 WHERE id = $1 RETURNING *;
 
@@ -141,9 +148,10 @@ WHERE assigned_to = $1 AND claim_epoch = $2 AND status = 'acknowledged' AND deli
 UPDATE tasks.tasks SET claimer_dead_at = $2 WHERE id = $1 AND claimer_dead_at IS NULL;
 
 -- name: insert_notification
--- Once per (kind, task, attempt). $1 kind, $2 chatroom, $3 role, $4 task_id, $5 attempt, $6 message
-INSERT INTO tasks.notifications (kind, chatroom, role, task_id, attempt, message)
-VALUES ($1, $2, $3, $4, $5, $6)
+-- Once per (kind, task, attempt). $1 kind, $2 chatroom, $3 role, $4 task_id, $5 attempt,
+-- $6 message, $7 actor
+INSERT INTO tasks.notifications (kind, chatroom, role, task_id, attempt, message, actor)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT DO NOTHING
 RETURNING *;
 
@@ -160,19 +168,24 @@ SELECT pg_notify('vigil_tasks', $1);
 SELECT * FROM tasks.transitions WHERE task_id = $1 ORDER BY id;
 
 -- name: list_tasks
--- $1 chatroom or NULL, $2 status or NULL, $3 limit
+-- A page, newest first. $1 chatroom or NULL, $2 status or NULL, $3 $4 the (created_at,
+-- id) it follows or NULL, $5 limit
 SELECT * FROM tasks.tasks
 WHERE ($1::text IS NULL OR chatroom = $1) AND ($2::text IS NULL OR status = $2)
-ORDER BY created_at DESC
-LIMIT $3;
+  AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT $5;
 
 -- name: list_notifications
--- $1 after id, $2 limit
-SELECT * FROM tasks.notifications WHERE id > $1 ORDER BY id LIMIT $2;
+-- $1 after id, $2 limit, $3 chatroom or NULL for all
+SELECT * FROM tasks.notifications WHERE id > $1 AND ($3::text IS NULL OR chatroom = $3)
+ORDER BY id LIMIT $2;
 
 -- name: newest_notifications
--- $1 limit
-SELECT * FROM tasks.notifications ORDER BY id DESC LIMIT $1;
+-- $1 limit, $2 chatroom or NULL for all, $3 before this id or NULL
+SELECT * FROM tasks.notifications
+WHERE ($2::text IS NULL OR chatroom = $2) AND ($3::bigint IS NULL OR id < $3)
+ORDER BY id DESC LIMIT $1;
 
 -- name: count_by_status
 -- $1 chatroom or NULL for all
@@ -195,19 +208,37 @@ INSERT INTO tasks.agents (chatroom, role, machine_id) VALUES ($1, $2, $3)
 ON CONFLICT DO NOTHING;
 
 -- name: upsert_machine
--- $1 machine_id, $2 hostname, $3 harnesses, $4 credential sha256
-INSERT INTO tasks.machines (machine_id, hostname, harnesses, credential_sha256)
-VALUES ($1, $2, $3, $4)
+-- Register (again: refresh, and undo an unregistration). $1 machine_id, $2 hostname,
+-- $3 harnesses
+INSERT INTO tasks.machines (machine_id, hostname, harnesses)
+VALUES ($1, $2, $3)
 ON CONFLICT (machine_id) DO UPDATE SET hostname = EXCLUDED.hostname,
-    harnesses = EXCLUDED.harnesses, credential_sha256 = EXCLUDED.credential_sha256
+    harnesses = EXCLUDED.harnesses, unregistered_at = NULL
 RETURNING *;
 
--- name: machine_by_credential
--- $1 credential sha256
-SELECT * FROM tasks.machines WHERE credential_sha256 = $1;
+-- name: get_machine
+-- $1 machine_id
+SELECT * FROM tasks.machines WHERE machine_id = $1 AND unregistered_at IS NULL;
+
+-- name: unregister_machine
+-- $1 machine_id, $2 now
+UPDATE tasks.machines SET unregistered_at = $2
+WHERE machine_id = $1 AND unregistered_at IS NULL
+RETURNING *;
 
 -- name: list_machines
-SELECT * FROM tasks.machines ORDER BY machine_id;
+-- A page of registered machines (not those unregistered). $1 the machine it follows or
+-- NULL, $2 limit
+SELECT * FROM tasks.machines WHERE unregistered_at IS NULL AND ($1::text IS NULL OR machine_id > $1)
+ORDER BY machine_id
+LIMIT $2;
+
+-- name: machine_agents_stopped
+-- An unregistered machine runs nothing Vigil knows of: its agents show stopped. $1 machine_id
+UPDATE tasks.agents SET status = 'stopped', pid = NULL, process_started_at = NULL,
+    next_restart_at = NULL, half_open = false
+WHERE machine_id = $1
+RETURNING chatroom, role;
 
 -- name: lock_agent
 -- $1 chatroom, $2 role
@@ -218,8 +249,11 @@ SELECT * FROM tasks.agents WHERE chatroom = $1 AND role = $2 FOR UPDATE;
 SELECT * FROM tasks.agents WHERE chatroom = $1 AND role = $2;
 
 -- name: list_agents
--- $1 chatroom or NULL
-SELECT * FROM tasks.agents WHERE ($1::text IS NULL OR chatroom = $1) ORDER BY chatroom, role;
+-- A page. $1 chatroom or NULL, $2 $3 the (chatroom, role) it follows or NULL, $4 limit
+SELECT * FROM tasks.agents
+WHERE ($1::text IS NULL OR chatroom = $1) AND ($2::text IS NULL OR (chatroom, role) > ($2, $3::text))
+ORDER BY chatroom, role
+LIMIT $4;
 
 -- name: agents_of_machine
 -- $1 machine_id
@@ -268,10 +302,10 @@ ORDER BY exited_at;
 
 -- name: insert_command
 -- At most one open command of a type per role. $1 machine_id, $2 chatroom, $3 role,
--- $4 type, $5 harness, $6 command, $7 deadline_at, $8 reason
+-- $4 type, $5 harness, $6 command, $7 deadline_at, $8 reason, $9 requested_by
 INSERT INTO tasks.commands
-    (machine_id, chatroom, role, type, harness, command, deadline_at, reason)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    (machine_id, chatroom, role, type, harness, command, deadline_at, reason, requested_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (chatroom, role, type) WHERE status IN ('pending', 'delivered') DO NOTHING
 RETURNING id;
 
@@ -289,9 +323,10 @@ WHERE id = $1 AND machine_id = $5 AND status IN ('pending', 'delivered')
 RETURNING *;
 
 -- name: list_commands
--- $1 machine_id or NULL, $2 limit
-SELECT * FROM tasks.commands WHERE ($1::text IS NULL OR machine_id = $1)
-ORDER BY id DESC LIMIT $2;
+-- A page, newest first. $1 machine_id or NULL, $2 before this id or NULL, $3 limit
+SELECT * FROM tasks.commands
+WHERE ($1::text IS NULL OR machine_id = $1) AND ($2::bigint IS NULL OR id < $2)
+ORDER BY id DESC LIMIT $3;
 
 -- name: due_restarts
 -- Agents whose backoff has ended, locked for this replica only. $1 now
@@ -329,7 +364,9 @@ UPDATE tasks.agents SET status = 'running', pid = $3, process_started_at = $4,
 WHERE chatroom = $1 AND role = $2;
 
 -- name: list_exits
--- Recorded exits, newest first. $1 chatroom or NULL, $2 role or NULL, $3 limit
+-- A page of recorded exits, newest first. $1 chatroom or NULL, $2 role or NULL, $3 before
+-- this id or NULL, $4 limit
 SELECT * FROM tasks.agent_exits
 WHERE ($1::text IS NULL OR chatroom = $1) AND ($2::text IS NULL OR role = $2)
-ORDER BY id DESC LIMIT $3;
+  AND ($3::bigint IS NULL OR id < $3)
+ORDER BY id DESC LIMIT $4;

@@ -7,20 +7,25 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any
 
 from vigil.client import ClientConfig
 from vigil.core import validation
+from vigil.core.auth.principal import Principal
+from vigil.core.auth.rules import chatroom_scope
+from vigil.core.auth.store import AuthStore
 from vigil.core.clock import Clock
 from vigil.core.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     StorageError,
 )
+from vigil.core.paging import Page
 from vigil.core.pg_listen import Listener
 from vigil.core.timings import Timings
 from vigil.core.vocab import (
@@ -59,6 +64,7 @@ _RELEASE_TRIGGER = {
 
 
 MAX_ROLES = 256
+PRESENCE_WAIT_S = 2.0  # how long a claim waits for its join to reach this replica's view
 
 
 def check_task_id(task_id: str) -> str:
@@ -98,11 +104,13 @@ class TaskService:
         self,
         store: TaskStore,
         agent_store: AgentStore,
+        auth: AuthStore,
         url: str,
         liveness: ClientConfig,
         timings: Timings,
         clock: Clock,
         metrics: TaskMetrics,
+        on_revoked: Callable[[list[str]], None] = lambda ids: None,
     ) -> None:
         self.store = store
         self.timings = timings
@@ -118,7 +126,9 @@ class TaskService:
             timings,
             metrics,
             self.presence,
+            auth,
             on_agent_gone=self.claimer_gone,
+            on_revoked=on_revoked,
             after_commit=self.after_commit,
             poke=self.poke,
         )
@@ -219,8 +229,9 @@ class TaskService:
                 raise InvalidArgument(f"role {r.role!r} is listed twice")
             seen.add(r.role)
         machines = {r.machine for r in roles if r.machine}
-        registered = {m.machine_id for m in await self.agents.store.list_machines()}
-        for machine in sorted(machines - registered):
+        for machine in sorted(machines):
+            if await self.agents.store.get_machine(machine) is not None:
+                continue
             raise NotFound(
                 f"machine {machine!r} is not registered; register it first "
                 f"(vigil machine register --machine-id {machine})"
@@ -243,8 +254,9 @@ class TaskService:
             raise NotFound(f"no chatroom {name!r} (create it with `vigil chatroom create`)")
         return found[0]
 
-    async def list_chatrooms(self) -> list[Chatroom]:
-        return await self.store.chatrooms(None)
+    async def list_chatrooms(self, only: str | None, page: Page) -> list[Chatroom]:
+        """A page of chatrooms (`only`: just that one, for a caller who sees no other)."""
+        return await self.store.list_chatrooms(only, page)
 
     async def _role(self, chatroom: str, role: str) -> Role:
         room = await self.get_chatroom(chatroom)
@@ -256,7 +268,7 @@ class TaskService:
 
     # -- sending and delivery -------------------------------------------------
 
-    async def send(self, chatroom: str, role: str, text: str) -> Task:
+    async def send(self, chatroom: str, role: str, text: str, by: Principal) -> Task:
         validation.name(chatroom, "chatroom")
         validation.name(role, "role")
         validation.text(text, "the message text", validation.MAX_TASK_TEXT)
@@ -267,24 +279,37 @@ class TaskService:
             busy = await tx.role_has_active(chatroom, role)
             status = fsm.QUEUED if busy else fsm.PENDING
             task = await tx.insert_task(
-                chatroom, role, text, status, now, policy.deadline_for(status, now, self.timings)
+                chatroom,
+                role,
+                text,
+                status,
+                now,
+                policy.deadline_for(status, now, self.timings),
+                by.display,
             )
             if self.presence.synced.is_set() and not self.presence.role_is_live(chatroom, role):
                 # A remote role with nobody live: start its agent now, not in 5 minutes.
                 await self.agents.maybe_restart(
-                    tx, chatroom, role, "a task arrived and no agent is live"
+                    tx,
+                    chatroom,
+                    role,
+                    f"a task arrived (sent by {by.display}) and no agent is live",
                 )
         self.after_commit(tx.effects)
         return task
 
-    async def await_task(self, chatroom: str, role: str, connection_id: str, epoch: int) -> Task:
+    async def await_task(
+        self, chatroom: str, role: str, connection_id: str, epoch: int, by: Principal
+    ) -> Task:
         """Wait (pushed, not polled) until a task of the role can be claimed for this
-        connection; claim it atomically and return it."""
+        participant; claim it atomically and return it. The participant must be live with
+        this connection and epoch and held by the caller: a claim is bound to liveness."""
         validation.name(chatroom, "chatroom")
         validation.name(role, "role")
         connection_id = validation.uuid_str(connection_id, "connection_id")
         validation.positive(epoch, "epoch")
         await self._role(chatroom, role)
+        await self._held_by(chatroom, role, connection_id, epoch, by, wait=PRESENCE_WAIT_S)
         key = (chatroom, role)
         woken = asyncio.Event()
         self._waiters.setdefault(key, set()).add(woken)
@@ -292,7 +317,8 @@ class TaskService:
         try:
             while True:
                 woken.clear()
-                task = await self._claim(chatroom, role, connection_id, epoch)
+                await self._held_by(chatroom, role, connection_id, epoch, by)
+                task = await self._claim(chatroom, role, connection_id, epoch, by)
                 if task is not None:
                     return task
                 with contextlib.suppress(TimeoutError):
@@ -303,7 +329,37 @@ class TaskService:
             if not self._waiters[key]:
                 del self._waiters[key]
 
-    async def _claim(self, chatroom: str, role: str, connection_id: str, epoch: int) -> Task | None:
+    async def _held_by(
+        self,
+        chatroom: str,
+        role: str,
+        connection_id: str,
+        epoch: int,
+        by: Principal,
+        wait: float = 0.0,
+    ) -> None:
+        """FAILED_PRECONDITION unless (connection, epoch) is the live participant of the
+        role, held by `by` (or `by` is an admin). A join may take `wait` seconds to reach
+        this replica's view of presence."""
+        deadline = time.monotonic() + wait
+        while True:
+            p = self.presence.roles.get((chatroom, role))
+            if p is not None and p.live and p.epoch == epoch and p.connection_id == connection_id:
+                if by.is_admin or p.token_id is None or p.token_id == by.token_id:
+                    return
+                raise PermissionDenied(
+                    f"{chatroom}/{role} epoch {epoch} is held by {p.principal}, not {by.display}"
+                )
+            if time.monotonic() >= deadline:
+                raise FailedPrecondition(
+                    f"no live participant {chatroom}/{role} with this connection and epoch "
+                    f"{epoch}: join (or rejoin) first; a claim is bound to a live participant"
+                )
+            await asyncio.sleep(0.02)
+
+    async def _claim(
+        self, chatroom: str, role: str, connection_id: str, epoch: int, by: Principal
+    ) -> Task | None:
         now = self.clock.now()
         fsm.transition(fsm.PENDING, "claimTask")
         deadline = policy.deadline_for(fsm.ACKNOWLEDGED, now, self.timings)
@@ -315,14 +371,16 @@ class TaskService:
                 return again
             task = await tx.apply(
                 "claimTask",
-                connection_id,
-                f"claimed by epoch {epoch}",
+                by.display,
+                f"claimed by connection {connection_id} epoch {epoch}",
                 chatroom,
                 role,
                 connection_id,
                 epoch,
                 now,
                 deadline,
+                by.display,
+                by.token_id,
             )
         if task is None:
             return None
@@ -414,21 +472,21 @@ class TaskService:
         self,
         task_id: str,
         trigger: str | None,
-        actor: str,
+        by: Principal,
         reason: str,
         attempt: int | None = None,
     ) -> Task:
         """A person's (or agent's) request; trigger None means a release, whose trigger
-        depends on the status found under the lock."""
+        depends on the status found under the lock. Start, complete and release belong
+        to whoever's participant claimed the task (and admins); cancel to admins."""
         task_id = check_task_id(task_id)
-        actor = (
-            validation.text(actor, "actor", validation.MAX_NAME * 2, required=False, one_line=True)
-            or "cli"
-        )
         validation.text(reason, "reason", validation.MAX_REASON, required=False)
         now = self.clock.now()
         async with self.store.tx() as tx:
             task, _kind = await self._locked(tx, task_id)
+            chatroom_scope(by, task.chatroom)
+            if trigger != "cancelTask":
+                self._check_claimer(task, by)
             if trigger is None:
                 trigger = _RELEASE_TRIGGER.get(task.status)
                 if trigger is None:
@@ -439,22 +497,33 @@ class TaskService:
                 self.metrics.recoveries.labels(trigger, "released").inc()
             if attempt is not None:
                 self._check_attempt(task, attempt, trigger.removesuffix("Task").lower())
-            changed = await self.transition(tx, task, trigger, actor, reason, now)
+            changed = await self.transition(tx, task, trigger, by.display, reason, now)
         self.after_commit(tx.effects)
         return changed
 
-    async def start_task(self, task_id: str, attempt: int, actor: str) -> Task:
-        return await self._by_person(task_id, "startTask", actor, "started", attempt)
+    @staticmethod
+    def _check_claimer(task: Task, by: Principal) -> None:
+        if by.is_admin:
+            return
+        if task.claimed_by_token is None or task.claimed_by_token != by.token_id:
+            who = task.claimed_by or "nobody"
+            raise PermissionDenied(
+                f"task {task.id} was claimed by {who}, not {by.display}: only its claimer "
+                "(or an admin) may start, complete or release it"
+            )
 
-    async def complete_task(self, task_id: str, attempt: int, actor: str) -> Task:
-        return await self._by_person(task_id, "completeTask", actor, "completed", attempt)
+    async def start_task(self, task_id: str, attempt: int, by: Principal) -> Task:
+        return await self._by_person(task_id, "startTask", by, "started", attempt)
 
-    async def cancel_task(self, task_id: str, actor: str, reason: str) -> Task:
-        return await self._by_person(task_id, "cancelTask", actor, reason or "cancelled")
+    async def complete_task(self, task_id: str, attempt: int, by: Principal) -> Task:
+        return await self._by_person(task_id, "completeTask", by, "completed", attempt)
 
-    async def release_task(self, task_id: str, actor: str, reason: str) -> Task:
-        """A person hands a claimed task back: pending again, on the next attempt."""
-        return await self._by_person(task_id, None, actor, reason or "released by a person")
+    async def cancel_task(self, task_id: str, by: Principal, reason: str) -> Task:
+        return await self._by_person(task_id, "cancelTask", by, reason or "cancelled")
+
+    async def release_task(self, task_id: str, by: Principal, reason: str) -> Task:
+        """A claimer (or a person) hands a claimed task back: pending again, next attempt."""
+        return await self._by_person(task_id, None, by, reason or "released")
 
     # -- recovery ---------------------------------------------------------------
 
@@ -601,36 +670,43 @@ class TaskService:
 
     # -- queries ----------------------------------------------------------------
 
-    async def get_task(self, task_id: str) -> Task:
+    async def get_task(self, task_id: str, by: Principal | None = None) -> Task:
         task = await self.store.get_task(check_task_id(task_id))
         if task is None:
             raise NotFound(f"no task {task_id}")
+        if by is not None:
+            chatroom_scope(by, task.chatroom)
         return task
 
-    async def history(self, task_id: str) -> list[Transition]:
-        task = await self.get_task(task_id)
+    async def history(self, task_id: str, by: Principal | None = None) -> list[Transition]:
+        task = await self.get_task(task_id, by)
         return await self.store.history(task.id)
 
-    async def list_tasks(self, chatroom: str, status: TaskStatus | None, limit: int) -> list[Task]:
+    async def list_tasks(self, chatroom: str, status: TaskStatus | None, page: Page) -> list[Task]:
+        """A page of tasks, newest first (read `page.fetch`: one more than the page)."""
         if chatroom:
             validation.name(chatroom, "chatroom")
-        validation.limit(limit, 10_000)
-        return await self.store.list_tasks(chatroom or None, status, limit or 1000)
+        return await self.store.list_tasks(chatroom or None, status, page)
 
     async def list_notifications(
-        self, after_id: int, limit: int, newest_first: bool = False
+        self, after_id: int, page: Page, newest_first: bool = False, chatroom: str | None = None
     ) -> list[Notification]:
+        """A page of notifications, oldest first after `after_id` (or newest first)."""
         if after_id < 0:
             raise InvalidArgument(f"after_id must be 0 or more, got {after_id}")
-        validation.limit(limit, 10_000)
-        return await self.store.list_notifications(after_id, limit or 1000, newest_first)
+        if newest_first:
+            return await self.store.newest_notifications(page.fetch, chatroom, page.arg(0))
+        after = max(after_id, page.arg(0) or 0)
+        return await self.store.list_notifications(after, page.fetch, chatroom)
 
     async def count_tasks(self, chatroom: str) -> tuple[dict[TaskStatus, int], int]:
         if chatroom:
             validation.name(chatroom, "chatroom")
         return await self.store.counts(chatroom or None)
 
-    async def watch_notifications(self, after_id: int) -> AsyncIterator[Notification]:
+    async def watch_notifications(
+        self, after_id: int, chatroom: str | None = None
+    ) -> AsyncIterator[Notification]:
         if after_id < 0:
             raise InvalidArgument("after_id must be >= 0")
         woken = asyncio.Event()
@@ -639,7 +715,7 @@ class TaskService:
             last = after_id
             while True:
                 woken.clear()
-                for n in await self.store.list_notifications(last, 1000):
+                for n in await self.store.list_notifications(last, 1000, chatroom=chatroom):
                     last = n.id
                     yield n
                 with contextlib.suppress(TimeoutError):

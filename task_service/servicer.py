@@ -1,4 +1,5 @@
-"""gRPC adapter of the task service: decode, call `TaskService`, encode."""
+"""gRPC adapter of the task service: decode, call `TaskService` as the authenticated
+caller, encode. Listings are narrowed to what the caller may see."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ from typing import TypeAlias
 
 import grpc
 
-from vigil.core.errors import grpc_errors
+from vigil.core import paging
+from vigil.core.auth import Authenticator
+from vigil.core.auth.rules import visible_chatroom
+from vigil.core.rpc import caller, rpc
 from vigil.core.vocab import TaskStatus
 from vigil.task_service import codec
 from vigil.task_service.service import TaskService
@@ -21,37 +25,45 @@ Ctx: TypeAlias = grpc.aio.ServicerContext
 
 
 class TasksServicer(pb_grpc.TasksServicer):
-    def __init__(self, svc: TaskService) -> None:
-        self.svc = svc
+    service_name = SERVICE_NAME
 
-    @grpc_errors
+    def __init__(self, svc: TaskService, auth: Authenticator) -> None:
+        self.svc = svc
+        self.auth = auth
+
+    @rpc
     async def CreateChatroom(self, request: pb.CreateChatroomRequest, context: Ctx) -> pb.Chatroom:
         room = await self.svc.create_chatroom(
             request.name, [codec.role_from_pb(r) for r in request.roles]
         )
         return codec.chatroom(room)
 
-    @grpc_errors
+    @rpc
     async def GetChatroom(self, request: pb.GetChatroomRequest, context: Ctx) -> pb.Chatroom:
         return codec.chatroom(await self.svc.get_chatroom(request.name))
 
-    @grpc_errors
+    @rpc
     async def ListChatrooms(
         self, request: pb.ListChatroomsRequest, context: Ctx
     ) -> pb.ListChatroomsResponse:
-        rooms = await self.svc.list_chatrooms()
-        return pb.ListChatroomsResponse(chatrooms=[codec.chatroom(r) for r in rooms])
+        page = paging.page("chatrooms", request.page_size, request.page_token)
+        rooms = await self.svc.list_chatrooms(visible_chatroom(caller(), ""), page)
+        shown, token = paging.split(rooms, page, lambda r: (r.name,))
+        return pb.ListChatroomsResponse(
+            chatrooms=[codec.chatroom(r) for r in shown], next_page_token=token
+        )
 
-    @grpc_errors
+    @rpc
     async def SendMessage(self, request: pb.SendMessageRequest, context: Ctx) -> pb.Task:
-        return codec.task(await self.svc.send(request.chatroom, request.role, request.text))
+        task = await self.svc.send(request.chatroom, request.role, request.text, caller())
+        return codec.task(task)
 
-    @grpc_errors
+    @rpc
     async def AwaitTask(
         self, request: pb.AwaitTaskRequest, context: Ctx
     ) -> AsyncIterator[pb.AwaitTaskResponse]:
         task = await self.svc.await_task(
-            request.chatroom, request.role, request.connection_id, request.epoch
+            request.chatroom, request.role, request.connection_id, request.epoch, caller()
         )
         try:
             yield pb.AwaitTaskResponse(task=codec.task(task))
@@ -61,44 +73,48 @@ class TasksServicer(pb_grpc.TasksServicer):
             raise
         self.svc.delivered(task)
 
-    @grpc_errors
+    @rpc
     async def StartTask(self, request: pb.TaskRef, context: Ctx) -> pb.Task:
-        return codec.task(await self.svc.start_task(request.id, request.attempt, request.actor))
+        return codec.task(await self.svc.start_task(request.id, request.attempt, caller()))
 
-    @grpc_errors
+    @rpc
     async def CompleteTask(self, request: pb.TaskRef, context: Ctx) -> pb.Task:
-        return codec.task(await self.svc.complete_task(request.id, request.attempt, request.actor))
+        return codec.task(await self.svc.complete_task(request.id, request.attempt, caller()))
 
-    @grpc_errors
+    @rpc
     async def CancelTask(self, request: pb.TaskRef, context: Ctx) -> pb.Task:
-        return codec.task(await self.svc.cancel_task(request.id, request.actor, request.reason))
+        return codec.task(await self.svc.cancel_task(request.id, caller(), request.reason))
 
-    @grpc_errors
+    @rpc
     async def ReleaseTask(self, request: pb.TaskRef, context: Ctx) -> pb.Task:
-        return codec.task(await self.svc.release_task(request.id, request.actor, request.reason))
+        return codec.task(await self.svc.release_task(request.id, caller(), request.reason))
 
-    @grpc_errors
+    @rpc
     async def GetTask(self, request: pb.GetTaskRequest, context: Ctx) -> pb.Task:
-        return codec.task(await self.svc.get_task(request.id))
+        return codec.task(await self.svc.get_task(request.id, caller()))
 
-    @grpc_errors
+    @rpc
     async def TaskHistory(
         self, request: pb.TaskHistoryRequest, context: Ctx
     ) -> pb.TaskHistoryResponse:
-        items = await self.svc.history(request.id)
+        items = await self.svc.history(request.id, caller())
         return pb.TaskHistoryResponse(transitions=[codec.transition(t) for t in items])
 
-    @grpc_errors
+    @rpc
     async def ListTasks(self, request: pb.ListTasksRequest, context: Ctx) -> pb.ListTasksResponse:
+        chatroom = visible_chatroom(caller(), request.chatroom) or ""
         status = codec.optional_enum(TaskStatus, request.status, "status")
-        tasks = await self.svc.list_tasks(request.chatroom, status, request.limit)
-        return pb.ListTasksResponse(tasks=[codec.task(t) for t in tasks])
+        page = paging.page("tasks", request.page_size, request.page_token)
+        tasks = await self.svc.list_tasks(chatroom, status, page)
+        shown, token = paging.split(tasks, page, lambda t: (t.created_at, t.id))
+        return pb.ListTasksResponse(tasks=[codec.task(t) for t in shown], next_page_token=token)
 
-    @grpc_errors
+    @rpc
     async def CountTasks(
         self, request: pb.CountTasksRequest, context: Ctx
     ) -> pb.CountTasksResponse:
-        counts, attention = await self.svc.count_tasks(request.chatroom)
+        chatroom = visible_chatroom(caller(), request.chatroom) or ""
+        counts, attention = await self.svc.count_tasks(chatroom)
         return pb.CountTasksResponse(
             counts=[
                 pb.CountTasksResponse.StatusCount(status=s.to_pb(), count=counts.get(s, 0))
@@ -107,18 +123,23 @@ class TasksServicer(pb_grpc.TasksServicer):
             needs_attention=attention,
         )
 
-    @grpc_errors
+    @rpc
     async def ListNotifications(
         self, request: pb.ListNotificationsRequest, context: Ctx
     ) -> pb.ListNotificationsResponse:
+        page = paging.page("notifications", request.page_size, request.page_token)
         items = await self.svc.list_notifications(
-            request.after_id, request.limit, request.newest_first
+            request.after_id, page, request.newest_first, visible_chatroom(caller(), "")
         )
-        return pb.ListNotificationsResponse(notifications=[codec.notification(n) for n in items])
+        shown, token = paging.split(items, page, lambda n: (n.id,))
+        return pb.ListNotificationsResponse(
+            notifications=[codec.notification(n) for n in shown], next_page_token=token
+        )
 
-    @grpc_errors
+    @rpc
     async def WatchNotifications(
         self, request: pb.WatchNotificationsRequest, context: Ctx
     ) -> AsyncIterator[pb.Notification]:
-        async for n in self.svc.watch_notifications(request.after_id):
+        chatroom = visible_chatroom(caller(), "")
+        async for n in self.svc.watch_notifications(request.after_id, chatroom):
             yield codec.notification(n)

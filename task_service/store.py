@@ -18,8 +18,11 @@ from typing import Any
 
 import asyncpg
 
+from vigil.core import validation
+from vigil.core.auth.principal import SYSTEM
 from vigil.core.db import Constraints, Database, mapped_errors
 from vigil.core.errors import AlreadyExists, NotFound
+from vigil.core.paging import Page
 from vigil.core.sql import load_queries
 from vigil.core.vocab import AgentKind, NotificationKind, TaskStatus
 from vigil.task_service.model import Chatroom, Notification, Role, Task, Transition
@@ -72,10 +75,19 @@ class Tx:
         task_id: str | None,
         attempt: int | None,
         message: str,
+        actor: str = SYSTEM,
     ) -> Notification | None:
-        """Raise a notification (once per kind, task and attempt)."""
+        """Raise a notification (once per kind, task and attempt); `actor` is whose
+        action caused it."""
         row = await self.conn.fetchrow(
-            Q["insert_notification"], kind.value, chatroom, role, task_id, attempt, message
+            Q["insert_notification"],
+            kind.value,
+            chatroom,
+            role,
+            task_id,
+            attempt,
+            validation.truncate(message, validation.MAX_REASON),
+            actor,
         )
         if row is None:
             return None  # already told for this attempt
@@ -106,9 +118,10 @@ class TaskTx(Tx):
         status: TaskStatus,
         now: datetime,
         deadline_at: datetime | None,
+        sent_by: str,
     ) -> Task:
         row = await self.conn.fetchrow(
-            Q["insert_task"], chatroom, role, text, status.value, now, deadline_at
+            Q["insert_task"], chatroom, role, text, status.value, now, deadline_at, sent_by
         )
         if status == TaskStatus.PENDING:
             self.effects.woken_roles.add((chatroom, role))
@@ -189,13 +202,14 @@ class TaskStore:
             yield tx
             await tx.announce()
 
-    async def chatrooms(self, names: list[str] | None) -> list[Chatroom]:
+    async def chatrooms(self, names: list[str]) -> list[Chatroom]:
         async with mapped_errors(), self.db.pool.acquire() as conn:
-            if names is None:
-                rows = await conn.fetch(Q["list_chatrooms"])
-            else:
-                rows = [r for n in names if (r := await conn.fetchrow(Q["get_chatroom"], n))]
-            roles = await conn.fetch(Q["roles_of"], [r["chatroom"] for r in rows])
+            rows = [r for n in names if (r := await conn.fetchrow(Q["get_chatroom"], n))]
+            return await self._with_roles(conn, rows)
+
+    @staticmethod
+    async def _with_roles(conn: asyncpg.Connection, rows: list[asyncpg.Record]) -> list[Chatroom]:
+        roles = await conn.fetch(Q["roles_of"], [r["chatroom"] for r in rows])
         by_room: dict[str, list[Role]] = {}
         for r in roles:
             by_room.setdefault(r["chatroom"], []).append(Role.from_row(r))
@@ -211,21 +225,35 @@ class TaskStore:
     async def history(self, task_id: str) -> list[Transition]:
         return [Transition.from_row(r) for r in await self.db.fetch(Q["history"], task_id)]
 
+    async def list_chatrooms(self, only: str | None, page: Page) -> list[Chatroom]:
+        async with mapped_errors(), self.db.pool.acquire() as conn:
+            rows = await conn.fetch(Q["list_chatrooms"], only, page.arg(0), page.fetch)
+            return await self._with_roles(conn, rows)
+
     async def list_tasks(
-        self, chatroom: str | None, status: TaskStatus | None, limit: int
+        self, chatroom: str | None, status: TaskStatus | None, page: Page
     ) -> list[Task]:
         rows = await self.db.fetch(
-            Q["list_tasks"], chatroom, status.value if status else None, limit
+            Q["list_tasks"],
+            chatroom,
+            status.value if status else None,
+            page.arg(0),
+            page.arg(1),
+            page.fetch,
         )
         return [Task.from_row(r) for r in rows]
 
     async def list_notifications(
-        self, after_id: int, limit: int, newest_first: bool = False
+        self, after_id: int, limit: int, chatroom: str | None = None
     ) -> list[Notification]:
-        if newest_first:
-            rows = await self.db.fetch(Q["newest_notifications"], limit)
-        else:
-            rows = await self.db.fetch(Q["list_notifications"], after_id, limit)
+        """Oldest first, after `after_id`."""
+        rows = await self.db.fetch(Q["list_notifications"], after_id, limit, chatroom)
+        return [Notification.from_row(r) for r in rows]
+
+    async def newest_notifications(
+        self, limit: int, chatroom: str | None, before_id: int | None
+    ) -> list[Notification]:
+        rows = await self.db.fetch(Q["newest_notifications"], limit, chatroom, before_id)
         return [Notification.from_row(r) for r in rows]
 
     async def next_deadline(self) -> datetime | None:

@@ -51,7 +51,7 @@ async def register(addr: str, machine_id: str, tmp: Path) -> Machine:
 
 
 async def room(addr: str, harness_name: str, name: str = "room", machine: str = "m1") -> None:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         await tpb_grpc.TasksStub(ch).CreateChatroom(
             tpb.CreateChatroomRequest(
                 name=name,
@@ -69,13 +69,13 @@ async def room(addr: str, harness_name: str, name: str = "room", machine: str = 
 
 
 async def agent(addr: str, role: str = "builder", name: str = "room") -> mpb.Agent:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         reply = await mpb_grpc.MachinesStub(ch).ListAgents(mpb.ListAgentsRequest(chatroom=name))
     return next(a for a in reply.agents if a.role == role)
 
 
 async def send(addr: str, text: str, role: str = "builder") -> tpb.Task:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         return await tpb_grpc.TasksStub(ch).SendMessage(
             tpb.SendMessageRequest(chatroom="room", role=role, text=text)
         )
@@ -205,7 +205,7 @@ async def test_a_stopped_role_stays_stopped_and_custom_roles_are_never_restarted
     async with local_server(db_url, TIMINGS) as srv:
         await register(srv.addr, "m1", tmp)
         await room(srv.addr, worker("idle"))
-        async with grpc.aio.insecure_channel(srv.addr) as ch:
+        async with harness.channel(srv.addr) as ch:
             stopped = await mpb_grpc.MachinesStub(ch).StopAgent(
                 mpb.AgentRef(chatroom="room", role="builder")
             )
@@ -217,7 +217,7 @@ async def test_a_stopped_role_stays_stopped_and_custom_roles_are_never_restarted
         cmds = await commands(db_url)
         assert [(c["type"], c["role"]) for c in cmds] == [("stop", "builder")]
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            async with grpc.aio.insecure_channel(srv.addr) as ch:
+            async with harness.channel(srv.addr) as ch:
                 await mpb_grpc.MachinesStub(ch).StartAgent(
                     mpb.AgentRef(chatroom="room", role="reviewer")
                 )
@@ -235,7 +235,7 @@ async def test_agent_killed_mid_task_gives_the_task_to_the_next_agent(
             sent = await send(srv.addr, "long job")
 
             async def in_progress(attempt: int) -> tpb.Task | None:
-                async with grpc.aio.insecure_channel(srv.addr) as ch:
+                async with harness.channel(srv.addr) as ch:
                     t = await tpb_grpc.TasksStub(ch).GetTask(tpb.GetTaskRequest(id=sent.id))
                 return (
                     t
@@ -286,7 +286,7 @@ async def test_an_exit_while_the_server_is_down_is_reported_once_it_is_back(
     async with local_server(db_url, TIMINGS, addr) as srv:
         m = await register(srv.addr, "m1", tmp)
         await room(srv.addr, worker("sleep"))
-        async with grpc.aio.insecure_channel(srv.addr) as ch:
+        async with harness.channel(srv.addr) as ch:
             await mpb_grpc.MachinesStub(ch).StartAgent(
                 mpb.AgentRef(chatroom="room", role="builder")
             )
@@ -310,7 +310,7 @@ async def test_an_exit_while_the_server_is_down_is_reported_once_it_is_back(
 async def test_a_restarted_daemon_reconciles_its_children(db_url: str, tmp: Path) -> None:
     async with local_server(db_url, TIMINGS) as srv:
         m = await register(srv.addr, "m1", tmp)
-        async with grpc.aio.insecure_channel(srv.addr) as ch:
+        async with harness.channel(srv.addr) as ch:
             await tpb_grpc.TasksStub(ch).CreateChatroom(
                 tpb.CreateChatroomRequest(
                     name="room",
@@ -359,7 +359,7 @@ async def test_late_commands_expire_and_credentials_are_per_machine(db_url: str,
         m1 = await register(srv.addr, "m1", tmp)
         m2 = await register(srv.addr, "m2", tmp)
         await room(srv.addr, worker("sleep"), machine="m2")
-        async with grpc.aio.insecure_channel(srv.addr) as ch:
+        async with harness.channel(srv.addr) as ch:
             await mpb_grpc.MachinesStub(ch).StartAgent(
                 mpb.AgentRef(chatroom="room", role="builder")
             )
@@ -374,11 +374,10 @@ async def test_late_commands_expire_and_credentials_are_per_machine(db_url: str,
             assert (await agent(srv.addr)).pid == 0  # not executed
         finally:
             await m2.kill(signal.SIGTERM)
-        async with grpc.aio.insecure_channel(srv.addr) as ch:
+        async with harness.channel(srv.addr, m1.credential) as ch:
             stub = mpb_grpc.MachinesStub(ch)
             report = mpb.ExitReport(
                 machine_id="m2",
-                credential=m1.credential,
                 child=mpb.Child(
                     chatroom="room",
                     role="builder",
@@ -396,16 +395,13 @@ async def test_late_commands_expire_and_credentials_are_per_machine(db_url: str,
                 await stub.ReportExit(report)
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
             call = stub.DaemonSession()
-            await call.write(
-                mpb.DaemonMessage(
-                    hello=mpb.DaemonMessage.Hello(machine_id="m2", credential=m1.credential)
-                )
-            )
+            await call.write(mpb.DaemonMessage(hello=mpb.DaemonMessage.Hello(machine_id="m2")))
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call.read()
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            report.credential = "forged"
+        forged = m1.credential[:-4] + "AAAA"
+        async with harness.channel(srv.addr, forged) as ch:
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.ReportExit(report)
+                await mpb_grpc.MachinesStub(ch).ReportExit(report)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert await fetch(db_url, "SELECT * FROM tasks.agent_exits") == []

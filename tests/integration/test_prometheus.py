@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
@@ -269,7 +268,7 @@ class Daemon(harness.MachineDaemon):
 
 @contextlib.asynccontextmanager
 async def machine_daemon(addr: str, tmp: Path, machine_id: str = "m1") -> AsyncIterator[Daemon]:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         reply = await mpb_grpc.MachinesStub(ch).RegisterMachine(
             mpb.RegisterMachineRequest(machine_id=machine_id, hostname="test")
         )
@@ -283,7 +282,7 @@ async def machine_daemon(addr: str, tmp: Path, machine_id: str = "m1") -> AsyncI
 
 async def crash_room(addr: str, machine: str = "m1") -> None:
     """Chatroom `room`: builder (remote, an agent that exits 1 at once), reviewer (custom)."""
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         await tpb_grpc.TasksStub(ch).CreateChatroom(
             tpb.CreateChatroomRequest(
                 name="room",
@@ -301,14 +300,14 @@ async def crash_room(addr: str, machine: str = "m1") -> None:
 
 
 async def send(addr: str, role: str, text: str) -> None:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         await tpb_grpc.TasksStub(ch).SendMessage(
             tpb.SendMessageRequest(chatroom="room", role=role, text=text)
         )
 
 
 async def builder_status(addr: str) -> str:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         reply = await mpb_grpc.MachinesStub(ch).ListAgents(mpb.ListAgentsRequest(chatroom="room"))
     return next(AgentStatus.from_pb(a.status).value for a in reply.agents if a.role == "builder")
 

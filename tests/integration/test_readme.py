@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from vigil import testing as harness
-from vigil.client import Client, ClientConfig
-from vigil.core.vocab import TaskStatus
+from vigil.core.vocab import TaskStatus, TokenKind
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +76,7 @@ def _clean_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 async def _wait_completed(addr: str, task_id: str, timeout: float = 60) -> None:
-    async with Client(ClientConfig.from_env(addr=addr)) as client:
+    async with harness.client(addr) as client:
 
         async def done() -> bool:
             return (await client.get_task(task_id)).status == TaskStatus.COMPLETED.to_pb()
@@ -106,19 +105,35 @@ async def test_the_readme_agent_runs_from_an_installed_wheel(
     agent_py.write_text(readme_block("agent"))
     async with harness.local_server(db_url, harness.fast_timings()) as srv:
         await harness.make_room(srv, "demo", "reviewer")
+        # Away from the server's host an agent runs with a token of its own scope, as
+        # the README says: `vigil token create --chatroom demo --role reviewer`.
+        async with harness.client(srv.addr) as admin:
+            made = await admin.create_token(
+                TokenKind.CHATROOM, "reviewer", chatroom="demo", role="reviewer"
+            )
+        token_file = tmp / "reviewer.token"
+        token_file.write_text(made.secret + "\n")
+        token_file.chmod(0o600)
         out = tmp / "agent.out"
         proc = subprocess.Popen(
             [str(py), str(agent_py)],
             cwd=tmp,
             env=_clean_env(
-                {"VIGIL_ADDR": srv.addr, "VIGIL_CHATROOM": "demo", "VIGIL_ROLE": "reviewer"}
+                {
+                    "VIGIL_ADDR": srv.addr,
+                    "VIGIL_CHATROOM": "demo",
+                    "VIGIL_ROLE": "reviewer",
+                    "VIGIL_TOKEN_FILE": str(token_file),
+                }
             ),
             stdout=out.open("wb"),
             stderr=subprocess.STDOUT,
         )
         try:
             await harness.wait_live(db_url, "demo", "reviewer")
-            task = await srv.tasks.svc.send("demo", "reviewer", "review the release notes")
+            task = await srv.tasks.svc.send(
+                "demo", "reviewer", "review the release notes", harness.ADMIN
+            )
             await _wait_completed(srv.addr, task.id)
             assert "working on 'review the release notes'" in out.read_text()
         finally:
@@ -133,12 +148,16 @@ async def test_the_readme_remote_role_example_runs_as_written(db_url: str, tmp: 
     lines = [ln for ln in readme_block("remote").splitlines() if ln.strip()]
     bin_dir = Path(sys.executable).parent
     env = harness.child_env({"DATABASE_URL": db_url, "VIGIL_METRICS_ADDR": "127.0.0.1:0"})
+    # The server writes its admin token into ./.vigil; the README's commands, run in
+    # the same folder, find it by themselves (no token in their environment).
     server = harness.start_server_process(
-        ["up", "--addr", "127.0.0.1:0"], {**env, "PWD": str(tmp)}, tmp / "up.log"
+        ["up", "--addr", "127.0.0.1:0"], {**env, "VIGIL_BOOTSTRAP_TOKEN": ""}, tmp / "up.log"
     )
+    assert (tmp / ".vigil" / "admin.token").stat().st_mode & 0o077 == 0
     shell_env = harness.child_env(
         {"VIGIL_ADDR": server.addr, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
     )
+    shell_env.pop("VIGIL_TOKEN")
     # Every line but the last (which only looks): as written, in one shell, in a new
     # session so the daemon it puts in the background can be stopped with it.
     script = "set -e\n" + "\n".join(lines[:-1]) + "\n"

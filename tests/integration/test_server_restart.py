@@ -13,7 +13,6 @@ import asyncpg
 import pytest
 
 from vigil import testing as harness
-from vigil.client import Client, ClientConfig
 from vigil.core.vocab import AgentKind
 from vigil.v1 import tasks_pb2 as tpb
 
@@ -45,7 +44,7 @@ async def _events_since(url: str, revision: int) -> list[asyncpg.Record]:
 
 
 async def _make_room(addr: str, n: int) -> None:
-    async with Client(ClientConfig.from_env(addr=addr)) as client:
+    async with harness.client(addr) as client:
         roles = [tpb.Role(role=f"r{i}", kind=AgentKind.CUSTOM.to_pb()) for i in range(n)]
         await client.create_chatroom("room", roles)
 

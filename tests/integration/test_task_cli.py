@@ -4,7 +4,6 @@ send, listing, one task's life and history, refusals as one line, notifications.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 import re
 import signal
@@ -47,7 +46,8 @@ TASK_KEYS = {
     "recoveries",
     "needs_attention",
 }
-ACTOR = f"cli:{getpass.getuser()}"
+# The CLI here holds the server's bootstrap admin token: the audit names that principal.
+ACTOR = "admin:bootstrap"
 
 
 async def vigil(
@@ -100,7 +100,7 @@ async def make_room(addr: str, name: str = "demo") -> None:
 
 
 async def test_chatroom_create_with_both_kinds_then_show_and_list(srv: LocalServer) -> None:
-    await srv.tasks.svc.agents.register_machine("box-1", "h", ["claude"])
+    await srv.tasks.svc.agents.register_machine("box-1", "h", ["claude"], harness.ADMIN)
     created = json.loads(
         ok(
             await vigil(
@@ -142,7 +142,7 @@ async def test_chatroom_create_with_both_kinds_then_show_and_list(srv: LocalServ
 
 
 async def test_chatroom_from_a_team_file(srv: LocalServer, tmp: Path) -> None:
-    await srv.tasks.svc.agents.register_machine("m1", "h", [])
+    await srv.tasks.svc.agents.register_machine("m1", "h", [], harness.ADMIN)
     team = tmp / "team.json"
     team.write_text(
         json.dumps(
@@ -254,7 +254,7 @@ async def test_task_show_history_and_cancel(srv: LocalServer) -> None:
 
 async def _claim(addr: str, chatroom: str, role: str) -> tuple[grpc.aio.Channel, Any, pb.Task]:
     """Join as a live participant and claim the role's task, as wait-for-task does."""
-    ch = grpc.aio.insecure_channel(addr)
+    ch = harness.channel(addr)
     session = lpb_grpc.LivenessStub(ch).Session()
     join = harness.join_request(chatroom, role)
     await session.write(lpb.SessionRequest(join=join))

@@ -18,6 +18,7 @@ from vigil import testing as harness
 from vigil.core.vocab import TaskStatus
 from vigil.testing import local_server
 from vigil.v1 import common_pb2
+from vigil.v1 import liveness_pb2_grpc as lpb_grpc
 from vigil.v1 import machines_pb2 as mpb
 from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2 as tpb
@@ -36,7 +37,7 @@ async def _room(addr: str, name: str = "room", **kinds: str) -> None:
             )
         else:
             roles.append(tpb.Role(role=role, kind=common_pb2.AGENT_KIND_CUSTOM))
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         if any(kind == "remote" for kind in kinds.values()):
             await mpb_grpc.MachinesStub(ch).RegisterMachine(
                 mpb.RegisterMachineRequest(machine_id="m1")
@@ -47,14 +48,14 @@ async def _room(addr: str, name: str = "room", **kinds: str) -> None:
 
 
 async def _send(addr: str, text: str, role: str = "builder", room: str = "room") -> tpb.Task:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         return await tpb_grpc.TasksStub(ch).SendMessage(
             tpb.SendMessageRequest(chatroom=room, role=role, text=text)
         )
 
 
 async def _task(addr: str, task_id: str) -> tpb.Task:
-    async with grpc.aio.insecure_channel(addr) as ch:
+    async with harness.channel(addr) as ch:
         return await tpb_grpc.TasksStub(ch).GetTask(tpb.GetTaskRequest(id=task_id))
 
 
@@ -107,35 +108,27 @@ async def test_send_reaches_a_waiting_wait_for_task(db_url: str, tmp: Path) -> N
 
 
 async def test_two_agents_500_tasks_each_delivered_exactly_once(db_url: str) -> None:
+    # A role works on one task at a time: two live agents (roles a and b, each a real
+    # session that joins and heartbeats) take 500 tasks sent concurrently.
     async with local_server(db_url, harness.fast_timings()) as srv:
-        await _room(srv.addr)
+        await _room(srv.addr, a="custom", b="custom")
         received: list[tuple[str, str]] = []
         total = 500
 
         async def agent(name: str) -> None:
-            async with grpc.aio.insecure_channel(srv.addr) as ch:
-                tasks = tpb_grpc.TasksStub(ch)
-                conn = str(uuid.uuid4())
+            async with (
+                harness.client(srv.addr) as client,
+                client.agent("room", name, handle_signals=False) as session,
+            ):
                 while len(received) < total:
-                    call = tasks.AwaitTask(
-                        tpb.AwaitTaskRequest(
-                            chatroom="room", role="builder", connection_id=conn, epoch=1
-                        )
-                    )
-                    try:
-                        async for reply in call:
-                            received.append((name, reply.task.id))
-                            await tasks.CompleteTask(
-                                tpb.TaskRef(
-                                    id=reply.task.id, attempt=reply.task.attempt, actor=name
-                                )
-                            )
-                    except asyncio.CancelledError:
-                        call.cancel()
-                        raise
+                    task = await session.next_task()
+                    received.append((name, task.id))
+                    await task.complete()
 
         agents = [asyncio.create_task(agent(n)) for n in ("a", "b")]
-        sent = await asyncio.gather(*(_send(srv.addr, f"t{i}") for i in range(total)))
+        sent = await asyncio.gather(
+            *(_send(srv.addr, f"t{i}", role="ab"[i % 2]) for i in range(total))
+        )
 
         async def all_done() -> bool:
             return len(received) >= total
@@ -163,7 +156,7 @@ async def _claim_and_hang(addr: str, role: str = "builder") -> asyncio.subproces
         addr,
         "room",
         role,
-        env=harness.child_env(),
+        env=harness.child_env({"VIGIL_ADDR": addr}),
         stdout=subprocess.PIPE,
     )
 
@@ -192,7 +185,7 @@ async def test_killed_claimer_gets_its_task_back_and_its_zombie_is_fenced(
         assert time.monotonic() - killed <= 0.5 + 1
         assert task.attempt == 1 and task.recoveries == 1
         # The zombie's completion with the old attempt changes nothing.
-        async with grpc.aio.insecure_channel(srv.addr) as ch:
+        async with harness.channel(srv.addr) as ch:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await tpb_grpc.TasksStub(ch).CompleteTask(tpb.TaskRef(id=sent.id, attempt=0))
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -300,14 +293,18 @@ async def test_two_replicas_handle_each_due_deadline_once(db_url: str) -> None:
         try:
             for i in range(n):
                 await _send(one.addr if i % 2 else two.addr, f"t{i}", role=f"r{i}")
-                # Claim as a connection that is known dead, so its deadline recovers it.
-                async with grpc.aio.insecure_channel(one.addr) as ch:
+                # Claim as a live participant, then call it dead, so its deadline
+                # recovers the task.
+                async with harness.channel(one.addr) as ch:
+                    joined = await lpb_grpc.LivenessStub(ch).Join(
+                        harness.join_request("room", f"r{i}")
+                    )
                     call = tpb_grpc.TasksStub(ch).AwaitTask(
                         tpb.AwaitTaskRequest(
                             chatroom="room",
                             role=f"r{i}",
-                            connection_id=str(uuid.uuid4()),
-                            epoch=1,
+                            connection_id=joined.participant.connection_id,
+                            epoch=joined.participant.epoch,
                         )
                     )
                     replies = [r async for r in call]  # one task, then the stream ends

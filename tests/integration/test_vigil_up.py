@@ -1,5 +1,6 @@
-"""`vigil up` (what `make run` runs) on the embedded default: health, reflection,
-metrics, and data that survives a restart."""
+"""`vigil up` (what `make run` runs) on the embedded default: its admin token file,
+health (open), reflection (off unless asked), metrics, and data that survives a
+restart."""
 
 from __future__ import annotations
 
@@ -22,34 +23,51 @@ from vigil.v1 import liveness_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.slow
 
 
-def _up(data: Path, log: Path) -> harness.ServerProcess:
+def _up(data: Path, log: Path, *args: str) -> harness.ServerProcess:
     env = harness.child_env(
         {
             "VIGIL_DATA_DIR": str(data),
             "VIGIL_ADDR": "127.0.0.1:0",
             "VIGIL_METRICS_ADDR": "127.0.0.1:0",
+            "VIGIL_BOOTSTRAP_TOKEN": "",  # as `make run`: it writes its own admin token
         }
     )
-    return harness.start_server_process(["up"], env, log, timeout=120)
+    return harness.start_server_process(["up", *args], env, log, timeout=120)
+
+
+async def _reflected(addr: str) -> list[str]:
+    async with harness.channel(addr, "") as ch:
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        names: list[str] = []
+        async for r in refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        ):
+            names = [s.name for s in r.list_services_response.service]
+        return names
 
 
 async def test_up_serves_on_the_embedded_default_and_keeps_its_data(tmp: Path) -> None:
     data = tmp / "state"
     up = _up(data, tmp / "up1.log")
     try:
-        assert "database: embedded PostgreSQL" in up.log.read_text()
-        async with grpc.aio.insecure_channel(up.addr) as ch:
-            health = health_pb2_grpc.HealthStub(ch)
+        text = up.log.read_text()
+        assert "database: embedded PostgreSQL" in text and "(plaintext;" in text
+        token_file = data / "admin.token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        admin = token_file.read_text().strip()
+        assert admin == harness.ADMIN_TOKENS[up.addr] and admin not in text  # never logged
+        async with harness.channel(up.addr, "") as anonymous:
+            health = health_pb2_grpc.HealthStub(anonymous)
             for service in ("", "vigil.v1.Liveness"):
                 reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING
-            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-            names: list[str] = []
-            async for r in refl.ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-            ):
-                names = [s.name for s in r.list_services_response.service]
-            assert "vigil.v1.Liveness" in names and "grpc.health.v1.Health" in names
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await pb_grpc.LivenessStub(anonymous).ListParticipants(pb.ListParticipantsRequest())
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _reflected(up.addr)  # off unless --reflection
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        async with harness.channel(up.addr) as ch:
             live = pb_grpc.LivenessStub(ch)
             await live.Join(
                 pb.JoinRequest(
@@ -75,9 +93,12 @@ async def test_up_serves_on_the_embedded_default_and_keeps_its_data(tmp: Path) -
         assert up.stop(signal.SIGTERM) == 0
     assert (data / "pg" / "PG_VERSION").exists()
 
-    again = _up(data, tmp / "up2.log")
+    again = _up(data, tmp / "up2.log", "--reflection")
     try:
-        async with grpc.aio.insecure_channel(again.addr) as ch:
+        assert (data / "admin.token").read_text().strip() == admin  # the same token
+        names = await _reflected(again.addr)
+        assert "vigil.v1.Liveness" in names and "grpc.health.v1.Health" in names
+        async with harness.channel(again.addr) as ch:
             listed = await pb_grpc.LivenessStub(ch).ListParticipants(
                 pb.ListParticipantsRequest(chatroom="keep")
             )

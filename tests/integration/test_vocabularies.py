@@ -29,6 +29,7 @@ COLUMNS: dict[tuple[str, str], type[WireEnum]] = {
     ("tasks.agent_exits", "classification"): vocab.ExitClassification,
     ("tasks.commands", "type"): vocab.CommandType,
     ("tasks.commands", "status"): vocab.CommandStatus,
+    ("auth.tokens", "kind"): vocab.TokenKind,
 }
 _LIST = re.compile(r"\(?(\w+)\)?(?:::text)? = ANY \(\(?ARRAY\[(.*?)\]")
 _WORD = re.compile(r"'([^']*)'::text")
@@ -41,7 +42,7 @@ async def _check_lists(url: str) -> dict[tuple[str, str], set[str]]:
         rows = await conn.fetch(
             """SELECT c.conrelid::regclass::text AS tbl, pg_get_constraintdef(c.oid) AS def
                FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
-               WHERE c.contype = 'c' AND n.nspname IN ('liveness', 'tasks')"""
+               WHERE c.contype = 'c' AND n.nspname IN ('liveness', 'tasks', 'auth')"""
         )
     finally:
         await conn.close()

@@ -37,6 +37,8 @@ class FakeLivenessStore:
         connection_id: str,
         now: datetime,
         ready_until: datetime,
+        principal: str = "",
+        token_id: str | None = None,
     ) -> tuple[Participant, Participant | None]:
         self._call()
         old = self.rows.get((chatroom, role))
@@ -60,6 +62,8 @@ class FakeLivenessStore:
             None,
             None,
             0,
+            principal,
+            token_id,
         )
         self.rows[(chatroom, role)] = p
         return p, superseded

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vigil.v1 import liveness_pb2, machines_pb2, tasks_pb2
+from vigil.v1 import liveness_pb2, machines_pb2, tasks_pb2, tokens_pb2
 
 ROOT = Path(__file__).resolve().parents[2]
 ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text()
@@ -18,7 +18,7 @@ _LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 def _rpcs() -> list[str]:
     found = []
-    for module in (liveness_pb2, tasks_pb2, machines_pb2):
+    for module in (liveness_pb2, tasks_pb2, machines_pb2, tokens_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             found += [m.name for m in service.methods]
     return found
@@ -26,7 +26,7 @@ def _rpcs() -> list[str]:
 
 def _tables() -> list[str]:
     names = []
-    for path in ROOT.glob("*/migrations/*.sql"):
+    for path in [*ROOT.glob("*/migrations/*.sql"), *ROOT.glob("vigil/core/*/migrations/*.sql")]:
         names += re.findall(r"CREATE TABLE (\w+\.\w+)", path.read_text())
     return names
 

@@ -504,8 +504,11 @@ class FakeMachines(pb_grpc.MachinesServicer):
     async def ListCommands(
         self, request: pb.ListCommandsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListCommandsResponse:
+        # Three pages of one command each (17, 16, 15): the CLI must follow them.
         self.requests.append(request)
-        return pb.ListCommandsResponse(commands=[_command()])
+        page = int(request.page_token or 0)
+        more = str(page + 1) if page < 2 else ""
+        return pb.ListCommandsResponse(commands=[_command(id=17 - page)], next_page_token=more)
 
     async def StartAgent(
         self, request: pb.AgentRef, context: grpc.aio.ServicerContext[Any, Any]
@@ -520,6 +523,14 @@ class FakeMachines(pb_grpc.MachinesServicer):
             grpc.StatusCode.NOT_FOUND, f"no remote role {request.chatroom}/{request.role}"
         )
         raise AssertionError("unreachable")
+
+    async def UnregisterMachine(
+        self, request: pb.UnregisterMachineRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UnregisterMachineResponse:
+        self.requests.append(request)
+        return pb.UnregisterMachineResponse(
+            machine_id=request.machine_id, credentials_revoked=3, tasks_recovered=1
+        )
 
     # The daemon's calls: not the CLI's business.
     def DaemonSession(self, request_iterator: Any, context: Any) -> Any:
@@ -589,6 +600,23 @@ async def test_register_writes_the_credential_and_never_prints_it(
     assert servicer.requests[-1].hostname  # this host's name by default
 
 
+async def test_unregister_says_what_it_revoked(
+    fake: tuple[ClientConfig, FakeMachines], capsys: pytest.CaptureFixture[str]
+) -> None:
+    addr, servicer = fake
+    assert await machine_cmds.unregister_machine(addr, "box-1", "retired", False) == 0
+    assert capsys.readouterr().out == (
+        "unregistered machine box-1: 3 credential(s) revoked, 1 task(s) pending again\n"
+    )
+    req = servicer.requests[-1]
+    assert (req.machine_id, req.reason) == ("box-1", "retired")
+    assert await machine_cmds.unregister_machine(addr, "box-1", "", True) == 0
+    assert json.loads(capsys.readouterr().out)["credentials_revoked"] == 3
+    with pytest.raises(CliError) as exc:
+        await machine_cmds.unregister_machine(addr, "../x", "", False)
+    _one_line(exc)
+
+
 async def test_register_refuses_a_bad_machine_id_before_calling(
     fake: tuple[ClientConfig, FakeMachines], tmp_path: Path
 ) -> None:
@@ -615,8 +643,11 @@ async def test_listing_commands_print_tables_and_json(
     assert capsys.readouterr().out == machine_cmds.render_agents([_killed()]) + "\n"
 
     assert await machine_cmds.list_commands(addr, "box-1", 5, True) == 0
-    assert json.loads(capsys.readouterr().out) == [machine_cmds.command_json(_command())]
-    assert (servicer.requests[-1].machine_id, servicer.requests[-1].limit) == ("box-1", 5)
+    every = [machine_cmds.command_json(_command(id=i)) for i in (17, 16, 15)]
+    assert json.loads(capsys.readouterr().out) == every  # all three pages
+    assert (servicer.requests[-1].machine_id, servicer.requests[-1].page_size) == ("box-1", 5)
+    assert await machine_cmds.list_commands(addr, "box-1", 2, True) == 0
+    assert json.loads(capsys.readouterr().out) == every[:2]  # at most --limit
     with pytest.raises(CliError) as exc:
         await machine_cmds.list_commands(addr, None, -1, False)
     assert "--limit" in _one_line(exc)

@@ -169,10 +169,6 @@ def test_task_id_must_be_a_uuid() -> None:
     assert "not a UUID" in _usage_error(exc)
 
 
-def test_actor_names_the_user() -> None:
-    assert task_cmds.actor().startswith("cli:") and len(task_cmds.actor()) > 4
-
-
 # -- rendering ---------------------------------------------------------------------
 
 

@@ -17,9 +17,10 @@ whether trying again can help). What this module exports is the public surface; 
 
 from vigil.client._agent import AgentSession, ClaimedTask, Superseded
 from vigil.client._client import Client, connect
-from vigil.client._config import ClientConfig, TlsConfig, find_token, grpc_target
+from vigil.client._config import ClientConfig, TlsConfig, find_token
 from vigil.client._errors import RETRYABLE, ClientConfigError, RPCError
 from vigil.client._session import Beat, ParticipantSession, SessionEnd
+from vigil.core.config import grpc_target
 
 __all__ = [
     "RETRYABLE",

@@ -15,13 +15,15 @@ import grpc
 from vigil.client._channel import open_channel
 from vigil.client._config import ClientConfig
 from vigil.client._errors import RPCError, from_grpc
-from vigil.core.vocab import AgentKind, TaskStatus
+from vigil.core.vocab import AgentKind, TaskStatus, TokenKind
 from vigil.v1 import liveness_pb2 as lpb
 from vigil.v1 import liveness_pb2_grpc as lpb_grpc
 from vigil.v1 import machines_pb2 as mpb
 from vigil.v1 import machines_pb2_grpc as mpb_grpc
 from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
+from vigil.v1 import tokens_pb2 as kpb
+from vigil.v1 import tokens_pb2_grpc as kpb_grpc
 
 if TYPE_CHECKING:
     from vigil.client._agent import AgentSession
@@ -31,6 +33,7 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 5.0
+MAX_PAGE = 1000  # the largest page a server gives
 LIVENESS = lpb.DESCRIPTOR.services_by_name["Liveness"].full_name
 TASKS = tpb.DESCRIPTOR.services_by_name["Tasks"].full_name
 
@@ -51,6 +54,7 @@ class Client:
         self.liveness = lpb_grpc.LivenessStub(self._liveness_ch)
         self.tasks = tpb_grpc.TasksStub(self._tasks_ch)
         self.machines = mpb_grpc.MachinesStub(self._tasks_ch)
+        self.tokens = kpb_grpc.TokensStub(self._tasks_ch)
         self.metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {config.token}"),) if config.token else ()
         )
@@ -93,6 +97,23 @@ class Client:
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc) from None
 
+    async def pages(
+        self, method: Callable[..., Awaitable[Any]], request: Any, field: str, limit: int = 0
+    ) -> list[Any]:
+        """Every item of a paged listing (at most `limit` when it is not 0), following
+        `next_page_token` from page to page."""
+        items: list[Any] = []
+        if limit:
+            request.page_size = min(limit, MAX_PAGE)
+        while True:
+            reply = await self.call(method, request)
+            items.extend(getattr(reply, field))
+            if limit and len(items) >= limit:
+                return items[:limit]
+            if not reply.next_page_token:
+                return items
+            request.page_token = reply.next_page_token
+
     async def stream(
         self, method: Callable[..., Any], request: Any, **kw: Any
     ) -> AsyncIterator[Any]:
@@ -133,10 +154,19 @@ class Client:
     async def list_participants(
         self, chatroom: str = "", *, live_only: bool = False
     ) -> lpb.ListParticipantsResponse:
-        return await self.call(
-            self.liveness.ListParticipants,
-            lpb.ListParticipantsRequest(chatroom=chatroom, live_only=live_only),
+        """Every participant (all pages), with the revision of the first page: watch from
+        it and apply the events over this list to miss nothing."""
+        request = lpb.ListParticipantsRequest(
+            chatroom=chatroom, live_only=live_only, page_size=MAX_PAGE
         )
+        first = await self.call(self.liveness.ListParticipants, request)
+        reply = lpb.ListParticipantsResponse(revision=first.revision)
+        reply.participants.extend(first.participants)
+        if first.next_page_token:
+            request.page_token = first.next_page_token
+            rest = await self.pages(self.liveness.ListParticipants, request, "participants")
+            reply.participants.extend(rest)
+        return reply
 
     def watch_participants(
         self, from_revision: int, chatroom: str = ""
@@ -157,8 +187,8 @@ class Client:
         return await self.call(self.tasks.GetChatroom, tpb.GetChatroomRequest(name=name))
 
     async def list_chatrooms(self) -> list[tpb.Chatroom]:
-        reply = await self.call(self.tasks.ListChatrooms, tpb.ListChatroomsRequest())
-        return list(reply.chatrooms)
+        request = tpb.ListChatroomsRequest(page_size=MAX_PAGE)
+        return await self.pages(self.tasks.ListChatrooms, request, "chatrooms")
 
     async def send(self, chatroom: str, role: str, text: str) -> tpb.Task:
         """Send a message to a role: it becomes a task (returned, pending or queued)."""
@@ -182,25 +212,17 @@ class Client:
             raise RPCError(grpc.StatusCode.UNAVAILABLE, "the server ended AwaitTask without a task")
         return task
 
-    async def start_task(self, task_id: str, attempt: int, *, actor: str = "") -> tpb.Task:
-        return await self.call(
-            self.tasks.StartTask, tpb.TaskRef(id=task_id, attempt=attempt, actor=actor)
-        )
+    async def start_task(self, task_id: str, attempt: int) -> tpb.Task:
+        return await self.call(self.tasks.StartTask, tpb.TaskRef(id=task_id, attempt=attempt))
 
-    async def complete_task(self, task_id: str, attempt: int, *, actor: str = "") -> tpb.Task:
-        return await self.call(
-            self.tasks.CompleteTask, tpb.TaskRef(id=task_id, attempt=attempt, actor=actor)
-        )
+    async def complete_task(self, task_id: str, attempt: int) -> tpb.Task:
+        return await self.call(self.tasks.CompleteTask, tpb.TaskRef(id=task_id, attempt=attempt))
 
-    async def cancel_task(self, task_id: str, reason: str = "", *, actor: str = "") -> tpb.Task:
-        return await self.call(
-            self.tasks.CancelTask, tpb.TaskRef(id=task_id, reason=reason, actor=actor)
-        )
+    async def cancel_task(self, task_id: str, reason: str = "") -> tpb.Task:
+        return await self.call(self.tasks.CancelTask, tpb.TaskRef(id=task_id, reason=reason))
 
-    async def release_task(self, task_id: str, reason: str = "", *, actor: str = "") -> tpb.Task:
-        return await self.call(
-            self.tasks.ReleaseTask, tpb.TaskRef(id=task_id, reason=reason, actor=actor)
-        )
+    async def release_task(self, task_id: str, reason: str = "") -> tpb.Task:
+        return await self.call(self.tasks.ReleaseTask, tpb.TaskRef(id=task_id, reason=reason))
 
     async def get_task(self, task_id: str) -> tpb.Task:
         return await self.call(self.tasks.GetTask, tpb.GetTaskRequest(id=task_id))
@@ -212,22 +234,23 @@ class Client:
     async def list_tasks(
         self, chatroom: str = "", status: TaskStatus | None = None, limit: int = 0
     ) -> list[tpb.Task]:
+        """Tasks, newest first: every one, or the newest `limit`."""
         request = tpb.ListTasksRequest(
             chatroom=chatroom,
             status=status.to_pb() if status else tpb.TASK_STATUS_UNSPECIFIED,
-            limit=limit,
+            page_size=MAX_PAGE,
         )
-        reply = await self.call(self.tasks.ListTasks, request)
-        return list(reply.tasks)
+        return await self.pages(self.tasks.ListTasks, request, "tasks", limit)
 
     async def list_notifications(
         self, after_id: int = 0, limit: int = 0, *, newest_first: bool = False
     ) -> list[tpb.Notification]:
+        """Notifications after `after_id`, oldest first (or the newest, newest first):
+        every one, or at most `limit`."""
         request = tpb.ListNotificationsRequest(
-            after_id=after_id, limit=limit, newest_first=newest_first
+            after_id=after_id, newest_first=newest_first, page_size=MAX_PAGE
         )
-        reply = await self.call(self.tasks.ListNotifications, request)
-        return list(reply.notifications)
+        return await self.pages(self.tasks.ListNotifications, request, "notifications", limit)
 
     async def count_tasks(self, chatroom: str = "") -> dict[TaskStatus, int]:
         """Tasks by status (every status, zero included)."""
@@ -250,26 +273,25 @@ class Client:
         return await self.call(self.machines.RegisterMachine, request)
 
     async def list_machines(self) -> list[mpb.Machine]:
-        reply = await self.call(self.machines.ListMachines, mpb.ListMachinesRequest())
-        return list(reply.machines)
+        request = mpb.ListMachinesRequest(page_size=MAX_PAGE)
+        return await self.pages(self.machines.ListMachines, request, "machines")
 
     async def list_agents(self, chatroom: str = "") -> list[mpb.Agent]:
-        reply = await self.call(self.machines.ListAgents, mpb.ListAgentsRequest(chatroom=chatroom))
-        return list(reply.agents)
+        request = mpb.ListAgentsRequest(chatroom=chatroom, page_size=MAX_PAGE)
+        return await self.pages(self.machines.ListAgents, request, "agents")
 
     async def list_commands(self, machine_id: str = "", limit: int = 0) -> list[mpb.Command]:
-        reply = await self.call(
-            self.machines.ListCommands, mpb.ListCommandsRequest(machine_id=machine_id, limit=limit)
-        )
-        return list(reply.commands)
+        """Commands, newest first: every one, or the newest `limit`."""
+        request = mpb.ListCommandsRequest(machine_id=machine_id, page_size=MAX_PAGE)
+        return await self.pages(self.machines.ListCommands, request, "commands", limit)
 
     async def list_exits(
         self, chatroom: str = "", role: str = "", limit: int = 0
     ) -> list[mpb.AgentExit]:
-        """Recorded exits of agent processes, newest first."""
-        request = mpb.ListExitsRequest(chatroom=chatroom, role=role, limit=limit)
-        reply = await self.call(self.machines.ListExits, request)
-        return list(reply.exits)
+        """Recorded exits of agent processes, newest first: every one, or the newest
+        `limit`."""
+        request = mpb.ListExitsRequest(chatroom=chatroom, role=role, page_size=MAX_PAGE)
+        return await self.pages(self.machines.ListExits, request, "exits", limit)
 
     async def start_agent(self, chatroom: str, role: str) -> mpb.Agent:
         return await self.call(self.machines.StartAgent, mpb.AgentRef(chatroom=chatroom, role=role))
@@ -285,6 +307,38 @@ class Client:
     def daemon_session(self) -> grpc.aio.StreamStreamCall:
         """The raw DaemonSession stream (the machine daemon drives it)."""
         return self.machines.DaemonSession(metadata=self.metadata)
+
+    async def unregister_machine(
+        self, machine_id: str, reason: str = ""
+    ) -> mpb.UnregisterMachineResponse:
+        """Forget a machine: its credential and its agents' credentials stop working."""
+        request = mpb.UnregisterMachineRequest(machine_id=machine_id, reason=reason)
+        return await self.call(self.machines.UnregisterMachine, request)
+
+    # -- tokens ----------------------------------------------------------------------
+
+    async def create_token(
+        self,
+        kind: TokenKind,
+        name: str,
+        *,
+        chatroom: str = "",
+        role: str = "",
+        ttl_s: int = 0,
+    ) -> kpb.CreateTokenResponse:
+        """A new admin, read-only or chatroom token; its secret is in this answer only."""
+        request = kpb.CreateTokenRequest(
+            kind=kind.to_pb(), name=name, chatroom=chatroom, role=role, ttl_seconds=ttl_s
+        )
+        return await self.call(self.tokens.CreateToken, request)
+
+    async def list_tokens(self, *, include_inactive: bool = False) -> list[kpb.Token]:
+        request = kpb.ListTokensRequest(include_inactive=include_inactive, page_size=MAX_PAGE)
+        return await self.pages(self.tokens.ListTokens, request, "tokens")
+
+    async def revoke_token(self, token_id: str, reason: str = "") -> kpb.Token:
+        request = kpb.RevokeTokenRequest(id=token_id, reason=reason)
+        return await self.call(self.tokens.RevokeToken, request)
 
 
 @contextlib.asynccontextmanager

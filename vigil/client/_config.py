@@ -14,7 +14,6 @@ token `vigil up` writes for the people on its own host).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import stat
 from collections.abc import Mapping
@@ -22,71 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vigil.client._errors import ClientConfigError
+from vigil.core.config import grpc_target
 from vigil.core.timings import Timings
 
 DEFAULT_ADDR = "127.0.0.1:7070"
 DEFAULT_DATA_DIR = ".vigil"
 ADMIN_TOKEN_FILE = "admin.token"
-_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
-
-
-def _host_port(item: str, var: str) -> tuple[str, int]:
-    host, sep, port = item.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ClientConfigError(
-            f"{var} must be HOST:PORT, IP:PORT,IP:PORT or a gRPC target such as "
-            f"dns:///HOST:PORT; got {item[:80]!r}"
-        )
-    return host, int(port)
-
-
-def grpc_target(addr: str, var: str = "VIGIL_ADDR") -> str:
-    """The gRPC target for an address setting (see the module docstring)."""
-    addr = addr.strip()
-    if addr.startswith(_SCHEMES):
-        return addr
-    items = [a for a in addr.split(",") if a.strip()]
-    if not items:
-        raise ClientConfigError(f"{var} is empty")
-    if len(items) == 1:
-        host, port = _host_port(items[0], var)
-        return f"{host}:{port}"
-    families: set[int] = set()
-    parts = []
-    for item in items:
-        host, port = _host_port(item, var)
-        try:
-            ip = ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            raise ClientConfigError(
-                f"{var}: several endpoints must be IP addresses ({host!r} is a name); "
-                "for names give one DNS name that resolves to every replica, "
-                "e.g. dns:///vigil.example.com:7070"
-            ) from None
-        families.add(ip.version)
-        parts.append(f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}")
-    if len(families) > 1:
-        raise ClientConfigError(f"{var}: do not mix IPv4 and IPv6 endpoints")
-    return ("ipv6:" if 6 in families else "ipv4:") + ",".join(parts)
-
-
-def is_loopback_target(target: str) -> bool:
-    """Whether every endpoint of a target is this host (127.0.0.0/8, ::1, localhost)."""
-    if target.startswith(("unix:", "unix-abstract:")):
-        return True
-    body = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
-    if body.startswith("dns:"):
-        body = body.removeprefix("dns:").lstrip("/")
-    for item in body.split(","):
-        host = item.rpartition(":")[0].strip("[]")
-        if host == "localhost":
-            continue
-        try:
-            if not ipaddress.ip_address(host).is_loopback:
-                return False
-        except ValueError:
-            return False
-    return True
 
 
 def read_secret_file(path: Path, what: str) -> str:

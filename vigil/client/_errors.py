@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import grpc
 
-from vigil.core.errors import VigilError
+from vigil.core.errors import ConfigError, VigilError
 
 # Worth retrying (elsewhere or later): the server or the network, not the request.
 RETRYABLE = frozenset(
@@ -41,7 +41,5 @@ def from_grpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> RPCError:
     return RPCError(code, details or code.name.lower().replace("_", " "))
 
 
-class ClientConfigError(VigilError):
+class ClientConfigError(ConfigError):
     """A bad client setting (address, TLS file, token file); the message names it."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT

@@ -140,6 +140,12 @@ class Database:
         except DRIVER_ERRORS as exc:
             raise db_error(exc) from exc
 
+    async def execute(self, sql: str, *args: Any) -> None:
+        try:
+            await self.pool.execute(sql, *args)
+        except DRIVER_ERRORS as exc:
+            raise db_error(exc) from exc
+
     async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
         try:
             await self.pool.executemany(sql, args)

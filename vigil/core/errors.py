@@ -1,18 +1,17 @@
 """Vigil's one exception root, and the one place errors become gRPC statuses.
 
-Domain errors carry their status code. `grpc_errors` wraps every servicer method —
-unary, server-streaming and bidirectional alike — so an error raised anywhere in a call,
-also in the middle of a stream, ends the call with its mapped status and a message a
-person can act on; anything unexpected is logged and answered INTERNAL (never UNKNOWN).
+Domain errors carry their status code. `status_for` maps any exception to the status
+and message a call ends with; `vigil.core.rpc.rpc` applies it around every servicer
+method (unary, server-streaming and bidirectional alike), so an error raised anywhere
+in a call, also in the middle of a stream, ends the call with a message a person can
+act on; anything unexpected is logged and answered INTERNAL (never UNKNOWN).
 Database failures become domain errors in `vigil.core.db`, by SQLSTATE and constraint.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -107,34 +106,3 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, str(exc)
     log.exception("unexpected error in RPC", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
-
-
-def grpc_errors(fn: F) -> F:
-    """Decorate a servicer method of any shape: a raised error ends the call with its
-    mapped status (see `status_for`). `context.abort` inside the method still works."""
-    if inspect.isasyncgenfunction(fn):
-
-        @functools.wraps(fn)
-        async def gen_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
-            try:
-                async for item in fn(self, request, context):
-                    yield item
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:
-                code, message = status_for(exc)
-                await context.abort(code, message)
-
-        return gen_wrapper  # type: ignore[return-value]
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: Any) -> Any:
-        try:
-            return await fn(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
-
-    return wrapper  # type: ignore[return-value]

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from vigil.core.auth.tls import ServerTls
 from vigil.core.config import parse_addr
 from vigil.core.errors import ConfigError
 from vigil.core.timings import Timings
@@ -94,20 +95,28 @@ async def create_server(
     services: list[Service],
     timings: Timings,
     on_bound: Callable[[int], None] | None = None,
+    *,
+    tls: ServerTls | None = None,
+    reflection_on: bool = False,
 ) -> Server:
-    """Bind, start the services, then serve. `on_bound(port)` runs once the port is
-    known and before the services start (port 0 binds a free port)."""
+    """Bind (with TLS when given), start the services, then serve. `on_bound(port)` runs
+    once the port is known and before the services start (port 0 binds a free port).
+    Health checks are open to all; reflection, when on, lists every service."""
     host, port = parse_addr(addr, "VIGIL_ADDR")
     server = grpc.aio.server(options=server_options(timings))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
     for svc in services:
         svc.register(server)
         names.extend(svc.service_names)
-    reflection.enable_server_reflection(names, server)
+    if reflection_on:
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
     bind_host = f"[{host.strip('[]')}]" if ":" in host.strip("[]") else host
-    bound = server.add_insecure_port(f"{bind_host}:{port}")
+    if tls is not None:
+        bound = server.add_secure_port(f"{bind_host}:{port}", tls.credentials())
+    else:
+        bound = server.add_insecure_port(f"{bind_host}:{port}")
     if bound == 0:
         raise ConfigError(f"cannot listen on {addr}: address in use or not available")
     if on_bound is not None:
@@ -122,11 +131,17 @@ async def create_server(
     return Server(server, bound, health_servicer, services, timings)
 
 
-def start_metrics(addr: str, registry: CollectorRegistry) -> int:
-    """Serve /metrics over HTTP; returns the bound port."""
+def start_metrics(addr: str, registry: CollectorRegistry, tls: ServerTls | None = None) -> int:
+    """Serve /metrics over HTTP (HTTPS with `tls`); returns the bound port."""
     host, port = parse_addr(addr, "VIGIL_METRICS_ADDR")
     try:
-        httpd, _thread = start_http_server(port, addr=host.strip("[]"), registry=registry)
+        httpd, _thread = start_http_server(
+            port,
+            addr=host.strip("[]"),
+            registry=registry,
+            certfile=str(tls.cert_file) if tls else None,
+            keyfile=str(tls.key_file) if tls else None,
+        )
     except OSError as exc:
         raise ConfigError(f"cannot serve metrics on {addr}: {exc.strerror}") from exc
     return int(httpd.server_port)

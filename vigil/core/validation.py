@@ -58,6 +58,11 @@ def text(
     return value
 
 
+def truncate(value: str, limit: int) -> str:
+    """Text we store from elsewhere (a daemon's error, a reason), cut to `limit`."""
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
 def uuid_str(value: str, what: str) -> str:
     if not value:
         raise InvalidArgument(f"{what} is required (a UUID)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Self
 
-from vigil.v1 import common_pb2, liveness_pb2, machines_pb2, tasks_pb2
+from vigil.v1 import common_pb2, liveness_pb2, machines_pb2, tasks_pb2, tokens_pb2
 
 # Reserved chatroom holding the machine daemons' own presence (role = machine id).
 MACHINES_CHATROOM = "vigil.machines"
@@ -61,6 +61,7 @@ class OfflineReason(WireEnum):
     STREAM_DROPPED = "stream_dropped"
     TTL_EXPIRED = "ttl_expired"
     SUPERSEDED = "superseded"
+    REVOKED = "revoked"
 
 
 # The reasons a client may give when it leaves; the rest are the server's to record.
@@ -96,6 +97,7 @@ class NotificationKind(WireEnum):
     REDELIVERY_CAP = "redelivery_cap"
     RESTART_REQUESTED = "restart_requested"
     CIRCUIT_OPEN = "circuit_open"
+    START_FAILED = "start_failed"
 
 
 class ExitClassification(WireEnum):
@@ -154,6 +156,14 @@ class AgentStatus(WireEnum):
     CIRCUIT_OPEN = "circuit_open"
 
 
+class TokenKind(WireEnum):
+    ADMIN = "admin"  # everything
+    READONLY = "readonly"  # read everything, change nothing
+    CHATROOM = "chatroom"  # one chatroom (optionally one role)
+    MACHINE = "machine"  # one machine's daemon
+    AGENT = "agent"  # one agent process a daemon started
+
+
 _WIRE: dict[type[WireEnum], tuple[Any, str]] = {
     AgentKind: (common_pb2.AgentKind, "AGENT_KIND_"),
     ParticipantStatus: (liveness_pb2.ParticipantStatus, "PARTICIPANT_STATUS_"),
@@ -167,4 +177,5 @@ _WIRE: dict[type[WireEnum], tuple[Any, str]] = {
     CommandStatus: (machines_pb2.CommandStatus, "COMMAND_STATUS_"),
     DesiredState: (machines_pb2.DesiredState, "DESIRED_STATE_"),
     AgentStatus: (machines_pb2.AgentStatus, "AGENT_STATUS_"),
+    TokenKind: (tokens_pb2.TokenKind, "TOKEN_KIND_"),
 }

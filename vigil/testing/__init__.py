@@ -25,17 +25,21 @@ import asyncpg
 import grpc
 from prometheus_client import CollectorRegistry
 
-from vigil.client import ClientConfig
+from vigil.client import Client, ClientConfig
 from vigil.core import migrations
-from vigil.core.clock import SystemClock
-from vigil.core.db import Database, open_database
+from vigil.core.auth import Authenticator, Principal
+from vigil.core.auth.principal import new_token
+from vigil.core.auth.tls import ServerTls
+from vigil.core.config import Settings
+from vigil.core.db import Database
 from vigil.core.embedded import EmbeddedPostgres
-from vigil.core.server import Server, create_server
+from vigil.core.limits import Limits
+from vigil.core.server import Server
 from vigil.core.timings import Timings
+from vigil.core.vocab import TokenKind
 from vigil.liveness_service.app import LivenessApp
-from vigil.liveness_service.app import migrations as liveness_migrations
+from vigil.server import all_migrations, running
 from vigil.task_service.app import TaskApp
-from vigil.task_service.app import migrations as task_migrations
 from vigil.v1 import common_pb2
 from vigil.v1 import liveness_pb2 as pb
 from vigil.v1 import liveness_pb2_grpc as pb_grpc
@@ -60,10 +64,6 @@ def fast_timings(**overrides: int) -> Timings:
 def with_database(url: str, dbname: str) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
-
-
-def all_migrations() -> list[migrations.Migration]:
-    return liveness_migrations() + task_migrations()
 
 
 async def not_durable(admin_url: str) -> None:
@@ -105,6 +105,13 @@ async def create_database_from(admin_url: str, template: str) -> str:
 # -- in-process server -------------------------------------------------------
 
 
+# The admin token of each server a test started, by address: the harness's own clients,
+# stubs and CLI processes authenticate with it.
+ADMIN_TOKENS: dict[str, str] = {}
+# The principal tests act as when they call a service's methods directly.
+ADMIN = Principal(TokenKind.ADMIN, "test")
+
+
 @dataclass
 class LocalServer:
     server: Server
@@ -112,6 +119,8 @@ class LocalServer:
     tasks: TaskApp
     db: Database
     registry: CollectorRegistry
+    admin_token: str
+    auth: Authenticator
 
     @property
     def addr(self) -> str:
@@ -120,24 +129,90 @@ class LocalServer:
 
 @contextlib.asynccontextmanager
 async def local_server(
-    url: str, timings: Timings, addr: str = "127.0.0.1:0"
+    url: str,
+    timings: Timings,
+    addr: str = "127.0.0.1:0",
+    *,
+    limits: Limits | None = None,
+    tls: ServerTls | None = None,
 ) -> AsyncIterator[LocalServer]:
-    db = await open_database(url, min_size=1, max_size=10)
-    registry = CollectorRegistry()
-    app = LivenessApp(db, timings, SystemClock(), registry)
-    tasks = TaskApp(db, ClientConfig(timings=timings), timings, SystemClock(), registry)
-    server = await create_server(
-        addr,
-        [app, tasks],
-        timings,
-        lambda port: tasks.set_liveness_addr(f"127.0.0.1:{port}"),
+    """A whole Vigil (both services, one port) in this process, with an admin token of
+    its own (`srv.admin_token`, also known to the harness's clients by address)."""
+    _id, admin_token, _hash = new_token()
+    settings = Settings(
+        addr=addr,
+        timings=timings,
+        bootstrap_token=admin_token,
+        limits=limits or Limits(),
+        tls=tls,
     )
-    await tasks.svc.presence.synced.wait()
-    try:
-        yield LocalServer(server, app, tasks, db, registry)
-    finally:
-        await server.stop()
-        await db.close()
+    async with running(settings, url, pool_size=10) as vigil:
+        assert vigil.liveness is not None and vigil.tasks is not None
+        srv = LocalServer(
+            vigil.server,
+            vigil.liveness,
+            vigil.tasks,
+            vigil.db,
+            vigil.registry,
+            admin_token,
+            vigil.auth,
+        )
+        ADMIN_TOKENS[srv.addr] = admin_token
+        try:
+            await vigil.tasks.svc.presence.synced.wait()
+            yield srv
+        finally:
+            ADMIN_TOKENS.pop(srv.addr, None)
+
+
+def client_config(addr: str, token: str | None = None) -> ClientConfig:
+    """A client of the server at `addr`, as its admin unless `token` says otherwise."""
+    return ClientConfig(liveness_addr=addr, tasks_addr=addr, token=token or ADMIN_TOKENS.get(addr))
+
+
+def client(addr: str, token: str | None = None) -> Client:
+    return Client(client_config(addr, token))
+
+
+class _Bearer:
+    """Adds `authorization: Bearer <token>` to every call of a raw channel (gRPC files an
+    interceptor under one call shape only, hence one subclass per shape)."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self.header]
+        return details._replace(metadata=metadata)
+
+
+class _BearerUU(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _BearerUS(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _BearerSU(_Bearer, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+class _BearerSS(_Bearer, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def channel(addr: str, token: str | None = None) -> grpc.aio.Channel:
+    """A raw channel (for tests of the wire contract) authenticated as the server's
+    admin, or with `token` (\"\" for none at all)."""
+    token = ADMIN_TOKENS.get(addr) if token is None else token
+    shapes = (_BearerUU, _BearerUS, _BearerSU, _BearerSS)
+    interceptors: list[Any] = [shape(token) for shape in shapes] if token else []
+    return grpc.aio.insecure_channel(addr, interceptors=interceptors)
 
 
 async def make_room(srv: LocalServer, name: str = "room", *custom_roles: str) -> None:
@@ -147,6 +222,11 @@ async def make_room(srv: LocalServer, name: str = "room", *custom_roles: str) ->
 
     roles = [Role(r, AgentKind.CUSTOM) for r in (custom_roles or ("builder",))]
     await srv.tasks.svc.create_chatroom(name, roles)
+
+
+async def register_machine_direct(srv: LocalServer, machine_id: str) -> str:
+    """Register a machine through the service itself (as the test admin); its credential."""
+    return await srv.tasks.svc.agents.register_machine(machine_id, "test", [], ADMIN)
 
 
 # -- subprocesses --------------------------------------------------------------
@@ -285,7 +365,7 @@ async def register_machine(addr: str, machine_id: str, tmp: Path, **kw: Any) -> 
     """Register `machine_id` through the API; its daemon (not yet started)."""
     from vigil.client import Client
 
-    async with Client(ClientConfig.from_env(addr=addr)) as client:
+    async with Client(client_config(addr)) as client:
         reply = await client.register_machine(machine_id, "test")
     return MachineDaemon(addr, machine_id, reply.credential, tmp, **kw)
 
@@ -325,6 +405,11 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env.update(FAST_ENV)
     if extra:
         env.update(extra)
+    # A CLI or agent pointed at a server this harness started acts as its admin unless
+    # the test gave it a credential of its own.
+    token = ADMIN_TOKENS.get(env.get("VIGIL_ADDR", ""))
+    if token and not any(k in env for k in ("VIGIL_TOKEN", "VIGIL_TOKEN_FILE")):
+        env["VIGIL_TOKEN"] = token
     return env
 
 
@@ -345,20 +430,34 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
 
-_SERVING = re.compile(rb"serving .* on [^ ]+:(\d+) \(metrics http://[^:]+:(\d+)/")
+_SERVING = re.compile(rb"serving .* on [^ ]+:(\d+) \([^;)]*; metrics https?://[^:]+:(\d+)/")
 
 
 def start_server_process(
     args: list[str], env: dict[str, str], log: Path, timeout: float = 60
 ) -> ServerProcess:
-    """Start `vigil ARGS` and wait for its 'serving … on HOST:PORT' line."""
+    """Start `vigil ARGS` in the log's folder and wait for its 'serving … on HOST:PORT'
+    line. The server accepts `env`'s VIGIL_BOOTSTRAP_TOKEN (one is made up if missing)
+    as its admin; with VIGIL_BOOTSTRAP_TOKEN="" it writes its own admin token file."""
+    cwd = log.parent
+    env = dict(env)
+    token = env.setdefault("VIGIL_BOOTSTRAP_TOKEN", new_token()[1])
+    if not token:  # the test wants the server to write its own admin token file
+        del env["VIGIL_BOOTSTRAP_TOKEN"]
     out = log.open("wb")
-    proc = _track(subprocess.Popen(vigil_cmd(*args), env=env, stdout=out, stderr=subprocess.STDOUT))
+    proc = _track(
+        subprocess.Popen(vigil_cmd(*args), env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         m = _SERVING.search(log.read_bytes())
         if m:
-            return ServerProcess(proc, int(m.group(1)), int(m.group(2)), log)
+            started = ServerProcess(proc, int(m.group(1)), int(m.group(2)), log)
+            token_file = cwd / (env.get("VIGIL_DATA_DIR") or ".vigil") / "admin.token"
+            if not token and token_file.exists():
+                token = token_file.read_text().strip()
+            ADMIN_TOKENS[started.addr] = token
+            return started
         if proc.poll() is not None:
             raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()}")
         time.sleep(0.05)
@@ -456,8 +555,8 @@ async def wait_offline(
     return row
 
 
-def stub(addr: str) -> tuple[grpc.aio.Channel, pb_grpc.LivenessStub]:
-    ch = grpc.aio.insecure_channel(addr)
+def stub(addr: str, token: str | None = None) -> tuple[grpc.aio.Channel, pb_grpc.LivenessStub]:
+    ch = channel(addr, token)
     return ch, pb_grpc.LivenessStub(ch)
 
 

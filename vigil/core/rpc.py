@@ -1,0 +1,128 @@
+"""What every servicer method goes through: authenticate the caller, check the declared
+rule of the method (`vigil.core.auth.rules`), run it with the caller known
+(`caller()`), and end the call with the status its outcome maps to
+(`vigil.core.errors`). A stream also ends, UNAUTHENTICATED, the moment its credential is
+revoked or expires.
+
+Servicers using it have `service_name` (e.g. "vigil.v1.Tasks") and `auth` (an
+Authenticator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from vigil.core.auth.principal import Principal
+from vigil.core.auth.rules import permit
+from vigil.core.errors import Internal, Unauthenticated, status_for
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_CALLER: contextvars.ContextVar[Principal] = contextvars.ContextVar("vigil_caller")
+REVOKED = "the credential of this stream was revoked or expired"
+
+
+def caller() -> Principal:
+    """The authenticated principal of the call being served."""
+    try:
+        return _CALLER.get()
+    except LookupError:
+        raise Internal("no authenticated caller in this context") from None
+
+
+async def _enter(self: Any, method: str, request: Any, context: Any) -> Principal:
+    principal: Principal = await self.auth.authenticate(context)
+    # A bidirectional stream's first message carries its target: its handler checks it.
+    permit(principal, method, request)
+    _CALLER.set(principal)
+    return principal
+
+
+async def _fail(context: Any, exc: BaseException) -> None:
+    code, message = status_for(exc)
+    await context.abort(code, message)
+
+
+def rpc(fn: F) -> F:
+    """Decorate a servicer method (unary, server-streaming or bidirectional)."""
+    name = fn.__name__
+
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def streaming(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            method = f"{self.service_name}/{name}"
+            try:
+                principal = await _enter(self, method, request, context)
+                revoked = self.auth.watch(principal)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _fail(context, exc)
+                return
+            gone = asyncio.ensure_future(revoked.wait())
+            items = fn(self, request, context)
+            try:
+                while True:
+                    nxt = asyncio.ensure_future(anext(items))
+                    await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if not nxt.done():
+                        nxt.cancel()
+                        with contextlib.suppress(BaseException):
+                            await nxt
+                        await _fail(context, Unauthenticated(REVOKED))
+                        return
+                    try:
+                        item = nxt.result()
+                    except StopAsyncIteration:
+                        return
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _fail(context, exc)
+            finally:
+                gone.cancel()
+                self.auth.unwatch(principal, revoked)
+                with contextlib.suppress(BaseException):
+                    await items.aclose()
+
+        return streaming  # type: ignore[return-value]
+
+    bidirectional = "request_iterator" in inspect.signature(fn).parameters
+
+    @functools.wraps(fn)
+    async def unary(self: Any, request: Any, context: Any) -> Any:
+        method = f"{self.service_name}/{name}"
+        try:
+            principal = await _enter(self, method, None if bidirectional else request, context)
+            if not bidirectional:
+                return await fn(self, request, context)
+            revoked = self.auth.watch(principal)
+            work = asyncio.ensure_future(fn(self, request, context))
+            gone = asyncio.ensure_future(revoked.wait())
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not work.done():
+                    work.cancel()
+                    with contextlib.suppress(BaseException):
+                        await work
+                    raise Unauthenticated(REVOKED)
+                return work.result()
+            finally:
+                gone.cancel()
+                self.auth.unwatch(principal, revoked)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _fail(context, exc)
+
+    return unary  # type: ignore[return-value]
