@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from vigil.client import ClientConfig
 from vigil.core.config import Settings, parse_addr
 from vigil.core.errors import ConfigError
 from vigil.core.timings import Timings
@@ -60,3 +63,25 @@ def test_parse_addr() -> None:
     assert parse_addr("[::1]:7070", "X") == ("[::1]", 7070)
     with pytest.raises(ConfigError, match="X must look like"):
         parse_addr("host:99999", "X")
+
+
+def test_plaintext_is_for_loopback_unless_insecure() -> None:
+    with pytest.raises(ConfigError) as exc:
+        Settings.from_env({"VIGIL_ADDR": "0.0.0.0:7070"})
+    assert "--insecure" in str(exc.value)
+    assert Settings.from_env({"VIGIL_ADDR": "0.0.0.0:7070", "VIGIL_INSECURE": "1"}).insecure
+    assert Settings.from_env({"VIGIL_ADDR": "[::1]:7070"}).tls is None
+
+
+def test_a_client_sends_no_credential_in_plaintext_off_this_host(tmp_path: Path) -> None:
+    token = "vigil_0123456789abcdef_" + "a" * 43
+    far = {"VIGIL_ADDR": "10.1.2.3:7070", "VIGIL_TOKEN": token}
+    with pytest.raises(ConfigError) as exc:
+        ClientConfig.from_env(far, data_dir=tmp_path).check_transport()
+    assert "VIGIL_TLS_CA" in str(exc.value) and token not in str(exc.value)
+    ClientConfig.from_env({**far, "VIGIL_INSECURE": "1"}, data_dir=tmp_path).check_transport()
+    ClientConfig.from_env({**far, "VIGIL_TLS_CA": "ca.pem"}, data_dir=tmp_path).check_transport()
+    near = {"VIGIL_ADDR": "127.0.0.1:7070,127.0.0.2:7070", "VIGIL_TOKEN": token}
+    ClientConfig.from_env(near, data_dir=tmp_path).check_transport()
+    # Without a credential there is nothing to leak.
+    ClientConfig.from_env({"VIGIL_ADDR": "10.1.2.3:7070"}, data_dir=tmp_path).check_transport()

@@ -42,6 +42,7 @@ class Client:
     """Use as `async with Client(config) as client:` (or `vigil.client.connect()`)."""
 
     def __init__(self, config: ClientConfig) -> None:
+        config.check_transport()
         self.config = config
         self._liveness_ch = open_channel(
             config.liveness_addr, config, LIVENESS, "VIGIL_LIVENESS_ADDR"
@@ -84,9 +85,14 @@ class Client:
             try:
                 await asyncio.wait_for(ch.channel_ready(), timeout)
             except TimeoutError:
+                hint = (
+                    "is it running, does it serve TLS, and does VIGIL_TLS_CA (with "
+                    "VIGIL_TLS_CERT under mutual TLS) match its certificate?"
+                    if self.config.tls.enabled
+                    else "is `vigil up` running? A TLS server needs VIGIL_TLS_CA"
+                )
                 raise RPCError(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"cannot reach Vigil at {addr} (is `vigil up` running?)",
+                    grpc.StatusCode.UNAVAILABLE, f"cannot reach Vigil at {addr} ({hint})"
                 ) from None
 
     async def call(self, method: Callable[..., Awaitable[T]], request: Any, **kw: Any) -> T:

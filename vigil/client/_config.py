@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vigil.client._errors import ClientConfigError
-from vigil.core.config import grpc_target
+from vigil.core.config import grpc_target, is_loopback_target
 from vigil.core.timings import Timings
 
 DEFAULT_ADDR = "127.0.0.1:7070"
@@ -102,6 +102,23 @@ class ClientConfig:
     timings: Timings = field(default_factory=Timings)
     # Extra gRPC channel arguments (e.g. a separate connection per client).
     channel_options: tuple[tuple[str, int | str], ...] = ()
+    # Send the token over plaintext to a host other than this one (VIGIL_INSECURE=1).
+    insecure: bool = False
+
+    def check_transport(self) -> None:
+        """A credential travels in plaintext only to this host, unless `insecure`."""
+        if self.token is None or self.tls.enabled or self.insecure:
+            return
+        for addr, var in (
+            (self.liveness_addr, "VIGIL_LIVENESS_ADDR"),
+            (self.tasks_addr, "VIGIL_ADDR"),
+        ):
+            if not is_loopback_target(grpc_target(addr, var)):
+                raise ClientConfigError(
+                    f"refusing to send a credential in plaintext to {addr}: set VIGIL_TLS_CA "
+                    "to the CA that signed its certificate (or, knowing that anyone on the "
+                    "path can read it, VIGIL_INSECURE=1)"
+                )
 
     @classmethod
     def from_env(
@@ -137,6 +154,7 @@ class ClientConfig:
             token=find_token(env, token_file, folder),
             tls=tls,
             timings=timings or Timings.from_env(env),
+            insecure=(env.get("VIGIL_INSECURE") or "").strip().lower() in ("1", "true", "yes"),
         )
 
     def with_token(self, token: str | None) -> ClientConfig:
