@@ -82,16 +82,19 @@ async def running(
     registry: CollectorRegistry | None = None,
     pool_size: int = 20,
     bootstrap_file: Path | None = None,
+    authenticator: type[Authenticator] = Authenticator,
 ) -> AsyncIterator[Running]:
     """Serve `services` on `settings.addr` until the block ends (then stop gracefully).
     With `bootstrap_file`, the process hosting the task service makes sure an admin token
-    exists and is in that owner-only file (the local CLI finds it there)."""
+    exists and is in that owner-only file (the local CLI finds it there). `authenticator`
+    is the class that authenticates callers (benchmarks measure its cost against a
+    subclass that trusts everyone; nothing else replaces it)."""
     clock = clock or SystemClock()
     registry = registry or CollectorRegistry()
     db = await open_database(url, min_size=1, max_size=pool_size)
     try:
         await migrations.apply(db.pool, all_migrations())
-        auth = Authenticator(AuthStore(db), url, clock, settings.limits.streams_per_token)
+        auth = authenticator(AuthStore(db), url, clock, settings.limits.streams_per_token)
         await auth.start()
         try:
             live = task = None
