@@ -190,6 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_machine_commands(sub)
     _add_token_commands(sub)
     _add_tls_commands(sub)
+
+    au = sub.add_parser("audit", help="check the audit log")
+    au_sub = au.add_subparsers(
+        dest="audit_command", metavar="ACTION", parser_class=_Parser, required=True
+    )
+    verify = au_sub.add_parser(
+        "verify",
+        help="walk the audit log's hash chains; exit 1 naming the first broken link",
+        description="Every task's status changes form a hash chain; this recomputes it "
+        "and reports the first row edited, removed or inserted since it was written.",
+    )
+    verify.add_argument("--task", metavar="ID", help="only this task's chain")
+    verify.add_argument("--json", action="store_true", help="JSON output")
+    _client_flags(verify)
+
+    sub.add_parser(
+        "migrate",
+        help="apply migrations and create the database roles, as the owner (DATABASE_URL)",
+        description="Applies every migration and (re)grants the roles vigil_liveness, "
+        "vigil_tasks and vigil_readonly, creating them if missing. Run it as the owner of "
+        "Vigil's schemas (docs/operations.md); servers then may start with VIGIL_MIGRATE=0.",
+    )
     return p
 
 
@@ -427,7 +449,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env(env)
 
 
-SERVER_COMMANDS = frozenset({"up", "liveness", "task-service", "demo"})
+SERVER_COMMANDS = frozenset({"up", "liveness", "task-service", "demo", "migrate"})
 
 
 async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -478,6 +500,10 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         from vigil.cli.token_cmds import run as run_token
 
         return await run_token(args, config)
+    if args.command == "audit":
+        from vigil.cli.task_cmds import verify_audit
+
+        return await verify_audit(config, args.task, args.json)
     parser.print_help()
     return 2
 
@@ -521,6 +547,10 @@ async def _serve(args: argparse.Namespace, log_format: str) -> int:
         return await serve(settings, ("liveness",))
     if args.command == "task-service":
         return await serve(settings, ("tasks",))
+    if args.command == "migrate":
+        from vigil.cli.serve import migrate
+
+        return await migrate(settings)
     from vigil.cli.demo import demo
 
     return await demo(settings.database_url)

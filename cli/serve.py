@@ -13,6 +13,7 @@ from vigil.core.config import Settings
 from vigil.core.db import resolve_url
 from vigil.core.server import start_metrics, wait_for_signal
 from vigil.server import ADMIN_TOKEN_FILE, SERVICES, running
+from vigil.server import migrate as vigil_migrate
 
 log = logging.getLogger("vigil")
 
@@ -22,6 +23,9 @@ async def serve(
 ) -> int:
     """Serve until SIGTERM/SIGINT. With `ui` (a terminal), draw the live view on stdout;
     logs then go to DATA_DIR/vigil.log."""
+    own_urls = settings.liveness_database_url or settings.tasks_database_url
+    if settings.database_url is None and own_urls:
+        return await _serve(settings, services, None, ui=ui)  # migrated by `vigil migrate`
     url, embedded = await resolve_url(settings.database_url, settings.data_dir)
     try:
         return await _serve(settings, services, url, ui=ui)
@@ -30,12 +34,15 @@ async def serve(
             await asyncio.to_thread(embedded.stop)
 
 
-async def _serve(settings: Settings, services: tuple[str, ...], url: str, *, ui: bool) -> int:
-    where = (
-        "DATABASE_URL"
-        if settings.database_url
-        else f"embedded PostgreSQL in {settings.data_dir}/pg"
-    )
+async def _serve(
+    settings: Settings, services: tuple[str, ...], url: str | None, *, ui: bool
+) -> int:
+    if url is None:
+        where = "the services' own database URLs"
+    elif settings.database_url:
+        where = "DATABASE_URL"
+    else:
+        where = f"embedded PostgreSQL in {settings.data_dir}/pg"
     token_file = settings.data_dir / ADMIN_TOKEN_FILE
     async with running(settings, url, services, bootstrap_file=token_file) as vigil:
         metrics_port = start_metrics(settings.metrics_addr, vigil.registry, settings.tls)
@@ -72,6 +79,20 @@ async def _serve(settings: Settings, services: tuple[str, ...], url: str, *, ui:
             view.cancel()
         print(f"vigil: signal {sig}: shutting down gracefully", file=sys.stderr, flush=True)
         log.info("signal %d: shutting down gracefully", sig)
+    return 0
+
+
+async def migrate(settings: Settings) -> int:
+    """`vigil migrate`: migrations and roles, as the owner; on the embedded default too."""
+    url, embedded = await resolve_url(settings.database_url, settings.data_dir)
+    try:
+        applied = await vigil_migrate(url)
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+    names = ", ".join(f"{m.service} {m.version:04d}_{m.name}" for m in applied) or "none"
+    print(f"vigil: migrations applied: {names}; roles vigil_liveness, vigil_tasks and "
+          "vigil_readonly granted")  # fmt: skip
     return 0
 
 

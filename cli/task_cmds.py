@@ -455,6 +455,39 @@ async def task_history(config: ClientConfig, task_id: str, as_json: bool) -> int
     return 0
 
 
+async def verify_audit(config: ClientConfig, task_id: str | None, as_json: bool) -> int:
+    """Exit 0 when every chain is whole; else print the first broken link, exit 1."""
+    only = check_task_id(task_id) if task_id else ""
+    async with connected(config) as client:
+        reply = await client.verify_audit(only)
+    if as_json:
+        _print_json(
+            {
+                "ok": reply.ok,
+                "tasks_checked": reply.tasks_checked,
+                "transitions_checked": reply.transitions_checked,
+                "broken": None
+                if reply.ok
+                else {
+                    "task_id": reply.broken_task_id,
+                    "transition_id": reply.broken_transition_id or None,
+                    "problem": reply.problem,
+                },
+            }
+        )
+        return 0 if reply.ok else 1
+    if reply.ok:
+        print(
+            f"audit log whole: {reply.tasks_checked} task(s), "
+            f"{reply.transitions_checked} transition(s) verified"
+        )
+        return 0
+    where = f"task {reply.broken_task_id}"
+    if reply.broken_transition_id:
+        where = f"row {reply.broken_transition_id} of {where}"
+    raise CliError(f"audit log broken at {where}: {reply.problem}")
+
+
 async def list_tasks(
     config: ClientConfig,
     chatroom: str | None,

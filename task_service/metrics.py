@@ -106,3 +106,19 @@ class TaskMetrics:
             "AwaitTask streams open on this replica.",
             registry=registry,
         )
+        self.audit_ok = Gauge(
+            "vigil_audit_verified",
+            "1 if the last full audit verification on this replica found every chain "
+            "whole, 0 if it found a broken link (absent before the first).",
+            registry=registry,
+        )
+        self.audit_at = Gauge(
+            "vigil_audit_verified_timestamp_seconds",
+            "When the last full audit verification on this replica finished.",
+            registry=registry,
+        )
+        self.audit_rows = Gauge(
+            "vigil_audit_transitions_verified",
+            "Audit rows the last full verification checked.",
+            registry=registry,
+        )

@@ -370,3 +370,14 @@ SELECT * FROM tasks.agent_exits
 WHERE ($1::text IS NULL OR chatroom = $1) AND ($2::text IS NULL OR role = $2)
   AND ($3::bigint IS NULL OR id < $3)
 ORDER BY id DESC LIMIT $4;
+
+-- name: audit_tasks
+-- A page of tasks to verify the audit chains of. $1 after this id or NULL, $2 only this
+-- task or NULL, $3 limit
+SELECT id, status, attempt FROM tasks.tasks
+WHERE ($1::uuid IS NULL OR id > $1) AND ($2::uuid IS NULL OR id = $2)
+ORDER BY id LIMIT $3;
+
+-- name: audit_rows
+-- The audit rows of some tasks, each task's in order. $1 task ids
+SELECT * FROM tasks.transitions WHERE task_id = ANY($1::uuid[]) ORDER BY task_id, id;

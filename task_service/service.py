@@ -36,9 +36,10 @@ from vigil.core.vocab import (
     OfflineReason,
     TaskStatus,
 )
-from vigil.task_service import fsm, policy
+from vigil.task_service import audit, fsm, policy
 from vigil.task_service.agents import Agents
 from vigil.task_service.agents_store import AgentStore, AgentTx
+from vigil.task_service.audit import Broken
 from vigil.task_service.metrics import TaskMetrics
 from vigil.task_service.model import Chatroom, Notification, Role, Task, Transition
 from vigil.task_service.presence import Presence, PresenceFollower
@@ -64,6 +65,7 @@ _RELEASE_TRIGGER = {
 
 
 MAX_ROLES = 256
+AUDIT_PAGE = 500  # tasks per snapshot when verifying the audit log
 PRESENCE_WAIT_S = 2.0  # how long a claim waits for its join to reach this replica's view
 
 
@@ -698,6 +700,36 @@ class TaskService:
             return await self.store.newest_notifications(page.fetch, chatroom, page.arg(0))
         after = max(after_id, page.arg(0) or 0)
         return await self.store.list_notifications(after, page.fetch, chatroom)
+
+    async def verify_audit(self, task_id: str = "") -> tuple[int, int, Broken | None]:
+        """Walk the audit chains (of every task, or of one): (tasks checked, rows
+        checked, the first broken link or None). A full walk sets the audit metrics."""
+        only = check_task_id(task_id) if task_id else None
+        tasks = rows = 0
+        after: str | None = None
+        while True:
+            page = await self.store.audit_page(after, only, AUDIT_PAGE)
+            for tid, status, attempt, chain in page:
+                tasks += 1
+                rows += len(chain)
+                broken = audit.verify_task(tid, status, attempt, chain)
+                if broken is not None:
+                    self._audited(only, rows, ok=False)
+                    return tasks, rows, broken
+            if len(page) < AUDIT_PAGE:
+                break
+            after = page[-1][0]
+        if only and not tasks:
+            raise NotFound(f"no task {task_id}")
+        self._audited(only, rows, ok=True)
+        return tasks, rows, None
+
+    def _audited(self, only: str | None, rows: int, *, ok: bool) -> None:
+        if only:
+            return
+        self.metrics.audit_ok.set(1 if ok else 0)
+        self.metrics.audit_rows.set(rows)
+        self.metrics.audit_at.set(self.clock.now().timestamp())
 
     async def count_tasks(self, chatroom: str) -> tuple[dict[TaskStatus, int], int]:
         if chatroom:

@@ -137,6 +137,20 @@ class TasksServicer(pb_grpc.TasksServicer):
         )
 
     @rpc
+    async def VerifyAudit(
+        self, request: pb.VerifyAuditRequest, context: Ctx
+    ) -> pb.VerifyAuditResponse:
+        tasks, rows, broken = await self.svc.verify_audit(request.task_id)
+        reply = pb.VerifyAuditResponse(
+            ok=broken is None, tasks_checked=tasks, transitions_checked=rows
+        )
+        if broken is not None:
+            reply.broken_task_id = broken.task_id
+            reply.broken_transition_id = broken.transition_id
+            reply.problem = broken.problem
+        return reply
+
+    @rpc
     async def WatchNotifications(
         self, request: pb.WatchNotificationsRequest, context: Ctx
     ) -> AsyncIterator[pb.Notification]:

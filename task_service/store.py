@@ -25,6 +25,7 @@ from vigil.core.errors import AlreadyExists, NotFound
 from vigil.core.paging import Page
 from vigil.core.sql import load_queries
 from vigil.core.vocab import AgentKind, NotificationKind, TaskStatus
+from vigil.task_service.audit import AuditRow
 from vigil.task_service.model import Chatroom, Notification, Role, Task, Transition
 
 Q = load_queries(Path(__file__).with_name("queries.sql"))
@@ -255,6 +256,25 @@ class TaskStore:
     ) -> list[Notification]:
         rows = await self.db.fetch(Q["newest_notifications"], limit, chatroom, before_id)
         return [Notification.from_row(r) for r in rows]
+
+    async def audit_page(
+        self, after: str | None, only: str | None, limit: int
+    ) -> list[tuple[str, str, int, list[AuditRow]]]:
+        """Tasks (id order, after `after`) with their audit rows, read in one snapshot so
+        a task and its log agree."""
+        async with (
+            mapped_errors(),
+            self.db.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            tasks = await conn.fetch(Q["audit_tasks"], after, only, limit)
+            rows = await conn.fetch(Q["audit_rows"], [t["id"] for t in tasks])
+        by_task: dict[str, list[AuditRow]] = {}
+        for r in rows:
+            by_task.setdefault(str(r["task_id"]), []).append(AuditRow.from_row(r))
+        return [
+            (str(t["id"]), t["status"], t["attempt"], by_task.get(str(t["id"]), [])) for t in tasks
+        ]
 
     async def next_deadline(self) -> datetime | None:
         value: datetime | None = await self.db.fetchval(Q["next_deadline"])

@@ -16,14 +16,14 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from vigil.client import ClientConfig, TlsConfig
-from vigil.core import migrations
+from vigil.core import migrations, roles
 from vigil.core.auth import Authenticator, AuthStore
 from vigil.core.auth.principal import SYSTEM, parse, secret_hash
 from vigil.core.auth.store import MIGRATIONS as AUTH_MIGRATIONS
 from vigil.core.clock import Clock, SystemClock
 from vigil.core.config import Settings
 from vigil.core.db import Database, open_database
-from vigil.core.errors import ConfigError, Unauthenticated
+from vigil.core.errors import ConfigError, StorageError, Unauthenticated
 from vigil.core.server import Server, Service, create_server
 from vigil.core.vocab import TokenKind
 from vigil.liveness_service.app import LivenessApp
@@ -75,7 +75,7 @@ def _follower(settings: Settings) -> ClientConfig:
 @contextlib.asynccontextmanager
 async def running(
     settings: Settings,
-    url: str,
+    url: str | None,
     services: tuple[str, ...] = SERVICES,
     *,
     clock: Clock | None = None,
@@ -91,53 +91,113 @@ async def running(
     subclass that trusts everyone; nothing else replaces it)."""
     clock = clock or SystemClock()
     registry = registry or CollectorRegistry()
-    db = await open_database(url, min_size=1, max_size=pool_size)
-    try:
-        await migrations.apply(db.pool, all_migrations())
-        auth = authenticator(AuthStore(db), url, clock, settings.limits.streams_per_token)
-        await auth.start()
-        try:
-            live = task = None
-            apps: list[Service] = []
-            if "liveness" in services:
-                live = LivenessApp(db, auth, settings.timings, clock, registry, settings.limits)
-                apps.append(live)
-            if "tasks" in services:
-                if "liveness" not in services and not settings.liveness_addr:
-                    raise ConfigError(
-                        "VIGIL_LIVENESS_ADDR must name the liveness service when the task "
-                        "service runs alone"
-                    )
-                task = TaskApp(
-                    db, auth, _follower(settings), settings.timings, clock, registry,
-                    settings.replica_id,
-                )  # fmt: skip
-                apps.append(task)
-            host = settings.addr.rsplit(":", 1)[0]
-
-            def bound(port: int) -> None:
-                if task is not None and live is not None:
-                    task.set_liveness_addr(f"{host}:{port}")
-
-            admin = None
-            if task is not None:
-                admin = await _bootstrap(auth, settings, bootstrap_file)
-            server = await create_server(
-                settings.addr,
-                apps,
-                settings.timings,
-                bound,
-                tls=settings.tls,
-                reflection_on=settings.reflection,
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.migrate:
+            await migrate(url)
+        pools: dict[str, Database] = {}
+        for service in services:
+            db = await open_database(
+                service_database_url(settings, url, service), min_size=1, max_size=pool_size
             )
-            try:
-                yield Running(server, db, auth, registry, live, task, admin)
-            finally:
-                await server.stop()
+            stack.push_async_callback(db.close)
+            pools[service] = db
+        main = pools.get("tasks") or pools["liveness"]
+        if not settings.migrate:
+            await check_migrated(main)
+        auth = authenticator(AuthStore(main), main.url, clock, settings.limits.streams_per_token)
+        await auth.start()
+        stack.push_async_callback(auth.stop)
+        live = task = None
+        apps: list[Service] = []
+        if "liveness" in services:
+            live = LivenessApp(
+                pools["liveness"], auth, settings.timings, clock, registry, settings.limits
+            )
+            apps.append(live)
+        if "tasks" in services:
+            if "liveness" not in services and not settings.liveness_addr:
+                raise ConfigError(
+                    "VIGIL_LIVENESS_ADDR must name the liveness service when the task "
+                    "service runs alone"
+                )
+            task = TaskApp(
+                pools["tasks"], auth, _follower(settings), settings.timings, clock, registry,
+                settings.replica_id,
+            )  # fmt: skip
+            apps.append(task)
+        host = settings.addr.rsplit(":", 1)[0]
+
+        def bound(port: int) -> None:
+            if task is not None and live is not None:
+                task.set_liveness_addr(f"{host}:{port}")
+
+        admin = None
+        if task is not None:
+            admin = await _bootstrap(auth, settings, bootstrap_file)
+        server = await create_server(
+            settings.addr,
+            apps,
+            settings.timings,
+            bound,
+            tls=settings.tls,
+            reflection_on=settings.reflection,
+        )
+        try:
+            yield Running(server, main, auth, registry, live, task, admin)
         finally:
-            await auth.stop()
+            await server.stop()
+
+
+_SERVICE_ROLES = {"liveness": roles.LIVENESS, "tasks": roles.TASKS}
+
+
+def service_database_url(settings: Settings, url: str | None, service: str) -> str:
+    """Where `service` connects, as its own role (see `vigil.core.roles`)."""
+    own = settings.liveness_database_url if service == "liveness" else settings.tasks_database_url
+    if own:
+        return own
+    if not url:
+        raise ConfigError(
+            f"no database for the {service} service: set DATABASE_URL or "
+            f"VIGIL_{service.upper()}_DATABASE_URL"
+        )
+    # On the embedded PostgreSQL (no DATABASE_URL) the role logs in over the socket.
+    return roles.service_url(url, _SERVICE_ROLES[service], login=settings.database_url is None)
+
+
+async def migrate(url: str | None) -> list[migrations.Migration]:
+    """Apply every migration and the roles' grants, as the owner at `url`."""
+    if not url:
+        raise ConfigError("migrating needs DATABASE_URL (the owner of Vigil's schemas)")
+    owner = await open_database(url, min_size=1, max_size=2)
+    try:
+        applied = await migrations.apply(owner.pool, all_migrations())
+        await roles.ensure(owner.pool)
+        return applied
     finally:
-        await db.close()
+        await owner.close()
+
+
+async def check_migrated(db: Database) -> None:
+    """A server that does not migrate starts only on a database that is up to date."""
+    try:
+        rows = await db.fetch("SELECT service, version FROM public.vigil_migrations")
+    except StorageError as exc:
+        raise ConfigError(
+            f"cannot read the applied migrations ({exc}): run `vigil migrate` with the "
+            "owner's DATABASE_URL first"
+        ) from None
+    done = {(r["service"], r["version"]) for r in rows}
+    missing = [
+        f"{m.service} {m.version:04d}"
+        for m in all_migrations()
+        if (m.service, m.version) not in done
+    ]
+    if missing:
+        raise ConfigError(
+            f"the database lacks migrations ({', '.join(missing)}): run `vigil migrate` "
+            "with the owner's DATABASE_URL first"
+        )
 
 
 async def _bootstrap(auth: Authenticator, settings: Settings, path: Path | None) -> str | None:

@@ -200,6 +200,9 @@ def requests(fx: dict[str, Any]) -> dict[str, Call]:
         "vigil.v1.Tasks/WatchNotifications": lambda ch: _first(
             tasks(ch).WatchNotifications(tpb.WatchNotificationsRequest())
         ),
+        "vigil.v1.Tasks/VerifyAudit": lambda ch: tasks(ch).VerifyAudit(
+            tpb.VerifyAuditRequest(task_id=str(uuid.uuid4()))
+        ),
         "vigil.v1.Machines/RegisterMachine": lambda ch: machines(ch).RegisterMachine(
             mpb.RegisterMachineRequest(machine_id="m1", hostname="h" * 10_000)
         ),

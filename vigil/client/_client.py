@@ -34,6 +34,7 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 5.0
 MAX_PAGE = 1000  # the largest page a server gives
+AUDIT_TIMEOUT_S = 600.0  # a full audit walk reads every row
 LIVENESS = lpb.DESCRIPTOR.services_by_name["Liveness"].full_name
 TASKS = tpb.DESCRIPTOR.services_by_name["Tasks"].full_name
 
@@ -267,6 +268,11 @@ class Client:
         return self.stream(
             self.tasks.WatchNotifications, tpb.WatchNotificationsRequest(after_id=after_id), **kw
         )
+
+    async def verify_audit(self, task_id: str = "") -> tpb.VerifyAuditResponse:
+        """Walk the audit log's hash chains (every task's, or one task's)."""
+        request = tpb.VerifyAuditRequest(task_id=task_id)
+        return await self.call(self.tasks.VerifyAudit, request, timeout=AUDIT_TIMEOUT_S)
 
     # -- machines and their agents ---------------------------------------------------
 

@@ -108,6 +108,11 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     # An admin token to accept (created if missing), e.g. from a deployment's secret.
     bootstrap_token: str | None = field(default=None, repr=False)
+    # Each service's own database login (default: DATABASE_URL taking the service's role).
+    liveness_database_url: str | None = field(default=None, repr=False)
+    tasks_database_url: str | None = field(default=None, repr=False)
+    # Apply migrations and grants at start-up (needs DATABASE_URL to be the owner).
+    migrate: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -116,9 +121,15 @@ class Settings:
         parse_addr(addr, "VIGIL_ADDR")
         metrics_addr = env.get("VIGIL_METRICS_ADDR") or DEFAULT_METRICS_ADDR
         parse_addr(metrics_addr, "VIGIL_METRICS_ADDR")
-        url = env.get("DATABASE_URL") or None
-        if url is not None and not url.startswith(("postgres://", "postgresql://")):
-            raise ConfigError("DATABASE_URL must start with postgresql:// or postgres://")
+        url = _database_url(env, "DATABASE_URL")
+        live_url = _database_url(env, "VIGIL_LIVENESS_DATABASE_URL")
+        tasks_url = _database_url(env, "VIGIL_TASKS_DATABASE_URL")
+        migrate = (env.get("VIGIL_MIGRATE") or "1").strip() not in ("0", "false", "no")
+        if url is None and (live_url or tasks_url) and migrate:
+            raise ConfigError(
+                "with only the services' own database URLs set, set VIGIL_MIGRATE=0 and "
+                "run `vigil migrate` with the owner's DATABASE_URL before starting"
+            )
         level = (env.get("VIGIL_LOG_LEVEL") or "INFO").upper()
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(
@@ -151,6 +162,9 @@ class Settings:
             reflection=_flag(env, "VIGIL_REFLECTION"),
             limits=Limits.from_env(env),
             bootstrap_token=env.get("VIGIL_BOOTSTRAP_TOKEN") or None,
+            liveness_database_url=live_url,
+            tasks_database_url=tasks_url,
+            migrate=migrate,
         )
         settings.check_exposure()
         return settings
@@ -166,6 +180,13 @@ class Settings:
                     f"{var} {addr} is not a loopback address: serve it with TLS "
                     "(--tls-cert and --tls-key) or, knowing what that exposes, --insecure"
                 )
+
+
+def _database_url(env: Mapping[str, str], var: str) -> str | None:
+    url = env.get(var) or None
+    if url is not None and not url.startswith(("postgres://", "postgresql://")):
+        raise ConfigError(f"{var} must start with postgresql:// or postgres://")
+    return url
 
 
 def _flag(env: Mapping[str, str], var: str) -> bool:

@@ -89,6 +89,7 @@ RULES: dict[str, Rule] = {
     "vigil.v1.Tasks/CountTasks": Rule(READERS, Scope.LISTED),
     "vigil.v1.Tasks/ListNotifications": Rule(READERS, Scope.LISTED),
     "vigil.v1.Tasks/WatchNotifications": Rule(READERS, Scope.LISTED),
+    "vigil.v1.Tasks/VerifyAudit": Rule(OPERATORS),
     # -- machines ----------------------------------------------------------------------
     "vigil.v1.Machines/RegisterMachine": Rule(
         frozenset({ADMIN, MACHINE}), Scope.MACHINE, lambda r: (r.machine_id,)
