@@ -6,6 +6,11 @@ results file).
 A group is a module with `async def run(ctx: Context) -> dict[str, dict]` (benchmark name
 -> result), registered in GROUPS. The exit code is 0 when every benchmark ran, whether or
 not it met its goal (a miss is printed as MISSED); it is 1 when a benchmark broke.
+
+heartbeat_load and send_to_receipt also measure, in the same run, the same server
+serving TLS (*_tls) and one that trusts every caller (*_plain, bench/plain_server.py, for
+measurement only); *_auth_cost compares the three. `--only heartbeat_load` (or the name
+of any of its entries) runs all of them.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import re
 import resource
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -28,9 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from vigil import testing as harness
+from vigil.core.auth.principal import new_token
+from vigil.core.auth.tls import dev_ca
 from vigil.core.embedded import EmbeddedPostgres, Postmaster, bin_dir
 
 TEMPLATE = "vigil_bench_template"
@@ -265,9 +269,14 @@ def _sample_key(name: str, labels: Mapping[str, str]) -> str:
     return name + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
 
 
-def scrape_sync(port: int) -> dict[str, float]:
-    """A server's /metrics as {'name{label=value,...}': value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+def scrape_sync(port: int, ca: Path | None = None) -> dict[str, float]:
+    """A server's /metrics as {'name{label=value,...}': value} (over HTTPS, verified with
+    `ca`, when the server serves TLS)."""
+    if ca is None:
+        url, context = f"http://127.0.0.1:{port}/metrics", None
+    else:
+        url, context = f"https://127.0.0.1:{port}/metrics", ssl.create_default_context(cafile=ca)
+    with urllib.request.urlopen(url, timeout=5, context=context) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -276,12 +285,206 @@ def scrape_sync(port: int) -> dict[str, float]:
     return out
 
 
-async def scrape(port: int) -> dict[str, float]:
-    return await asyncio.to_thread(scrape_sync, port)
+async def scrape(port: int, ca: Path | None = None) -> dict[str, float]:
+    return await asyncio.to_thread(scrape_sync, port, ca)
 
 
 def metric(samples: Mapping[str, float], name: str, **labels: str) -> float:
     return samples.get(_sample_key(name, labels), 0.0)
+
+
+# -- server variants: what authentication and TLS cost ------------------------------------
+
+PLAIN = "plain"
+AUTH = "auth"
+TLS = "tls"
+VARIANTS = (PLAIN, AUTH, TLS)
+LABEL = {PLAIN: "plain", AUTH: "auth", TLS: "auth+TLS"}
+DESCRIBE = {
+    PLAIN: "bench.plain_server: the same server with an authenticator that trusts every "
+    "caller and looks nothing up (for measurement only), plaintext",
+    AUTH: "the real server: every call's bearer token checked, plaintext (as deployed on loopback)",
+    TLS: "the real server with --tls-cert/--tls-key (development CA, ECDSA P-256): bearer "
+    "tokens checked, every client verifying it with VIGIL_TLS_CA",
+}
+# Of a median, what authentication (or authentication and TLS) may add to the plain
+# server's: the goal of the *_auth_cost entries.
+COST_GOAL_PCT = 10.0
+# A benchmark returns its other entries (e.g. the variants it measured in the same run)
+# under this key; run_group files them beside it.
+EXTRA_ENTRIES = "extra_entries"
+
+
+@dataclass
+class Server(harness.ServerProcess):
+    """A server process of one variant; `ca` is its certificate's CA when it serves TLS
+    (its clients and /metrics scrapes verify it)."""
+
+    variant: str = AUTH
+    ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+_SERVING = re.compile(rb"serving .* on [^ ]+:(\d+) \([^;)]*; metrics https?://[^:]+:(\d+)/")
+
+
+def _start_plain_server(services: str, env: Mapping[str, str], log: Path) -> Server:
+    """`python -m bench.plain_server SERVICES` in the log's folder, as the harness starts
+    `vigil` (it accepts a made-up bootstrap admin token, known to the harness's clients
+    by address, so that every variant's clients send the same credentials)."""
+    env = dict(env)
+    token = env.setdefault("VIGIL_BOOTSTRAP_TOKEN", new_token()[1])
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            python_cmd("bench.plain_server", services),
+            env=env,
+            cwd=log.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        m = _SERVING.search(log.read_bytes())
+        if m:
+            server = Server(proc, int(m.group(1)), int(m.group(2)), log, PLAIN)
+            harness.ADMIN_TOKENS[server.addr] = token
+            return server
+        if proc.poll() is not None:
+            raise RuntimeError(f"plain server exited {proc.returncode}:\n{log.read_text()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"plain server did not start:\n{log.read_text()}")
+
+
+class _Bearer:
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self.header])
+
+
+class _BearerUU(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _BearerUS(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+def channel(server: Server, token: str | None = None) -> grpc.aio.Channel:
+    """A raw channel to `server` as its admin (or with `token`), as `harness.channel`
+    makes one, over TLS (verified with the server's CA) when the server serves TLS."""
+    if server.ca is None:
+        return harness.channel(server.addr, token)
+    token = harness.ADMIN_TOKENS.get(server.addr) if token is None else token
+    creds = grpc.ssl_channel_credentials(root_certificates=server.ca.read_bytes())
+    interceptors: list[Any] = [_BearerUU(token), _BearerUS(token)] if token else []
+    return grpc.aio.secure_channel(server.addr, creds, interceptors=interceptors)
+
+
+async def role_tokens(url: str, chatroom: str, roles: Sequence[str]) -> dict[str, str]:
+    """A chatroom token scoped to each role, as each deployed agent holds a credential
+    of its own, written straight into auth.tokens (as CreateToken stores it: id, hash of
+    the secret); role -> bearer token."""
+    rows = []
+    tokens = {}
+    for role in roles:
+        token_id, token, digest = new_token()
+        rows.append((token_id, digest, "chatroom", f"bench {role}", chatroom, role, "bench"))
+        tokens[role] = token
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.copy_records_to_table(
+            "tokens",
+            schema_name="auth",
+            records=rows,
+            columns=["id", "secret_sha256", "kind", "name", "chatroom", "role", "created_by"],
+        )
+    finally:
+        await conn.close()
+    return tokens
+
+
+def write_secret(path: Path, text: str) -> Path:
+    """An owner-only file (tokens never travel on a command line)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
+
+
+def fmt_pct(pct: float | None) -> str:
+    return "-" if pct is None else f"{pct:+.1f} %"
+
+
+def added_pct(value: float | None, base: float | None) -> float | None:
+    if value is None or not base:
+        return None
+    return round((value - base) / base * 100, 1)
+
+
+def auth_cost(
+    entries: Mapping[str, Mapping[str, Any]], what: str, notes: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The entry comparing one benchmark's variants (variant -> its result): medians and
+    p99 of each, and what authentication (and TLS) add to the plain server's median,
+    against COST_GOAL_PCT."""
+    plain = entries[PLAIN]
+    figures = {
+        LABEL[v]: {k: entries[v].get(k) for k in ("n", "median_ms", "p90_ms", "p99_ms")}
+        for v in VARIANTS
+    }
+    added_median = {
+        LABEL[v]: added_pct(entries[v].get("median_ms"), plain.get("median_ms"))
+        for v in (AUTH, TLS)
+    }
+    added_p99 = {
+        LABEL[v]: added_pct(entries[v].get("p99_ms"), plain.get("p99_ms")) for v in (AUTH, TLS)
+    }
+    checks = {
+        f"{label} adds ≤ {COST_GOAL_PCT:g} % to the plain median": pct is not None
+        and pct <= COST_GOAL_PCT
+        for label, pct in added_median.items()
+    }
+    missed = [
+        f"{label} adds {fmt_pct(pct)} to the plain median (goal ≤ {COST_GOAL_PCT:g} %)"
+        if pct is not None
+        else f"{label}: no median"
+        for label, pct in added_median.items()
+        if pct is None or pct > COST_GOAL_PCT
+    ]
+    lines = [
+        f"{LABEL[v]}: median {entries[v].get('median_ms')} ms, p99 {entries[v].get('p99_ms')} ms"
+        + (
+            ""
+            if v == PLAIN
+            else f" ({fmt_pct(added_median[LABEL[v]])} median, {fmt_pct(added_p99[LABEL[v]])} "
+            "p99 vs plain)"
+        )
+        + f", n {entries[v].get('n')}"
+        for v in VARIANTS
+    ]
+    return {
+        "what": what,
+        "goal": "; ".join(checks),
+        "pass": not missed,
+        "missed": missed,
+        "notes": [*lines, *notes],
+        "servers": {LABEL[v]: DESCRIBE[v] for v in VARIANTS},
+        "variants": figures,
+        "added_median_pct": added_median,
+        "added_p99_pct": added_p99,
+        "goal_added_median_pct": COST_GOAL_PCT,
+    }
 
 
 # -- the environment ---------------------------------------------------------------
@@ -299,6 +502,15 @@ class Context:
     pg_stat_statements: bool
     postmaster_pid: int
     only: set[str] = field(default_factory=set)  # benchmark names to run; empty: all
+    _tls: TlsFiles | None = field(default=None, repr=False)
+
+    def tls_files(self) -> TlsFiles:
+        """A development CA and a certificate for 127.0.0.1 (made once per run)."""
+        if self._tls is None:
+            folder = self.tmp / "tls"
+            dev_ca(folder, hosts=("127.0.0.1",))
+            self._tls = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
+        return self._tls
 
     def postgres_pids(self) -> list[int]:
         """The postmaster and its backends (as of now)."""
@@ -326,21 +538,48 @@ class Context:
         env: Mapping[str, str],
         name: str,
         args: Sequence[str] = ("liveness", "serve"),
-    ) -> harness.ServerProcess:
+        variant: str = AUTH,
+    ) -> Server:
         """`vigil ARGS` (default `vigil liveness serve`; `("up",)` hosts every service) as a
-        child process on loopback ports picked by the OS."""
-        full_env = harness.child_env(
-            {
-                "DATABASE_URL": url,
-                "VIGIL_ADDR": "127.0.0.1:0",
-                "VIGIL_METRICS_ADDR": "127.0.0.1:0",
-                **env,
-            }
-        )
+        child process on loopback ports picked by the OS: the real server (AUTH), the
+        same with TLS (TLS), or `bench.plain_server`, which trusts every caller (PLAIN)."""
+        extra = {
+            "DATABASE_URL": url,
+            "VIGIL_ADDR": "127.0.0.1:0",
+            "VIGIL_METRICS_ADDR": "127.0.0.1:0",
+            **env,
+        }
         log = self.tmp / f"server-{name}.log"
-        server = await asyncio.to_thread(harness.start_server_process, list(args), full_env, log)
-        self.reaper.add(server.proc)
-        return server
+        if variant == PLAIN:
+            services = "up" if tuple(args) == ("up",) else "liveness"
+            if tuple(args) not in (("up",), ("liveness", "serve")):
+                raise ValueError(f"no plain server for vigil {' '.join(args)}")
+            env_plain = harness.child_env(extra)
+            server = await asyncio.to_thread(_start_plain_server, services, env_plain, log)
+            self.reaper.add(server.proc)
+            return server
+        ca = None
+        if variant == TLS:
+            tls = self.tls_files()
+            ca = tls.ca
+            args = [*args, "--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+            # The task service follows the liveness service over the same TLS.
+            extra["VIGIL_TLS_CA"] = str(tls.ca)
+        elif variant != AUTH:
+            raise ValueError(f"unknown server variant {variant!r}")
+        started = await asyncio.to_thread(
+            harness.start_server_process, list(args), harness.child_env(extra), log
+        )
+        self.reaper.add(started.proc)
+        return Server(started.proc, started.port, started.metrics_port, started.log, variant, ca)
+
+    def client_env(self, server: Server, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment of a client process of `server`: its address (so the harness
+        adds its admin token unless `extra` names a token), and its CA under TLS."""
+        env = {"VIGIL_ADDR": server.addr, **(extra or {})}
+        if server.ca is not None:
+            env["VIGIL_TLS_CA"] = str(server.ca)
+        return harness.child_env(env)
 
     async def stop_server(self, server: harness.ServerProcess) -> None:
         try:
@@ -508,15 +747,20 @@ async def run_group(
     ctx: Context,
 ) -> dict[str, Any]:
     """Run a group's benchmarks (those in ctx.only, if given); a benchmark that breaks
-    is recorded as an error and the group goes on."""
+    is recorded as an error and the group goes on. A benchmark may return further
+    entries (its variants) under EXTRA_ENTRIES; they are filed beside it."""
     results: dict[str, Any] = {}
     for name, bench in benchmarks.items():
-        if ctx.only and name not in ctx.only:
+        # A variant's entry (e.g. heartbeat_load_tls) is measured by its benchmark.
+        if ctx.only and not any(o == name or o.startswith(f"{name}_") for o in ctx.only):
             continue
         print(f"[{group}] {name} ...", flush=True)
         t = time.monotonic()
         try:
-            results[name] = await bench(ctx)
+            entry = await bench(ctx)
+            extra = entry.pop(EXTRA_ENTRIES, {})
+            results[name] = entry
+            results.update(extra)
         except Exception as exc:
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}", "pass": False}

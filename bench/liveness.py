@@ -1,14 +1,20 @@
 """Liveness benchmarks.
 
-kill_to_offline  SIGKILL a real `vigil wait-for-task` process; time until the server
+kill_to_offline  SIGKILL a real `vigil wait-for-task` process (of a `vigil up`: the
+                 command checks its role with the task service); time until the server
                  records it offline (`offline_at`, the server's timestamp) with reason
                  stream_dropped.
 heartbeat_load   1,000 participants heartbeating every second on one server process,
-                 driven by separate load-generator processes; heartbeat ack latency,
-                 throughput, database statements per heartbeat, expiries, memory.
+                 each with a token of its own, driven by separate load-generator
+                 processes; heartbeat ack latency, throughput, database statements per
+                 heartbeat, expiries, memory. Measured in the same run on three servers,
+                 in interleaved rounds: the real one (this entry), the same with TLS
+                 (heartbeat_load_tls), and one that trusts every caller
+                 (heartbeat_load_plain); heartbeat_load_auth_cost compares them.
 streams_scaling  one server, participants added step by step (500, 1,000, 1,500, ...)
                  until heartbeat ack p99 passes 100 ms: the most streams it sustains, its
-                 heartbeats/s, and server RSS per stream.
+                 heartbeats/s, and server RSS per stream (each participant with a token
+                 of its own, as in heartbeat_load).
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ import asyncpg
 from bench import common
 from bench.common import Context, Goal
 from vigil import testing as harness
+from vigil.v1 import common_pb2
+from vigil.v1 import tasks_pb2 as tpb
+from vigil.v1 import tasks_pb2_grpc as tpb_grpc
 
 NOTIFY_CHANNEL = "vigil_liveness"
 PARTICIPANT_SQL = "SELECT * FROM liveness.participants WHERE chatroom = $1 AND role = $2"
@@ -47,6 +56,10 @@ KILL_SPACING_S = 0.05  # between two kills
 KILL_ENV = {"VIGIL_HEARTBEAT_INTERVAL_MS": "1000", "VIGIL_HEARTBEAT_TTL_MS": "5000"}
 KILL_GOAL = Goal(median_ms=20, p99_ms=100)
 KILL_CHATROOM = "bench-kill"
+
+
+def _kill_role(i: int) -> str:
+    return f"r{i:03d}"
 
 
 async def _wait_all_live(conn: asyncpg.Connection, agents: list[harness.Agent]) -> None:
@@ -99,7 +112,19 @@ async def _kill_and_observe(
 
 async def kill_to_offline(ctx: Context) -> dict[str, Any]:
     url = await ctx.new_database()
-    server = await ctx.start_server(url, KILL_ENV, "kill")
+    # `vigil wait-for-task` checks its chatroom and role with the task service before it
+    # joins: the server hosts both services (`vigil up`), the roles exist.
+    server = await ctx.start_server(url, KILL_ENV, "kill", args=("up",))
+    async with harness.channel(server.addr) as ch:
+        await tpb_grpc.TasksStub(ch).CreateChatroom(
+            tpb.CreateChatroomRequest(
+                name=KILL_CHATROOM,
+                roles=[
+                    tpb.Role(role=_kill_role(i), kind=common_pb2.AGENT_KIND_CUSTOM)
+                    for i in range(KILL_ITERATIONS)
+                ],
+            )
+        )
     agent_env = dict(KILL_ENV)
     conn = await asyncpg.connect(url)
     wake = asyncio.Event()
@@ -115,7 +140,7 @@ async def kill_to_offline(ctx: Context) -> dict[str, Any]:
             n = min(KILL_BATCH, KILL_ITERATIONS - len(latencies))
             agents = []
             for i in range(n):
-                role = f"r{len(latencies) + i:03d}"
+                role = _kill_role(len(latencies) + i)
                 agent = harness.spawn_agent(
                     server.addr, KILL_CHATROOM, role, ctx.tmp, env=agent_env
                 )
@@ -176,11 +201,18 @@ LOAD_PARTICIPANTS = 1000
 LOAD_PROCESSES = 2
 LOAD_CHANNELS = 10  # per load-generator process
 LOAD_SETTLE_S = 3.0  # after everyone joined, before the measured window
-LOAD_WINDOW_S = 30.0
 LOAD_ENV = {"VIGIL_HEARTBEAT_INTERVAL_MS": "1000", "VIGIL_HEARTBEAT_TTL_MS": "10000"}
 LOAD_GOAL = Goal(p99_ms=50)
 LOAD_CHATROOM = "bench-load"
 FLUSH_SQL_MARK = "last_heartbeat_at = greatest"  # the batched heartbeat UPDATE
+# The three servers are measured one after another, in rounds of LOAD_WINDOW_S each, the
+# order reversed in the second round (ABC CBA), so that a drift in what else the machine
+# does weighs on each alike: 2 x 15 s = 30 s of heartbeats per variant.
+LOAD_ROUNDS = (
+    (common.PLAIN, common.AUTH, common.TLS),
+    (common.TLS, common.AUTH, common.PLAIN),
+)
+LOAD_WINDOW_S = 15.0
 
 
 async def _wait_joined(clients: list[tuple[subprocess.Popen[bytes], Path]], timeout: float) -> None:
@@ -215,18 +247,33 @@ async def _statement_counts(conn: asyncpg.Connection) -> tuple[int, int]:
     return flush, total
 
 
-async def heartbeat_load(ctx: Context) -> dict[str, Any]:
+def _token_files(ctx: Context, tokens: dict[str, str], name: str, roles: list[str]) -> Path:
+    """An owner-only file of these roles' tokens, for one load generator."""
+    mine = {r: tokens[r] for r in roles}
+    return common.write_secret(ctx.tmp / f"{name}.tokens.json", json.dumps(mine))
+
+
+async def _load_round(ctx: Context, variant: str, round_no: int) -> dict[str, Any]:
+    """One server of `variant` with LOAD_PARTICIPANTS heartbeating, measured for
+    LOAD_WINDOW_S: the raw figures of the round."""
     url = await ctx.new_database()
-    server = await ctx.start_server(url, LOAD_ENV, "load")
+    name = f"load-{variant}-{round_no}"
+    server = await ctx.start_server(url, LOAD_ENV, name, variant=variant)
     per = LOAD_PARTICIPANTS // LOAD_PROCESSES
+    roles = [f"p{i:05d}" for i in range(LOAD_PARTICIPANTS)]
+    tokens = await common.role_tokens(url, LOAD_CHATROOM, roles)
     clients: list[tuple[subprocess.Popen[bytes], Path]] = []
     outputs: list[Path] = []
     conn: asyncpg.Connection | None = None
     try:
         t_start = time.monotonic()
         for k in range(LOAD_PROCESSES):
-            out = ctx.tmp / f"load-{k}.json"
-            name = f"load-client-{k}"
+            out = ctx.tmp / f"{name}-{k}.json"
+            client_name = f"{name}-client-{k}"
+            # Stream i of generator k is participant i * LOAD_PROCESSES + k.
+            token_file = _token_files(
+                ctx, tokens, client_name, [f"p{i * LOAD_PROCESSES + k:05d}" for i in range(per)]
+            )
             cmd = common.python_cmd(
                 "bench.load_client",
                 "--addr", server.addr,
@@ -236,10 +283,11 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
                 "--count", str(per),
                 "--channels", str(LOAD_CHANNELS),
                 "--interval-ms", LOAD_ENV["VIGIL_HEARTBEAT_INTERVAL_MS"],
+                "--token-file", str(token_file),
                 "--out", str(out),
             )  # fmt: skip
-            proc = ctx.spawn(cmd, harness.child_env(), name)
-            clients.append((proc, ctx.tmp / f"{name}.log"))
+            proc = ctx.spawn(cmd, ctx.client_env(server), client_name)
+            clients.append((proc, ctx.tmp / f"{client_name}.log"))
             outputs.append(out)
         await _wait_joined(clients, timeout=90)
         join_s = time.monotonic() - t_start
@@ -248,7 +296,7 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
         conn = await asyncpg.connect(url)
         if ctx.pg_stat_statements:
             await conn.execute("SELECT pg_stat_statements_reset()")
-        m0 = await common.scrape(server.metrics_port)
+        m0 = await common.scrape(server.metrics_port, server.ca)
         meter = common.CpuMeter(
             ctx, server.proc.pid, {"load generators": [proc.pid for proc, _ in clients]}
         )
@@ -257,7 +305,7 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
         await asyncio.sleep(LOAD_WINDOW_S)
         t1 = time.time()
         cpu_pct = meter.stop()
-        m1 = await common.scrape(server.metrics_port)
+        m1 = await common.scrape(server.metrics_port, server.ca)
         pss = await _statement_counts(conn) if ctx.pg_stat_statements else None
         rss = common.rss_mb(server.proc.pid)
         status_rows = await conn.fetch(
@@ -284,7 +332,6 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
                 await asyncio.to_thread(proc.wait, 5)
         await ctx.stop_server(server)
 
-    window = t1 - t0
     acks: list[float] = []
     lags: list[float] = []
     not_ok = stream_errors = 0
@@ -302,36 +349,108 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
     def delta(name: str, **labels: str) -> float:
         return common.metric(m1, name, **labels) - common.metric(m0, name, **labels)
 
-    beats = delta("vigil_heartbeats_total")
-    statements = delta("vigil_heartbeat_flush_statements_total")
-    rows_written = delta("vigil_heartbeat_flush_rows_total")
-    expired = delta("vigil_participant_offline_total", reason="ttl_expired")
+    statuses = {f"{r['status']}/{r['offline_reason'] or '-'}": r["n"] for r in status_rows}
+    return {
+        "variant": variant,
+        "round": round_no,
+        "acks": acks,
+        "lags": lags,
+        "not_ok": not_ok,
+        "stream_errors": stream_errors,
+        "errors": errors,
+        "beats": delta("vigil_heartbeats_total"),
+        "statements": delta("vigil_heartbeat_flush_statements_total"),
+        "rows": delta("vigil_heartbeat_flush_rows_total"),
+        "expired": delta("vigil_participant_offline_total", reason="ttl_expired"),
+        "pss": pss,
+        "rss": rss,
+        "statuses": statuses,
+        "live": statuses.get("live/-", 0),
+        "streams": common.metric(m1, "vigil_session_streams"),
+        "cpu_pct": cpu_pct,
+        "window": t1 - t0,
+        "join_s": join_s,
+    }
+
+
+def _load_result(variant: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's entry, from its rounds."""
+    acks = [x for r in rounds for x in r["acks"]]
+    lags = [x for r in rounds for x in r["lags"]]
+    window = sum(r["window"] for r in rounds)
+    beats = sum(r["beats"] for r in rounds)
+    statements = sum(r["statements"] for r in rounds)
+    rows_written = sum(r["rows"] for r in rounds)
+    expired = sum(r["expired"] for r in rounds)
+    not_ok = sum(r["not_ok"] for r in rounds)
+    stream_errors = sum(r["stream_errors"] for r in rounds)
+    errors = [e for r in rounds for e in r["errors"]]
+    live = min(r["live"] for r in rounds)
+    rss = max(r["rss"] for r in rounds)
+    pss = (
+        (sum(r["pss"][0] for r in rounds), sum(r["pss"][1] for r in rounds))
+        if all(r["pss"] is not None for r in rounds)
+        else None
+    )
+    cpu_pct = {
+        k: round(sum(r["cpu_pct"][k] * r["window"] for r in rounds) / window, 1)
+        for k in rounds[0]["cpu_pct"]
+    }
     beats_s = beats / window
     stmts_s = statements / window
     per_stmt = beats / statements if statements else float("inf")
-    statuses = {f"{r['status']}/{r['offline_reason'] or '-'}": r["n"] for r in status_rows}
-    live = statuses.get("live/-", 0)
-    streams = common.metric(m1, "vigil_session_streams")
     lag = common.summarize(lags)
-
+    per_round = [
+        {
+            "round": r["round"],
+            "window_s": round(r["window"], 2),
+            **{
+                k: v
+                for k, v in common.summarize(r["acks"]).items()
+                if k in ("n", "median_ms", "p99_ms")
+            },
+            "live_at_end": r["live"],
+            "statuses_at_end": r["statuses"],
+            "cpu_pct": r["cpu_pct"],
+            "join_s": round(r["join_s"], 1),
+        }
+        for r in rounds
+    ]
     notes = [
+        f"server: {common.DESCRIBE[variant]}",
+        f"{len(rounds)} rounds of {LOAD_WINDOW_S:.0f} s (a fresh server and database each, "
+        f"interleaved with the other variants' rounds: "
+        + " then ".join(", ".join(common.LABEL[v] for v in order) for order in LOAD_ROUNDS)
+        + "); per round: "
+        + "; ".join(
+            f"round {p['round']}: median {p.get('median_ms')} / p99 {p.get('p99_ms')} ms"
+            for p in per_round
+        ),
+        f"each participant authenticates with a chatroom token of its own role, as a "
+        f"deployed agent does ({LOAD_PARTICIPANTS} tokens; {LOAD_CHANNELS} connections per "
+        "generator process, the streams of a connection sharing it)",
         f"heartbeats/s {beats_s:.0f}, heartbeat DB statements/s {stmts_s:.2f} "
         f"({per_stmt:.0f} beats per statement); rows written/s {rows_written / window:.0f}",
-        f"acks measured in the {window:.1f} s window: {len(acks)} "
+        f"acks measured in the {window:.1f} s of windows: {len(acks)} "
         f"(expected ~{LOAD_PARTICIPANTS * window:.0f}); not OK {not_ok}; "
         f"stream errors {stream_errors}",
-        f"at the end: {live}/{LOAD_PARTICIPANTS} live ({statuses}); open streams {streams:.0f}; "
-        f"TTL expiries in the window {expired:.0f}",
-        f"server RSS {rss:.1f} MiB",
+        "at the end of each round: "
+        + "; ".join(f"{p['live_at_end']}/{LOAD_PARTICIPANTS} live" for p in per_round)
+        + f" ({rounds[-1]['statuses']}); open streams {rounds[-1]['streams']:.0f}; "
+        f"TTL expiries in the windows {expired:.0f}",
+        f"server RSS {rss:.1f} MiB (largest of the rounds)",
         *common.cpu_notes(cpu_pct),
         "generator send lag behind schedule: median {median_ms} / p99 {p99_ms} / "
         "max {max_ms} ms".format(**lag),
-        f"{LOAD_PARTICIPANTS} joins (2 processes starting included) took {join_s:.1f} s",
+        f"{LOAD_PARTICIPANTS} joins ({LOAD_PROCESSES} processes starting included) took "
+        + " / ".join(f"{p['join_s']:.1f}" for p in per_round)
+        + " s",
     ]
     if pss is not None:
         notes.append(
             f"pg_stat_statements: heartbeat UPDATEs/s {pss[0] / window:.2f}, "
-            f"all statements of the database/s {pss[1] / window:.1f} (BEGIN/COMMIT included)"
+            f"all statements of the database/s {pss[1] / window:.1f} (BEGIN/COMMIT and the "
+            "authenticator's token reads included)"
         )
     if errors:
         notes.append(f"stream errors (first): {errors[:3]}")
@@ -343,20 +462,57 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
             "every heartbeat OK": not_ok == 0 and stream_errors == 0,
         },
         notes=notes,
+        variant=common.LABEL[variant],
         heartbeats_per_s=round(beats_s, 1),
         heartbeat_db_statements_per_s=round(stmts_s, 3),
         beats_per_statement=round(per_stmt, 1),
         pg_stat_statements_heartbeat_per_s=round(pss[0] / window, 3) if pss else None,
         pg_stat_statements_all_per_s=round(pss[1] / window, 2) if pss else None,
         live_at_end=live,
-        statuses_at_end=statuses,
+        statuses_at_end=rounds[-1]["statuses"],
         ttl_expired_in_window=expired,
         server_rss_mb=round(rss, 1),
         cpu_pct=cpu_pct,
         generator_lag=lag,
         window_s=round(window, 2),
-        join_s=round(join_s, 1),
+        rounds=per_round,
     )
+
+
+async def heartbeat_load(ctx: Context) -> dict[str, Any]:
+    """The real server (auth, plaintext) is this benchmark's entry; the plain and TLS
+    variants, measured in the same run, and their comparison are filed beside it."""
+    started = time.monotonic()
+    rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in common.VARIANTS}
+    for k, order in enumerate(LOAD_ROUNDS, 1):
+        for variant in order:
+            print(f"[liveness] heartbeat_load: round {k}, {common.LABEL[variant]}", flush=True)
+            rounds[variant].append(await _load_round(ctx, variant, k))
+    elapsed = time.monotonic() - started
+    entries = {v: _load_result(v, rounds[v]) for v in common.VARIANTS}
+    paired = [
+        f"round {k + 1}: auth {common.fmt_pct(common.added_pct(a['median_ms'], p['median_ms']))}, "
+        f"auth+TLS {common.fmt_pct(common.added_pct(t['median_ms'], p['median_ms']))}"
+        for k, (p, a, t) in enumerate(
+            zip(*(entries[v]["rounds"] for v in common.VARIANTS), strict=True)
+        )
+    ]
+    cost = common.auth_cost(
+        entries,
+        "heartbeat ack at 1,000 participants",
+        notes=[
+            "median added vs plain per round (a fresh server each): " + "; ".join(paired),
+            f"all {len(LOAD_ROUNDS) * len(common.VARIANTS)} rounds took {elapsed:.0f} s",
+        ],
+    )
+    return {
+        **entries[common.AUTH],
+        common.EXTRA_ENTRIES: {
+            "heartbeat_load_plain": entries[common.PLAIN],
+            "heartbeat_load_tls": entries[common.TLS],
+            "heartbeat_load_auth_cost": cost,
+        },
+    }
 
 
 # -- streams_scaling ---------------------------------------------------------------------
@@ -447,8 +603,13 @@ async def streams_scaling(ctx: Context) -> dict[str, Any]:
                     "--out", str(out),
                 )  # fmt: skip
                 # Roles must not collide with the earlier steps' participants.
-                cmd += ["--role-offset", str(participants + sum(chunks[:k]))]
-                proc = ctx.spawn(cmd, harness.child_env(), name)
+                offset = participants + sum(chunks[:k])
+                cmd += ["--role-offset", str(offset)]
+                # Each participant with a token of its own, as in heartbeat_load.
+                roles = [f"p{offset + i * len(chunks) + k:05d}" for i in range(count)]
+                tokens = await common.role_tokens(url, SCALE_CHATROOM, roles)
+                cmd += ["--token-file", str(_token_files(ctx, tokens, name, roles))]
+                proc = ctx.spawn(cmd, ctx.client_env(server), name)
                 clients.append((proc, ctx.tmp / f"{name}.log"))
                 new_clients.append(clients[-1])
                 outs.append(out)

@@ -11,6 +11,11 @@ joined, runs until SIGTERM/SIGINT, then writes its samples as JSON to --out.
 With several generator processes, give each its own --shard; stream i of shard k is the
 global participant i * shards + k, so every process's beats cover the whole interval.
 
+Credentials as for any client (VIGIL_TOKEN, ...; VIGIL_TLS_CA for a TLS server). With
+--token-file (an owner-only JSON object, role -> bearer token), each participant
+authenticates with its own token instead, as deployed agents do, over the connection it
+shares with the other streams of its client.
+
 On SIGUSR1 it writes the samples taken since the previous SIGUSR1 to `OUT.partN` (N
 counting from 1) and prints `DUMPED N`, and goes on (streams_scaling reads its windows
 this way while the load keeps running).
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -45,6 +51,13 @@ class Samples:
     stream_errors: list[str] = field(default_factory=list)
 
 
+def _acting_as(client: Client, token: str) -> Client:
+    """The same client (its channels and connections) sending another bearer token."""
+    view = copy.copy(client)
+    view.metadata = (("authorization", f"Bearer {token}"),)
+    return view
+
+
 async def _hold(
     client: Client,
     chatroom: str,
@@ -55,6 +68,7 @@ async def _hold(
     join_gate: asyncio.Semaphore,
     running_sessions: list[asyncio.Task[object]],
     role_offset: int = 0,
+    tokens: dict[str, str] | None = None,
 ) -> ParticipantSession | None:
     """Join one participant (gated) whose beats fall at its own phase of the interval;
     every acknowledged beat lands in `samples`. Returns the running session."""
@@ -70,9 +84,12 @@ async def _hold(
         if not line.startswith("joined"):  # anything after the join is a disruption
             samples.stream_errors.append(f"{index}: {line}")
 
+    role = f"p{role_offset + index:05d}"
+    if tokens is not None:
+        client = _acting_as(client, tokens[role])
     session = client.session(
         chatroom,
-        f"p{role_offset + index:05d}",
+        role,
         AgentKind.CUSTOM,
         say=said,
         on_heartbeat=beat,
@@ -103,6 +120,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         channel_options=(("grpc.use_local_subchannel_pool", 1),),
     )
     clients = [Client(config) for _ in range(args.channels)]
+    tokens: dict[str, str] | None = args.tokens
     samples = Samples()
     dumped = {"parts": 0, "upto": 0}
 
@@ -145,6 +163,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         gate,
                         session_tasks,
                         args.role_offset,
+                        tokens,
                     )
                 )
             )
@@ -196,8 +215,13 @@ def main() -> int:
     p.add_argument("--join-concurrency", type=int, default=25)
     p.add_argument("--join-timeout", type=float, default=60)
     p.add_argument("--role-offset", type=int, default=0, help="added to role numbers")
+    p.add_argument("--token-file", help="JSON object role -> bearer token (owner-only file)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    args.tokens = None
+    if args.token_file:
+        with open(args.token_file) as f:
+            args.tokens = json.load(f)
     doc = asyncio.run(run(args))
     with open(args.out, "w") as f:
         json.dump(doc, f)

@@ -25,8 +25,14 @@ SCALING_PNG = "streams_scaling.png"
 ORDER = (
     "kill_to_offline",
     "heartbeat_load",
+    "heartbeat_load_plain",
+    "heartbeat_load_tls",
+    "heartbeat_load_auth_cost",
     "streams_scaling",
     "send_to_receipt",
+    "send_to_receipt_plain",
+    "send_to_receipt_tls",
+    "send_to_receipt_auth_cost",
     "kill_to_recorded",
     "deadline_lag",
     "scheduler_pass_flat",
@@ -41,6 +47,53 @@ LATENCY_PLOTS = {
     "deadline_lag": "task deadline → its notification created (10,000 deadlines)",
     "tasks_lifecycle_rate": "one full task lifecycle through gRPC (4 concurrent)",
 }
+# The comparisons of a benchmark's server variants (plain, auth, auth+TLS): the cost
+# entry -> (the benchmark, what it measures, its entries by variant label).
+AUTH_COSTS = {
+    "heartbeat_load_auth_cost": (
+        "heartbeat_load",
+        "heartbeat ack at 1,000 participants",
+        {
+            "plain": "heartbeat_load_plain",
+            "auth": "heartbeat_load",
+            "auth+TLS": "heartbeat_load_tls",
+        },
+    ),
+    "send_to_receipt_auth_cost": (
+        "send_to_receipt",
+        "send → receipt",
+        {
+            "plain": "send_to_receipt_plain",
+            "auth": "send_to_receipt",
+            "auth+TLS": "send_to_receipt_tls",
+        },
+    ),
+}
+AUTH_COST_METHOD = [
+    "Three servers, measured in the same run: **plain**, `bench/plain_server.py` (the same "
+    "`vigil.server.running()` with an authenticator that trusts every caller and looks "
+    "nothing up: no token parsed, hashed, cached or read, no stream watched for revocation; "
+    "for measurement only, never shipped); **auth**, the real `vigil` server, plaintext on "
+    "loopback (the figures quoted without a variant); **auth+TLS**, the real server with "
+    "`--tls-cert`/`--tls-key` (a development CA, ECDSA P-256, server authentication only) "
+    "and every client verifying it with `VIGIL_TLS_CA`. The clients send the same bearer "
+    "tokens to all three (the plain server ignores them).",
+    "",
+    "- **heartbeat ack:** 1,000 participants, each with a chatroom token of its own role, "
+    "heartbeating every second from two load-generator processes. The variants take turns "
+    "in rounds of 15 s, each on a fresh server and database, in the order plain, auth, "
+    "auth+TLS, then auth+TLS, auth, plain (so a drift in the machine's other work weighs on "
+    "each alike); each variant's median and p99 are over its ~30,000 acks of both rounds.",
+    "- **send → receipt:** the three servers (`vigil up`, each with its own database and "
+    "its own waiting agent holding a chatroom token of its role) run side by side and take "
+    "turns task by task, rotating which goes first; 200 measured tasks each after 10 "
+    "warm-up tasks.",
+    "",
+    "Added % = (variant median - plain median) / plain median. The machine has 2 shared, "
+    "noisy cores: the per-round (heartbeat) and per-half (send → receipt) figures in the "
+    "notes show how far the same comparison moves from one stretch to the next; a "
+    "difference smaller than that spread is within the noise, whichever way it points.",
+]
 
 
 def _benchmarks(doc: Mapping[str, Any]) -> list[str]:
@@ -96,6 +149,20 @@ def headline(doc: Mapping[str, Any]) -> list[str]:
             f"({verdict(hb)}; goal {_latency_goal(hb)})"
         )
     lat("send_to_receipt", "send → receipt")
+    for name, (_bench, label, _entries) in AUTH_COSTS.items():
+        c = doc.get(name)
+        if not c or "variants" not in c:
+            continue
+        v = c["variants"]
+        added = c.get("added_median_pct", {})
+        medians = " / ".join(fmt_ms(v[k].get("median_ms")) for k in ("plain", "auth", "auth+TLS"))
+        p99s = " / ".join(fmt_ms(v[k].get("p99_ms")) for k in ("plain", "auth", "auth+TLS"))
+        out.append(
+            f"{label}, plain / auth / auth+TLS: median {medians} ms, p99 {p99s} ms; "
+            f"median added by auth {_pct(added.get('auth'))}, by auth+TLS "
+            f"{_pct(added.get('auth+TLS'))} ({verdict(c)}; goal ≤ "
+            f"{c.get('goal_added_median_pct', 10):g} %)"
+        )
     lat("kill_to_recorded", "kill → recorded (daemon)")
     dl = doc.get("deadline_lag")
     if dl and "p99_ms" in dl:
@@ -126,6 +193,10 @@ def headline(doc: Mapping[str, Any]) -> list[str]:
             f"{s:.1f} as the bare statements through asyncpg (ratio {s / g:.1f}x)"
         )
     return out
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:+.1f} %"
 
 
 # -- plots -----------------------------------------------------------------------------
@@ -165,6 +236,43 @@ def plot_latency(name: str, r: Mapping[str, Any], title: str, path: Path) -> Non
     thinned = r.get("samples_thinned_from")
     count = f"n = {r.get('n')}" + (f", {n} quantiles plotted" if thinned else "")
     fig.suptitle(f"{name}: {title} ({count})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_variants(title: str, entries: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    """The latency distributions of a benchmark's server variants, one CDF each."""
+    plt = _plt()
+    fig, (body, tail) = plt.subplots(1, 2, figsize=(10, 3.6))
+    colors = {"plain": "#228833", "auth": "#4477aa", "auth+TLS": "#cc6677"}
+    for label, r in entries.items():
+        samples = sorted(r.get("samples_ms") or [])
+        if not samples:
+            continue
+        n = len(samples)
+        frac = [(i + 1) / n for i in range(n)]
+        color = colors.get(label, "grey")
+        body.plot(samples, frac, color=color, label=f"{label} (median {fmt_ms(r['median_ms'])})")
+        tail.plot(samples, [1 - f + 1 / n for f in frac], color=color, label=label)
+    body.set_xlim(0, max(r.get("p90_ms") or 0 for r in entries.values()) * 1.5 or None)
+    body.set_xlabel("ms")
+    body.set_ylabel("fraction ≤ x")
+    body.set_ylim(0, 1.01)
+    body.legend(loc="lower right")
+    tail.set_xscale("log")
+    tail.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    tail.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+    tail.xaxis.set_minor_formatter(NullFormatter())
+    tail.set_xlabel("ms (log)")
+    tail.set_ylabel("fraction > x (log)")
+    tail.axhline(0.01, color="grey", linestyle=":", label="p99")
+    tail.legend(loc="lower left")
+    for ax in (body, tail):
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: plain / auth / auth+TLS servers", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -279,6 +387,8 @@ def write(results_path: Path, out_dir: Path = DOCS_DIR) -> Path:
         "",
     ]
 
+    md += _auth_cost_section(doc, out_dir)
+
     sc = doc.get("streams_scaling")
     if sc and sc.get("steps"):
         plot_scaling(sc, out_dir / SCALING_PNG)
@@ -333,6 +443,89 @@ def write(results_path: Path, out_dir: Path = DOCS_DIR) -> Path:
     if out_dir == DOCS_DIR:
         update_readme(doc, README)
     return path
+
+
+def _variant_facts(doc: Mapping[str, Any], entries: Mapping[str, str]) -> list[str]:
+    """Side by side, from the variants' own entries: the servers' CPU, their rounds, the
+    statements their databases ran."""
+    runs = {v: doc[e] for v, e in entries.items() if e in doc and "error" not in doc[e]}
+    out = []
+    cpu = []
+    for v, r in runs.items():
+        pct = r.get("cpu_pct") or {}
+        value = pct.get(f"{v} server", pct.get("server"))
+        if value is not None:
+            cpu.append(f"{v} {value:.0f}")
+    if cpu:
+        out.append("server CPU while measured, % of one core: " + ", ".join(cpu))
+    if all(r.get("rounds") for r in runs.values()):
+        out.append(
+            "median / p99 ms per round: "
+            + "; ".join(
+                f"{v} "
+                + ", ".join(
+                    f"{fmt_ms(x.get('median_ms'))} / {fmt_ms(x.get('p99_ms'))}" for x in r["rounds"]
+                )
+                for v, r in runs.items()
+            )
+        )
+    stmts = {v: r.get("pg_stat_statements_all_per_s") for v, r in runs.items()}
+    if all(x is not None for x in stmts.values()):
+        out.append(
+            "statements/s run on the server's database (pg_stat_statements): "
+            + ", ".join(f"{v} {x:.1f}" for v, x in stmts.items())
+        )
+    return out
+
+
+def _auth_cost_section(doc: Mapping[str, Any], out_dir: Path) -> list[str]:
+    """What authentication and TLS cost: the variants of each compared benchmark side by
+    side, how they were measured, and their distributions."""
+    costs = [n for n in AUTH_COSTS if n in doc and "variants" in doc[n]]
+    if not costs:
+        return []
+    md = [
+        "## Cost of authentication and TLS",
+        "",
+        *AUTH_COST_METHOD,
+        "",
+        "| benchmark | server | n | median ms | p90 ms | p99 ms | median added | p99 added "
+        "| goal (median added) | result |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for name in costs:
+        c = doc[name]
+        _bench, label, entries = AUTH_COSTS[name]
+        for variant in ("plain", "auth", "auth+TLS"):
+            f = c["variants"].get(variant, {})
+            added = c.get("added_median_pct", {}).get(variant)
+            added_p99 = c.get("added_p99_pct", {}).get(variant)
+            base = variant == "plain"
+            goal = f"≤ {c.get('goal_added_median_pct', 10):g} %"
+            ok = added is not None and added <= c.get("goal_added_median_pct", 10)
+            lines = (
+                f"| {label} | {variant} (`{entries[variant]}`) | {f.get('n', '-')} "
+                f"| {fmt_ms(f.get('median_ms'))} | {fmt_ms(f.get('p90_ms'))} "
+                f"| {fmt_ms(f.get('p99_ms'))} "
+                f"| {'baseline' if base else _pct(added)} | {'' if base else _pct(added_p99)} "
+                f"| {'' if base else goal} | {'' if base else 'pass' if ok else '**MISSED**'} |"
+            )
+            md.append(lines)
+    md.append("")
+    for name in costs:
+        _bench, label, entries = AUTH_COSTS[name]
+        runs = {v: doc[e] for v, e in entries.items() if e in doc and doc[e].get("samples_ms")}
+        dates = sorted({doc[e].get("date", "") for e in entries.values() if e in doc})
+        md += [f"### {label}", "", f"Run {' … '.join(dict.fromkeys(dates)) or '?'}.", ""]
+        md += [f"- {n}" for n in doc[name].get("notes") or []]
+        md += [f"- {n}" for n in _variant_facts(doc, entries)]
+        md += [f"- MISSED: {m}" for m in doc[name].get("missed") or []]
+        md.append("")
+        if len(runs) == len(entries):
+            png = f"auth_cost_{name.removesuffix('_auth_cost')}.png"
+            plot_variants(label, runs, out_dir / png)
+            md += [f"![{label}: plain, auth, auth+TLS]({png})", ""]
+    return md
 
 
 def readme_block(doc: Mapping[str, Any]) -> list[str]:

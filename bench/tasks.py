@@ -3,6 +3,10 @@
 send_to_receipt       200 tasks sent one at a time to (chatroom, role) while a separate
                       agent process (bench.task_agent) holds an AwaitTask stream for it;
                       time from just before SendMessage to the agent holding the task.
+                      Measured in the same run on three servers side by side, taking
+                      turns task by task: the real one (this entry), the same with TLS
+                      (send_to_receipt_tls), and one that trusts every caller
+                      (send_to_receipt_plain); send_to_receipt_auth_cost compares them.
 deadline_lag          10,000 pending tasks of custom roles nobody is live for, their
                       deadlines spread over one minute; a real `vigil up` scheduler
                       notifies each (pending_timeout). Lag = the task's first
@@ -11,7 +15,9 @@ scheduler_pass_flat   one scheduler pass (`TaskService.run_due`: find due, decid
                       apply) over the same 100 due tasks with 10,000 and with 1,000,000
                       rows in tasks.tasks; the pass must not grow with the table.
 tasks_lifecycle_rate  full lifecycles (send, claim, start, complete) per second through
-                      gRPC, against the same status changes sent straight through asyncpg.
+                      gRPC (each worker holding a live participant of its role: a claim
+                      is bound to one), against the same status changes sent straight
+                      through asyncpg.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -37,12 +44,12 @@ from prometheus_client import CollectorRegistry
 from bench import common
 from bench.common import Context, Goal
 from vigil import testing as harness
-from vigil.client import ClientConfig
+from vigil.client import Client, ClientConfig, ParticipantSession
 from vigil.core.auth import AuthStore
 from vigil.core.clock import SystemClock
 from vigil.core.db import Database, open_database
 from vigil.core.timings import Timings
-from vigil.core.vocab import TaskStatus
+from vigil.core.vocab import AgentKind, TaskStatus
 from vigil.task_service.agents_store import AgentStore
 from vigil.task_service.metrics import TaskMetrics
 from vigil.task_service.service import TaskService
@@ -117,12 +124,12 @@ class _Lines:
         return line.strip()
 
 
-async def _wait_waiting(port: int, timeout: float = 10) -> None:
+async def _wait_waiting(server: common.Server, timeout: float = 10) -> None:
     """Until the server counts one AwaitTask stream waiting. (Polled sparingly: the
     server renders /metrics in a thread that competes with its event loop.)"""
     deadline = time.monotonic() + timeout
     while True:
-        samples = await common.scrape(port)
+        samples = await common.scrape(server.metrics_port, server.ca)
         if common.metric(samples, WAITING_GAUGE) >= 1:
             return
         if time.monotonic() > deadline:
@@ -130,87 +137,100 @@ async def _wait_waiting(port: int, timeout: float = 10) -> None:
         await asyncio.sleep(0.005)
 
 
-async def send_to_receipt(ctx: Context) -> dict[str, Any]:
-    url = await ctx.new_database()
-    server = await ctx.start_server(url, TASK_ENV, "receipt", args=UP)
-    agent: subprocess.Popen[bytes] | None = None
-    latencies: list[float] = []
-    warmup: list[float] = []
-    rpc_ms: list[float] = []
-    mismatched = queued = 0
-    try:
-        async with harness.channel(server.addr) as ch:
-            stub = tpb_grpc.TasksStub(ch)
-            await _create_room(stub, RECEIPT_CHATROOM, [RECEIPT_ROLE])
-            cmd = common.python_cmd(
-                "bench.task_agent",
-                "--addr", server.addr,
-                "--chatroom", RECEIPT_CHATROOM,
-                "--role", RECEIPT_ROLE,
-            )  # fmt: skip
-            err = (ctx.tmp / "task-agent.log").open("wb")
-            try:
-                agent = subprocess.Popen(
-                    cmd, env=harness.child_env(TASK_ENV), stdout=subprocess.PIPE, stderr=err
-                )
-            finally:
-                err.close()
-            ctx.reaper.add(agent)
-            lines = _Lines(agent)
-            joined = await lines.next(60, "JOINED from the agent")
-            if not joined.startswith("JOINED"):
-                raise RuntimeError(f"agent said {joined!r} instead of JOINED")
-            meter = common.CpuMeter(ctx, server.proc.pid, {"agent": [agent.pid]})
-            started = time.monotonic()
-            for i in range(RECEIPT_WARMUP + RECEIPT_TASKS):
-                if i == RECEIPT_WARMUP:
-                    meter.start()
-                    m0 = await common.scrape(server.metrics_port)
-                    started = time.monotonic()
-                await _wait_waiting(server.metrics_port)
-                await asyncio.sleep(RECEIPT_SETTLE_S)
-                sent_wall = time.time()
-                t0 = time.perf_counter()
-                task = await stub.SendMessage(
-                    tpb.SendMessageRequest(
-                        chatroom=RECEIPT_CHATROOM,
-                        role=RECEIPT_ROLE,
-                        text=f"task {i}",
-                    )
-                )
-                rpc = (time.perf_counter() - t0) * 1000
-                got = (await lines.next(10, f"receipt of task {i}")).split()
-                if got[0] != "GOT":
-                    raise RuntimeError(f"agent said {' '.join(got)!r}")
-                done = await lines.next(10, f"completion of task {i}")
-                if done != f"DONE {got[1]}":
-                    raise RuntimeError(f"agent said {done!r}, expected DONE {got[1]}")
-                latency = (float(got[3]) - sent_wall) * 1000
-                if i < RECEIPT_WARMUP:
-                    warmup.append(latency)
-                    continue
-                latencies.append(latency)
-                rpc_ms.append(rpc)
-                mismatched += got[1] != task.id
-                queued += task.status != TaskStatus.PENDING.to_pb()
-            elapsed = time.monotonic() - started
-            cpu_pct = meter.stop()
-            m1 = await common.scrape(server.metrics_port)
-    except Exception:
-        print(f"server log (tail):\n{common.log_tail(server.log)}")
-        if agent is not None:
-            print(f"agent log (tail):\n{common.log_tail(ctx.tmp / 'task-agent.log')}")
-        raise
-    finally:
-        if agent is not None and agent.poll() is None:
-            agent.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(agent.wait, 10)
-        await asyncio.to_thread(ctx.reaper.kill_all)
-        await ctx.stop_server(server)
+@dataclass
+class _Receiver:
+    """One variant's server, the benchmark's channel to it, and its waiting agent."""
 
+    variant: str
+    server: common.Server
+    channel: grpc.aio.Channel
+    stub: tpb_grpc.TasksStub
+    agent_log: Path
+    agent: subprocess.Popen[bytes] | None = None
+    lines: _Lines | None = None
+    latencies: list[float] = field(default_factory=list)
+    warmup: list[float] = field(default_factory=list)
+    rpc_ms: list[float] = field(default_factory=list)
+    mismatched: int = 0
+    queued: int = 0
+    m0: dict[str, float] = field(default_factory=dict)
+    m1: dict[str, float] = field(default_factory=dict)
+
+    async def scrape(self) -> dict[str, float]:
+        return await common.scrape(self.server.metrics_port, self.server.ca)
+
+
+async def _receiver(ctx: Context, variant: str) -> _Receiver:
+    """A `vigil up` of `variant` with the chatroom, and its agent (`bench.task_agent`,
+    holding a chatroom token of its role) joined and waiting."""
+    url = await ctx.new_database()
+    server = await ctx.start_server(url, TASK_ENV, f"receipt-{variant}", args=UP, variant=variant)
+    ch = common.channel(server)
+    r = _Receiver(variant, server, ch, tpb_grpc.TasksStub(ch), ctx.tmp / f"agent-{variant}.log")
+    try:
+        await _create_room(r.stub, RECEIPT_CHATROOM, [RECEIPT_ROLE])
+        tokens = await common.role_tokens(url, RECEIPT_CHATROOM, [RECEIPT_ROLE])
+        cmd = common.python_cmd(
+            "bench.task_agent",
+            "--addr", server.addr,
+            "--chatroom", RECEIPT_CHATROOM,
+            "--role", RECEIPT_ROLE,
+        )  # fmt: skip
+        env = ctx.client_env(server, {**TASK_ENV, "VIGIL_TOKEN": tokens[RECEIPT_ROLE]})
+        with r.agent_log.open("wb") as err:
+            r.agent = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err)
+        ctx.reaper.add(r.agent)
+        r.lines = _Lines(r.agent)
+        joined = await r.lines.next(60, "JOINED from the agent")
+        if not joined.startswith("JOINED"):
+            raise RuntimeError(f"agent said {joined!r} instead of JOINED")
+    except Exception:
+        await _close_receiver(ctx, r)
+        raise
+    return r
+
+
+async def _close_receiver(ctx: Context, r: _Receiver) -> None:
+    if r.agent is not None and r.agent.poll() is None:
+        r.agent.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(r.agent.wait, 10)
+    await r.channel.close()
+    await ctx.stop_server(r.server)
+
+
+async def _one_receipt(r: _Receiver, i: int) -> None:
+    """Send task i once the agent waits; time until the agent holds it."""
+    assert r.lines is not None
+    await _wait_waiting(r.server)
+    await asyncio.sleep(RECEIPT_SETTLE_S)
+    sent_wall = time.time()
+    t0 = time.perf_counter()
+    task = await r.stub.SendMessage(
+        tpb.SendMessageRequest(chatroom=RECEIPT_CHATROOM, role=RECEIPT_ROLE, text=f"task {i}")
+    )
+    rpc = (time.perf_counter() - t0) * 1000
+    got = (await r.lines.next(10, f"receipt of task {i}")).split()
+    if got[0] != "GOT":
+        raise RuntimeError(f"agent said {' '.join(got)!r}")
+    done = await r.lines.next(10, f"completion of task {i}")
+    if done != f"DONE {got[1]}":
+        raise RuntimeError(f"agent said {done!r}, expected DONE {got[1]}")
+    latency = (float(got[3]) - sent_wall) * 1000
+    if i < RECEIPT_WARMUP:
+        r.warmup.append(latency)
+        return
+    r.latencies.append(latency)
+    r.rpc_ms.append(rpc)
+    r.mismatched += got[1] != task.id
+    r.queued += task.status != TaskStatus.PENDING.to_pb()
+
+
+def _receipt_result(
+    r: _Receiver, elapsed: float, cpu_pct: dict[str, float], halves: str
+) -> dict[str, Any]:
     def delta(name: str, **labels: str) -> float:
-        return common.metric(m1, name, **labels) - common.metric(m0, name, **labels)
+        return common.metric(r.m1, name, **labels) - common.metric(r.m0, name, **labels)
 
     deliveries = delta("vigil_task_delivery_seconds_count")
     delivery_mean = (
@@ -220,33 +240,122 @@ async def send_to_receipt(ctx: Context) -> dict[str, Any]:
     completes = delta("vigil_task_transitions_total", trigger="completeTask")
     passes = delta("vigil_task_scheduler_pass_seconds_count")
     notes = [
-        f"{len(latencies)} tasks in {elapsed:.1f} s, one at a time, each sent once the server "
-        f"showed the agent waiting (+{RECEIPT_SETTLE_S * 1000:.0f} ms); "
-        f"{RECEIPT_WARMUP} warm-up tasks before them not measured ({_ms(warmup)})",
-        f"SendMessage round trip: {_ms(rpc_ms)}",
+        f"server: {common.DESCRIBE[r.variant]}",
+        f"{len(r.latencies)} tasks, one at a time, each sent once the server showed the agent "
+        f"waiting (+{RECEIPT_SETTLE_S * 1000:.0f} ms); {RECEIPT_WARMUP} warm-up tasks before "
+        f"them not measured ({_ms(r.warmup)}); the three variants' servers ran side by side "
+        f"and took turns, task by task, in rotating order ({elapsed:.1f} s in all)",
+        f"{halves}",
+        "the agent (bench.task_agent, the client package's agent session) holds a chatroom "
+        "token of its role; the sender (this process) is the admin",
+        f"SendMessage round trip: {_ms(r.rpc_ms)}",
         f"server: created -> written to the agent, mean {delivery_mean:.2f} ms"
         if delivery_mean is not None
         else "server: no delivery observed in its metrics",
         f"server transitions in the window: claimTask {claims:.0f}, completeTask {completes:.0f}; "
-        f"scheduler passes {passes:.0f} ({passes / max(1, len(latencies)):.1f} per task: a send "
-        "and a claim each wake the deadline scheduler)",
+        f"scheduler passes {passes:.0f} ({passes / max(1, len(r.latencies)):.1f} per task: a "
+        "send and a claim each wake the deadline scheduler)",
         *common.cpu_notes(cpu_pct),
     ]
     return common.result(
-        latencies,
+        r.latencies,
         RECEIPT_GOAL,
         checks={
-            "each send received by the agent, in order": mismatched == 0
-            and len(latencies) == RECEIPT_TASKS,
-            "each send found the role free (pending, not queued)": queued == 0,
+            "each send received by the agent, in order": r.mismatched == 0
+            and len(r.latencies) == RECEIPT_TASKS,
+            "each send found the role free (pending, not queued)": r.queued == 0,
         },
         notes=notes,
-        send_rpc=common.summarize(rpc_ms),
-        warmup=common.summarize(warmup),
+        variant=common.LABEL[r.variant],
+        send_rpc=common.summarize(r.rpc_ms),
+        warmup=common.summarize(r.warmup),
         server_delivery_mean_ms=delivery_mean,
         cpu_pct=cpu_pct,
         elapsed_s=round(elapsed, 1),
     )
+
+
+async def send_to_receipt(ctx: Context) -> dict[str, Any]:
+    """The real server (auth, plaintext) is this benchmark's entry; the plain and TLS
+    variants, measured in the same run (interleaved task by task), and their comparison
+    are filed beside it."""
+    receivers: list[_Receiver] = []
+    try:
+        for variant in common.VARIANTS:
+            receivers.append(await _receiver(ctx, variant))
+        by_variant = {r.variant: r for r in receivers}
+        meter = common.CpuMeter(
+            ctx,
+            0,  # the three servers are groups of their own (pid 0 counts nothing)
+            {
+                **{f"{common.LABEL[r.variant]} server": [r.server.proc.pid] for r in receivers},
+                "agents": [r.agent.pid for r in receivers if r.agent is not None],
+            },
+        )
+        started = time.monotonic()
+        for i in range(RECEIPT_WARMUP + RECEIPT_TASKS):
+            if i == RECEIPT_WARMUP:
+                meter.start()
+                for r in receivers:
+                    r.m0 = await r.scrape()
+                started = time.monotonic()
+            # Each variant first, second and third in turn.
+            k = i % len(receivers)
+            for r in receivers[k:] + receivers[:k]:
+                await _one_receipt(r, i)
+        elapsed = time.monotonic() - started
+        cpu_pct = {k: v for k, v in meter.stop().items() if k != "server"}
+        for r in receivers:
+            r.m1 = await r.scrape()
+    except Exception:
+        for r in receivers:
+            print(f"{r.variant} server log (tail):\n{common.log_tail(r.server.log)}")
+            print(f"{r.variant} agent log (tail):\n{common.log_tail(r.agent_log)}")
+        raise
+    finally:
+        for r in receivers:
+            await _close_receiver(ctx, r)
+        await asyncio.to_thread(ctx.reaper.kill_all)
+
+    half = RECEIPT_TASKS // 2
+    plain = by_variant[common.PLAIN].latencies
+
+    def halves_of(r: _Receiver) -> str:
+        medians = [
+            common.summarize(x)["median_ms"] for x in (r.latencies[:half], r.latencies[half:])
+        ]
+        text = f"median of the first / second {half} tasks: {medians[0]} / {medians[1]} ms"
+        if r.variant != common.PLAIN:
+            base = [common.summarize(x)["median_ms"] for x in (plain[:half], plain[half:])]
+            text += (
+                " (vs plain: "
+                + " / ".join(
+                    common.fmt_pct(common.added_pct(m, b))
+                    for m, b in zip(medians, base, strict=True)
+                )
+                + ")"
+            )
+        return text
+
+    entries = {r.variant: _receipt_result(r, elapsed, cpu_pct, halves_of(r)) for r in receivers}
+    cost = common.auth_cost(
+        entries,
+        "send → receipt",
+        notes=[
+            "the three servers ran side by side, each with its own database and waiting "
+            "agent; task by task, each variant took its turn (rotating which went first), so "
+            "whatever else the machine did weighed on all three alike",
+            *(f"{common.LABEL[v]}: {halves_of(by_variant[v])}" for v in (common.AUTH, common.TLS)),
+        ],
+    )
+    return {
+        **entries[common.AUTH],
+        common.EXTRA_ENTRIES: {
+            "send_to_receipt_plain": entries[common.PLAIN],
+            "send_to_receipt_tls": entries[common.TLS],
+            "send_to_receipt_auth_cost": cost,
+        },
+    }
 
 
 # -- deadline_lag ------------------------------------------------------------------------
@@ -755,10 +864,37 @@ class _Window:
 Worker = Callable[[Any, str, _Window, list[float]], Awaitable[None]]
 
 
+@contextlib.asynccontextmanager
+async def _participant(client: Client, role: str) -> AsyncIterator[ParticipantSession]:
+    """A live participant of the role held for the block (a claim is bound to one)."""
+    session = client.session(RATE_CHATROOM, role, AgentKind.CUSTOM)
+    holder = asyncio.create_task(session.run())
+    joined = asyncio.create_task(session.joined.wait())
+    try:
+        await asyncio.wait({holder, joined}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if not joined.done():
+            if holder.done():
+                holder.result()  # raises why it could not join
+            raise RuntimeError(f"{role}: not joined within 30 s")
+        yield session
+    finally:
+        joined.cancel()
+        session.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(holder, 10)
+
+
 async def _grpc_lifecycles(addr: str, role: str, window: _Window, out: list[float]) -> None:
-    async with harness.channel(addr) as ch:
+    config = replace(harness.client_config(addr), timings=Timings.from_env(TASK_ENV))
+    async with (
+        Client(config) as client,
+        _participant(client, role) as session,
+        harness.channel(addr) as ch,
+    ):
         stub = tpb_grpc.TasksStub(ch)
-        conn = str(uuid.uuid4())
+        conn = session.connection_id
+        epoch = session.epoch
+        assert epoch is not None
         for done in itertools.count():
             if done == RATE_WARMUP:
                 window.warm()
@@ -769,7 +905,9 @@ async def _grpc_lifecycles(addr: str, role: str, window: _Window, out: list[floa
                 tpb.SendMessageRequest(chatroom=RATE_CHATROOM, role=role, text="lifecycle")
             )
             call = stub.AwaitTask(
-                tpb.AwaitTaskRequest(chatroom=RATE_CHATROOM, role=role, connection_id=conn, epoch=1)
+                tpb.AwaitTaskRequest(
+                    chatroom=RATE_CHATROOM, role=role, connection_id=conn, epoch=epoch
+                )
             )
             reply = await call.read()
             if reply is grpc.aio.EOF or reply.task.id != sent.id:
@@ -781,6 +919,9 @@ async def _grpc_lifecycles(addr: str, role: str, window: _Window, out: list[floa
                 raise RuntimeError(f"{role}: task ended {final.status}")
             if window.open:
                 out.append((time.perf_counter() - t0) * 1000)
+
+
+SQL_ACTOR = "admin:bench"  # who sent and claimed, as the service records a principal
 
 
 async def _sql_lifecycles(pool: asyncpg.Pool, role: str, window: _Window, out: list[float]) -> None:
@@ -797,14 +938,14 @@ async def _sql_lifecycles(pool: asyncpg.Pool, role: str, window: _Window, out: l
             now = datetime.now(UTC)
             row = await conn.fetchrow(
                 Q["insert_task"], RATE_CHATROOM, role, "lifecycle", "pending", now,
-                now + timedelta(minutes=5),
+                now + timedelta(minutes=5), SQL_ACTOR,
             )  # fmt: skip
             task_id = row["id"]
             async with conn.transaction():
                 await conn.execute(Q["fsm_declare"], "claimTask", connection_id, "claimed")
                 claimed = await conn.fetchrow(
                     Q["claim_next"], RATE_CHATROOM, role, connection_id, 1, datetime.now(UTC),
-                    datetime.now(UTC) + timedelta(minutes=2),
+                    datetime.now(UTC) + timedelta(minutes=2), SQL_ACTOR, None,
                 )  # fmt: skip
             if claimed is None or claimed["id"] != task_id:
                 raise RuntimeError(f"{role}: claimed {claimed!r}, inserted {task_id}")
@@ -901,7 +1042,9 @@ async def tasks_lifecycle_rate(ctx: Context) -> dict[str, Any]:
     notes = [
         f"{RATE_WORKERS} concurrent lifecycles (one role each) for {RATE_WINDOW_S:.0f} s each "
         "way, clients in the benchmark process; the latency columns are one gRPC lifecycle "
-        "(SendMessage, AwaitTask, StartTask, CompleteTask)",
+        "(SendMessage, AwaitTask, StartTask, CompleteTask); each gRPC worker holds a live "
+        "participant of its role (a liveness session heartbeating every second), as a claim "
+        "is bound to one; the server is the real one (auth, plaintext), the calls the admin's",
         f"gRPC: {grpc_rate:.0f} lifecycles/s; straight asyncpg (INSERT + 3 declare/UPDATE "
         f"transactions): {sql_rate:.0f} lifecycles/s, one lifecycle {_ms(sql_ms)}",
         f"asyncpg / gRPC = {sql_rate / grpc_rate:.1f}",

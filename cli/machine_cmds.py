@@ -24,7 +24,7 @@ from vigil.cli.task_cmds import (
     _emit,
     _print_json,
     _ts,
-    _usage,
+    check_limit,
     name_of,
     render_table,
 )
@@ -55,6 +55,7 @@ AGENT_COLUMNS = [
     "restart_count",
     "last_exit",
     "last_exit_at",
+    "status_reason",
 ]
 COMMAND_COLUMNS = [
     "id",
@@ -190,8 +191,9 @@ def last_exit_json(a: pb.Agent) -> dict[str, Any] | None:
         return None
     signal = a.last_exit_signal
     return {
-        # A process killed by a signal has no exit code.
-        "code": None if signal else a.last_exit_code,
+        # A process killed by a signal has no exit code; one whose daemon was away when
+        # it ended has none known either.
+        "code": a.last_exit_code if a.HasField("last_exit_code") and not signal else None,
         "signal": signal or None,
         "classification": _classification(a),
         "at": _ts(a, "last_exit_at"),
@@ -202,7 +204,12 @@ def last_exit_text(a: pb.Agent) -> str:
     """`signal 9 (signal)`, `code 1 (crashed)`, or NO_VALUE if it never exited."""
     if not a.has_last_exit:
         return NO_VALUE
-    what = f"signal {a.last_exit_signal}" if a.last_exit_signal else f"code {a.last_exit_code}"
+    if a.last_exit_signal:
+        what = f"signal {a.last_exit_signal}"
+    elif a.HasField("last_exit_code"):
+        what = f"code {a.last_exit_code}"
+    else:
+        what = "code unknown"
     cls = _classification(a)
     return f"{what} ({cls})" if cls else what
 
@@ -224,6 +231,7 @@ def agent_json(a: pb.Agent) -> dict[str, Any]:
         "restart_count": a.restart_count,
         "last_exit": last_exit_json(a),
         "next_restart_at": _ts(a, "next_restart_at"),
+        "status_reason": a.status_reason or None,
     }
 
 
@@ -247,6 +255,8 @@ def agent_line(a: pb.Agent) -> str:
         f"(desired {name_of(DesiredState, a.desired_state)})"
         f" on {a.machine_id or NO_VALUE} pid {a.pid or NO_VALUE} restarts {a.restart_count}"
     )
+    if a.status_reason:
+        line += f" ({a.status_reason})"
     if a.has_last_exit:
         line += f" last exit {last_exit_text(a)}"
         at = _ts(a, "last_exit_at")
@@ -404,8 +414,7 @@ async def list_commands(
 ) -> int:
     if machine:
         _check_name(machine, "--machine")
-    if limit < 0:
-        raise _usage(f"--limit must be zero (the server's default) or more, got {limit}")
+    check_limit(limit)
     async with connected(config) as client:
         commands = await client.list_commands(machine or "", limit)
     if as_json:

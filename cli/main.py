@@ -83,6 +83,16 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def version() -> str:
+    """This installation's version (the package metadata, as `vigil.__version__`)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("vigil")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vigil",
@@ -90,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"vigil {version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     up = sub.add_parser(
@@ -205,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--json", action="store_true", help="JSON output")
     _client_flags(verify)
 
+    comp = sub.add_parser(
+        "completion",
+        help="print a shell completion script "
+        "(e.g. `vigil completion bash > ~/.local/share/bash-completion/completions/vigil`)",
+    )
+    comp.add_argument("shell", choices=["bash", "zsh", "tcsh"])
+
     sub.add_parser(
         "migrate",
         help="apply migrations and create the database roles, as the owner (DATABASE_URL)",
@@ -276,7 +294,7 @@ def _add_tls_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
 def _add_task_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     """chatroom, chatrooms, send, task, tasks, notifications (run by cli.task_cmds)."""
     json_help = "JSON output"
-    cr = sub.add_parser("chatroom", help="create or show a chatroom")
+    cr = sub.add_parser("chatroom", help="create, show, update or delete a chatroom")
     cr_sub = cr.add_subparsers(
         dest="chatroom_command", metavar="ACTION", parser_class=_Parser, required=True
     )
@@ -302,7 +320,27 @@ def _add_task_commands(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     show = cr_sub.add_parser("show", help="show a chatroom and its roles")
     show.add_argument("name", metavar="NAME")
-    for p in (create, show):
+    update = cr_sub.add_parser(
+        "update",
+        help="add or remove roles",
+        description="Add roles (ROLE=custom or ROLE=remote:MACHINE:HARNESS) and remove "
+        "roles. A role with unfinished tasks cannot be removed; a removed remote role's "
+        "agent is stopped. Its history stays, so its name stays taken.",
+    )
+    update.add_argument("name", metavar="NAME")
+    update.add_argument("--add-role", action="append", metavar="ROLE=KIND", help="(repeatable)")
+    update.add_argument("--remove-role", action="append", metavar="ROLE", help="(repeatable)")
+    delete = cr_sub.add_parser(
+        "delete",
+        help="delete a chatroom (its history is kept)",
+        description="Refused while the chatroom has unfinished tasks, unless --cancel-open "
+        "(they are closed). Its remote agents are stopped; it disappears from listings and "
+        "takes no more tasks; its tasks and their history are kept.",
+    )
+    delete.add_argument("name", metavar="NAME")
+    delete.add_argument("--cancel-open", action="store_true", help="close unfinished tasks")
+    delete.add_argument("--reason", help="why (kept in the closed tasks' history)")
+    for p in (create, show, update, delete):
         p.add_argument("--json", action="store_true", help=json_help)
         _client_flags(p)
 
@@ -461,6 +499,11 @@ async def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     logs.configure(os.environ.get("VIGIL_LOG_LEVEL", "WARNING").upper(), log_format)
     if args.command == "tls":
         return _dev_ca(args)
+    if args.command == "completion":
+        import shtab
+
+        print(shtab.complete(parser, shell=args.shell))
+        return 0
     config = client_config(args)
     if args.command == "daemon":
         from vigil.cli.daemon_cmd import daemon_start
@@ -575,8 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _fail(message: str, code: int) -> int:
+    # One line, whatever the message quotes (a newline or escape a user typed).
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
     try:
-        print(f"vigil: error: {message}", file=sys.stderr, flush=True)
+        print(f"vigil: error: {line}", file=sys.stderr, flush=True)
     except OSError:
         pass  # stderr itself is gone; the exit code still tells
     return code

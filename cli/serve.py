@@ -9,6 +9,7 @@ import logging
 import sys
 
 from vigil.client import ClientConfig
+from vigil.core import logs
 from vigil.core.config import Settings
 from vigil.core.db import resolve_url
 from vigil.core.server import start_metrics, wait_for_signal
@@ -57,18 +58,13 @@ async def _serve(
             f"metrics {scheme}://{mhost}:{metrics_port}/metrics, database: {where}, "
             f"replica {settings.replica_id})"
         )
-        print(line, file=sys.stderr, flush=True)
+        _say(line)
         if vigil.admin_token is not None and not settings.bootstrap_token:
-            print(
-                f"vigil: admin token in {token_file} (owner-only; the CLI on this host finds it)",
-                file=sys.stderr,
-                flush=True,
-            )
+            _say(f"vigil: admin token in {token_file} (owner-only; the CLI on this host finds it)")
         if settings.insecure and settings.tls is None:
             log.warning(
                 "serving plaintext on %s (--insecure): anyone on the path can read it", host
             )
-        log.info("serving %s on %s:%d", ", ".join(services), host, vigil.port)
         view = None
         if ui:
             from vigil.cli import live_view
@@ -77,9 +73,18 @@ async def _serve(
         sig = await wait_for_signal()
         if view is not None:
             view.cancel()
-        print(f"vigil: signal {sig}: shutting down gracefully", file=sys.stderr, flush=True)
-        log.info("signal %d: shutting down gracefully", sig)
+        _say(f"vigil: signal {sig}: shutting down gracefully")
     return 0
+
+
+def _say(line: str) -> None:
+    """A line for the operator: on stderr, or as a log record when logs are JSON (so
+    that stream holds nothing but JSON); in the log file too when the live view runs."""
+    if logs.is_json():
+        log.info("%s", line.removeprefix("vigil: "))
+        return
+    print(line, file=sys.stderr, flush=True)
+    log.debug("%s", line.removeprefix("vigil: "))
 
 
 async def migrate(settings: Settings) -> int:

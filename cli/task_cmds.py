@@ -67,6 +67,15 @@ def _usage(message: str) -> CliError:
     return CliError(message, 2)
 
 
+MAX_ATTEMPT = 2**31 - 1
+MAX_LIMIT = 1_000_000
+
+
+def check_limit(limit: int) -> None:
+    if not 0 <= limit <= MAX_LIMIT:
+        raise _usage(f"--limit must be between 0 (all) and {MAX_LIMIT}, got {str(limit)[:24]}")
+
+
 def _check_name(value: str, what: str) -> str:
     try:
         return validation.name(value, what)
@@ -196,7 +205,13 @@ def chatroom_roles(specs: Sequence[str], team_file: str | None) -> list[pb.Role]
 
 def message_text(words: Sequence[str], stdin: TextIO) -> str:
     """TEXT words joined by spaces; a single `-` reads the message from stdin."""
-    text = stdin.read().rstrip("\n") if list(words) == ["-"] else " ".join(words)
+    if list(words) == ["-"]:
+        try:
+            text = stdin.read().rstrip("\n")
+        except UnicodeDecodeError:
+            raise _usage("the message on stdin is not UTF-8 text") from None
+    else:
+        text = " ".join(words)
     if not text.strip():
         raise _usage("the message is empty")
     return text
@@ -381,6 +396,42 @@ async def create_chatroom(
     return 0
 
 
+async def update_chatroom(
+    config: ClientConfig, name: str, add: list[str], remove: list[str], as_json: bool
+) -> int:
+    _check_name(name, "chatroom name")
+    roles = [parse_role_spec(s) for s in add]
+    for role in remove:
+        _check_name(role, "--remove-role")
+    if not roles and not remove:
+        raise _usage("say what to change: --add-role ROLE=KIND and/or --remove-role ROLE")
+    async with connected(config) as client:
+        room = await client.update_chatroom(name, roles, remove)
+    _emit(as_json, lambda: chatroom_json(room), lambda: render_chatroom(room))
+    return 0
+
+
+async def delete_chatroom(
+    config: ClientConfig, name: str, cancel_open: bool, reason: str, as_json: bool
+) -> int:
+    _check_name(name, "chatroom name")
+    async with connected(config) as client:
+        done = await client.delete_chatroom(name, cancel_open=cancel_open, reason=reason)
+    _emit(
+        as_json,
+        lambda: {
+            "name": done.name,
+            "tasks_cancelled": done.tasks_cancelled,
+            "agents_stopped": done.agents_stopped,
+        },
+        lambda: (
+            f"deleted chatroom {done.name}: {done.tasks_cancelled} unfinished task(s) closed, "
+            f"{done.agents_stopped} remote agent(s) stopped; its history is kept"
+        ),
+    )
+    return 0
+
+
 async def show_chatroom(config: ClientConfig, name: str, as_json: bool) -> int:
     _check_name(name, "chatroom name")
     async with connected(config) as client:
@@ -423,6 +474,8 @@ async def task_action(
     if action not in _ACTIONS:
         raise ValueError(f"unknown task action {action!r}")
     task_id = check_task_id(task_id)
+    if attempt is not None and not 0 <= attempt <= MAX_ATTEMPT:
+        raise _usage(f"--attempt must be between 0 and {MAX_ATTEMPT}, got {str(attempt)[:24]}")
     async with connected(config) as client:
         if action == "start":
             task = await client.start_task(task_id, attempt or 0)
@@ -497,8 +550,7 @@ async def list_tasks(
 ) -> int:
     if chatroom:
         _check_name(chatroom, "--chatroom")
-    if limit < 0:
-        raise _usage(f"--limit must be zero (the server's default) or more, got {limit}")
+    check_limit(limit)
     async with connected(config) as client:
         tasks = await client.list_tasks(
             chatroom or "", TaskStatus(status) if status else None, limit
@@ -613,6 +665,14 @@ async def run(args: argparse.Namespace, config: ClientConfig) -> int:
         if args.chatroom_command == "create":
             roles = chatroom_roles(args.role or [], args.team_file)
             return await create_chatroom(config, args.name, roles, args.json)
+        if args.chatroom_command == "update":
+            return await update_chatroom(
+                config, args.name, args.add_role or [], args.remove_role or [], args.json
+            )
+        if args.chatroom_command == "delete":
+            return await delete_chatroom(
+                config, args.name, args.cancel_open, args.reason or "", args.json
+            )
         return await show_chatroom(config, args.name, args.json)
     if cmd == "chatrooms":
         return await list_chatrooms(config, args.json)

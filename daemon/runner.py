@@ -196,6 +196,11 @@ class Daemon:
     ) -> None:
         key = (cmd.chatroom, cmd.role)
         kind = CommandType.from_pb(cmd.type)
+        async with writing:  # read: the server shows it delivered
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await call.write(
+                    pb.DaemonMessage(received=pb.DaemonMessage.Received(command_id=cmd.id))
+                )
         result = pb.DaemonMessage.CommandResult(command_id=cmd.id)
         async with self.children.lock(key):  # one spawn lock per (chatroom, role)
             if self.clock.now() > from_proto(cmd.deadline_at):

@@ -18,8 +18,9 @@ class LivenessMetrics:
         )
         self.role_live = Gauge(
             "vigil_role_live",
-            "1 while the role's participant is live, 0 when offline (one series per role).",
-            ["chatroom", "role", "kind"],
+            "1 while the role's participant is live, 0 when offline (one series per role; "
+            "a role offline for longer than VIGIL_ROLE_SERIES_KEPT_MS drops out).",
+            ["chatroom", "role"],
             registry=registry,
         )
         self.heartbeats = Counter(

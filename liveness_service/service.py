@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from vigil.core import validation
+from vigil.core import logs, validation
 from vigil.core.auth.principal import SYSTEM, Principal
 from vigil.core.auth.rules import participant_scope
 from vigil.core.clock import Clock
@@ -42,10 +42,9 @@ from vigil.liveness_service.sweeper import TtlSweeper
 
 log = logging.getLogger(__name__)
 
-# vigil_role_live keeps a series per live role and per role offline for at most this
-# long, and never more than MAX_ROLE_SERIES series (live ones first): joins of made-up
-# roles cannot grow Prometheus's label sets without bound.
-ROLE_SERIES_KEPT = timedelta(hours=1)
+# vigil_role_live keeps a series per live role and per role offline for at most
+# VIGIL_ROLE_SERIES_KEPT_MS, and never more than MAX_ROLE_SERIES series (live ones
+# first): joins of made-up roles cannot grow Prometheus's label sets without bound.
 MAX_ROLE_SERIES = 5000
 
 OK, REJOIN_REQUIRED, SUPERSEDED = (
@@ -74,7 +73,7 @@ class Session:
     ready_until: datetime  # newest deadline, in memory
     stored_ready_until: datetime  # newest deadline known to be in the database
     last_beat: float  # monotonic
-    outbox: asyncio.Queue[Push] = field(default_factory=asyncio.Queue)
+    outbox: asyncio.Queue[Push | None] = field(default_factory=asyncio.Queue)  # None: stop
     state: str = "live"  # live | lost | ended
     lost_status: HeartbeatStatus = REJOIN_REQUIRED
     detached: bool = False  # handed over (reconnect or drain): its stream's end marks nothing
@@ -190,7 +189,31 @@ class Liveness:
             by.token_id if by else None,
         )
         self.sweeper.poke()
+        logs.event(
+            log,
+            "participant_joined",
+            f"{chatroom}/{role} joined (epoch {participant.epoch})",
+            chatroom=chatroom,
+            role=role,
+            epoch=participant.epoch,
+            kind=str(kind),
+            principal=participant.principal,
+            superseded_epoch=_superseded.epoch if _superseded else None,
+        )
         return participant
+
+    def _offline(self, p: Participant, reason: OfflineReason) -> None:
+        """A participant this replica took offline: count it and say so."""
+        self.metrics.offline.labels(reason).inc()
+        logs.event(
+            log,
+            "participant_offline",
+            f"{p.chatroom}/{p.role} offline ({reason})",
+            chatroom=p.chatroom,
+            role=p.role,
+            epoch=p.epoch,
+            reason=str(reason),
+        )
 
     async def _check_cap(self, by: Principal, chatroom: str, role: str) -> None:
         """One credential holds at most `max_participants` live participants (rejoining a
@@ -372,7 +395,7 @@ class Liveness:
         if p is None:  # went offline between the read and the write
             p = await self._fenced(chatroom, role, epoch, connection_id, "leave", by)
         else:
-            self.metrics.offline.labels(reason).inc()
+            self._offline(p, reason)
         return p
 
     @staticmethod
@@ -395,7 +418,7 @@ class Liveness:
         )
         if left is None:
             return await self.store.get(p.chatroom, p.role) or p
-        self.metrics.offline.labels(reason).inc()
+        self._offline(left, reason)
         return left
 
     def token_revoked(self, token_id: str) -> None:
@@ -420,7 +443,7 @@ class Liveness:
                     OfflineReason.REVOKED,
                 )
                 if gone is not None:
-                    self.metrics.offline.labels(OfflineReason.REVOKED).inc()
+                    self._offline(gone, OfflineReason.REVOKED)
         except StorageError as exc:
             log.warning("could not take the participants of a revoked credential offline: %s", exc)
 
@@ -460,7 +483,7 @@ class Liveness:
             log.warning("could not record the dropped stream of %s/%s: %s", *p.key, exc)
             return
         if done is not None:
-            self.metrics.offline.labels(OfflineReason.STREAM_DROPPED).inc()
+            self._offline(done, OfflineReason.STREAM_DROPPED)
             self.metrics.detection.labels(OfflineReason.STREAM_DROPPED).observe(
                 self.clock.monotonic() - noticed
             )
@@ -480,7 +503,7 @@ class Liveness:
 
     def _expired(self, participants: list[Participant]) -> None:
         for p in participants:
-            self.metrics.offline.labels(OfflineReason.TTL_EXPIRED).inc()
+            self._offline(p, OfflineReason.TTL_EXPIRED)
             if p.ready_until is not None and p.offline_at is not None:
                 lag = (p.offline_at - p.ready_until).total_seconds()
                 self.metrics.detection.labels(OfflineReason.TTL_EXPIRED).observe(max(0.0, lag))
@@ -559,11 +582,12 @@ class Liveness:
                 for kind, status, n in counts:
                     self.metrics.participants.labels(kind, status).set(n)
                 roles = await self.store.roles_live(
-                    self.clock.now() - ROLE_SERIES_KEPT, MAX_ROLE_SERIES
+                    self.clock.now() - timedelta(milliseconds=self.timings.role_series_kept_ms),
+                    MAX_ROLE_SERIES,
                 )
                 self.metrics.role_live.clear()
-                for chatroom, role, kind, live in roles:
-                    self.metrics.role_live.labels(chatroom, role, kind).set(1 if live else 0)
+                for chatroom, role, _kind, live in roles:
+                    self.metrics.role_live.labels(chatroom, role).set(1 if live else 0)
             except StorageError as exc:
                 log.debug("participant counts: %s", exc)
             await asyncio.sleep(2)

@@ -25,6 +25,7 @@ from vigil.v1 import liveness_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Liveness"].full_name
+WRITER_GRACE_S = 0.5  # longest an ending stream waits for a write in flight
 
 
 def _kind(value: int) -> AgentKind:
@@ -153,11 +154,21 @@ class LivenessServicer(pb_grpc.LivenessServicer):
         finally:
             self.live.metrics.streams.dec()
             if writer is not None:
-                writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await writer
+                await self._stop_writer(session, writer)
             if session is not None:
                 self.live.stream_ended(session)
+
+    @staticmethod
+    async def _stop_writer(session: LiveSession | None, writer: asyncio.Task[None]) -> None:
+        """Let the writer finish the write it is in (a call takes one operation at a
+        time: the status that ends the stream must not race a write), then stop it."""
+        if session is not None and not writer.done():
+            session.outbox.put_nowait(None)
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError, Exception):
+                await asyncio.wait_for(asyncio.shield(writer), WRITER_GRACE_S)
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await writer
 
     async def _open(self, context: grpc.aio.ServicerContext) -> LiveSession | None:
         first = await context.read()
@@ -213,6 +224,8 @@ class LivenessServicer(pb_grpc.LivenessServicer):
         while True:
             push = await session.outbox.get()
             try:
+                if push is None:  # the stream is ending: nothing more to write
+                    return
                 await context.write(_push_to_pb(push, self.live))
             finally:
                 session.outbox.task_done()

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from vigil.core import validation
+from vigil.core import logs, validation
 from vigil.core.auth.principal import Principal
 from vigil.core.auth.store import AuthStore
 from vigil.core.clock import Clock
@@ -54,6 +55,18 @@ from vigil.task_service.model import (
 from vigil.task_service.store import Effects, TaskStore, TaskTx
 
 log = logging.getLogger(__name__)
+
+
+def describe_exit(ex: Exit, machine_id: str | None) -> str:
+    """Which process ended, how and where, for audit rows and notifications."""
+    if ex.signal:
+        how = f"killed by signal {ex.signal}"
+    elif ex.exit_code is not None:
+        how = f"exited with code {ex.exit_code}"
+    else:
+        how = "ended, its exit status unknown"
+    where = f" on machine {machine_id}" if machine_id else ""
+    return f"agent process {ex.child.pid}{where} {how} ({ex.classification})"
 
 
 class PresenceView(Protocol):
@@ -95,6 +108,57 @@ class Agents:
 
     def _deadline(self) -> datetime:
         return self.clock.now() + timedelta(milliseconds=self.timings.command_deadline_ms)
+
+    def machine_online(self, machine_id: str) -> bool:
+        return self.presence.role_is_live(MACHINES_CHATROOM, machine_id)
+
+    def shown(self, agent: Agent) -> Agent:
+        """The agent as people should see it: a start that waits for an offline machine
+        says so (computed when read, from the machine's presence)."""
+        if agent.status == AgentStatus.STARTING and not self.machine_online(agent.machine_id):
+            return replace(
+                agent,
+                status=AgentStatus.WAITING_FOR_MACHINE,
+                status_reason=f"machine {agent.machine_id} is offline: its daemon holds no "
+                "presence; the start is delivered when it is back",
+            )
+        return agent
+
+    async def _note_offline(self, tx: TaskTx, agent: Agent, command_id: int | None) -> None:
+        """A command just issued for a machine whose daemon is away: say so, once."""
+        if command_id is None or self.machine_online(agent.machine_id):
+            return
+        await tx.notify(
+            NotificationKind.MACHINE_OFFLINE,
+            agent.chatroom,
+            agent.role,
+            None,
+            None,
+            f"machine {agent.machine_id} is offline: the agent of {agent.chatroom}/"
+            f"{agent.role} cannot start until its daemon is back",
+            once_key=f"command:{command_id}",
+        )
+
+    async def machine_went_offline(self, machine_id: str) -> None:
+        """Its daemon's presence ended: every command still waiting for it says so."""
+        waiting = [
+            c for c in await self.store.open_commands(machine_id) if c.type == CommandType.START
+        ]
+        if not waiting:
+            return
+        async with self.tasks.tx() as tx:
+            for c in waiting:
+                await tx.notify(
+                    NotificationKind.MACHINE_OFFLINE,
+                    c.chatroom,
+                    c.role,
+                    None,
+                    None,
+                    f"machine {machine_id} went offline with the start of {c.chatroom}/"
+                    f"{c.role} not done: it waits until its daemon is back",
+                    once_key=f"command:{c.id}",
+                )
+        self._after_commit(tx.effects)
 
     # -- machines ---------------------------------------------------------------
 
@@ -181,12 +245,18 @@ class Agents:
             self.metrics.commands.labels(cmd.type, status).inc()
         return cmd
 
-    async def _request_restart(self, atx: AgentTx, agent: Agent, reason: str, role: Role) -> bool:
+    async def _request_restart(
+        self, atx: AgentTx, agent: Agent, reason: str, role: Role, *, stuck: bool = False
+    ) -> bool:
         """One stop+start pair per role at most (the database refuses a second); True
-        when this call issued it."""
+        when this call issued it. A `stuck` restart's stop counts as a failure of the
+        process it stops (it never took work)."""
         deadline = self._deadline()
-        stop = await atx.insert_command(agent, CommandType.STOP, None, deadline, reason)
+        stop = await atx.insert_command(
+            agent, CommandType.STOP, None, deadline, reason, stuck=stuck
+        )
         start = await atx.insert_command(agent, CommandType.START, role, deadline, reason)
+        await self._note_offline(atx.tx, agent, start)
         issued = stop is not None or start is not None
         self.metrics.restart_requests.labels("issued" if issued else "deduplicated").inc()
         return issued
@@ -200,7 +270,19 @@ class Agents:
         live) unless `stuck`: it has not taken a pending task for the whole timeout."""
         atx = AgentTx(tx)
         agent = await atx.lock_agent(chatroom, role)
-        if agent is None or agent.desired_state != DesiredState.RUNNING:
+        if agent is None:
+            return False
+        if agent.desired_state != DesiredState.RUNNING:
+            await tx.notify(
+                NotificationKind.ROLE_STOPPED,
+                chatroom,
+                role,
+                None,
+                None,
+                f"tasks wait for remote role {chatroom}/{role}, which a person stopped; "
+                f"`vigil agent start --chatroom {chatroom} --role {role}` runs it again",
+                once_key=f"{chatroom}/{role}@{agent.desired_at}",  # once per stop
+            )
             return False
         waiting = (AgentStatus.STARTING, AgentStatus.BACKOFF, AgentStatus.CIRCUIT_OPEN)
         if agent.status in waiting and not agent.half_open:
@@ -209,7 +291,7 @@ class Agents:
             return False
         role_row = await tx.lock_role(chatroom, role)
         assert role_row is not None
-        if not await self._request_restart(atx, agent, reason, role_row):
+        if not await self._request_restart(atx, agent, reason, role_row, stuck=stuck):
             return False
         await tx.notify(
             NotificationKind.RESTART_REQUESTED,
@@ -264,32 +346,55 @@ class Agents:
         if outcome not in COMMAND_OUTCOMES:
             raise FailedPrecondition(f"a command ends done, failed or expired, not {outcome}")
         message = validation.truncate(message, validation.MAX_REASON)
+        if outcome != CommandStatus.DONE and not message:
+            message = f"the daemon reported {outcome} without a reason"
         cmd = await self.mark_command(machine_id, command_id, outcome, message or None)
-        if cmd is None or cmd.type != CommandType.START:
+        if cmd is None:
+            return
+        logs.event(
+            log,
+            "command_result",
+            f"{cmd.type} of {cmd.chatroom}/{cmd.role} on machine {machine_id}: {outcome}",
+            machine=machine_id,
+            chatroom=cmd.chatroom,
+            role=cmd.role,
+            command_id=cmd.id,
+            type=str(cmd.type),
+            outcome=str(outcome),
+            pid=child.pid if child else None,
+            reason=message or None,
+        )
+        if outcome != CommandStatus.DONE:
+            # Every start or stop that did not happen says why, where people look.
+            async with self.tasks.tx() as tx:
+                await tx.notify(
+                    NotificationKind.COMMAND_FAILED,
+                    cmd.chatroom,
+                    cmd.role,
+                    None,
+                    None,
+                    f"the {cmd.type} of {cmd.chatroom}/{cmd.role} on machine {machine_id} "
+                    f"{outcome}: {message}",
+                    f"machine:{machine_id}",
+                    once_key=f"command:{cmd.id}",
+                )
+            self._after_commit(tx.effects)
+        if cmd.type != CommandType.START:
             return
         if outcome == CommandStatus.DONE and child is not None:
             await self.store.record_started(cmd.chatroom, cmd.role, child)
             # The credential minted for this start now belongs to that process.
             await self.auth.bind_agent(command_id, child.pid, child.started_at)
-        else:
-            # Not started (expired or failed): the next need may issue a new start.
-            await self.store.start_not_done(cmd.chatroom, cmd.role)
-            revoked = await self.auth.revoke_agent_command(
-                command_id, self.clock.now(), f"its start command {outcome}"
-            )
-            self._revoked([t.id for t in revoked])
-            if outcome == CommandStatus.FAILED:
-                async with self.tasks.tx() as tx:
-                    await tx.notify(
-                        NotificationKind.START_FAILED,
-                        cmd.chatroom,
-                        cmd.role,
-                        None,
-                        None,
-                        f"machine {machine_id} did not start the agent of {cmd.chatroom}/"
-                        f"{cmd.role}: {message or 'no reason given'}",
-                        f"machine:{machine_id}",
-                    )
+            return
+        # Not started (expired or failed): the agent says so; the next need may issue a
+        # new start.
+        await self.store.start_not_done(
+            cmd.chatroom, cmd.role, f"its start {outcome} on machine {machine_id}: {message}"
+        )
+        revoked = await self.auth.revoke_agent_command(
+            command_id, self.clock.now(), f"its start command {outcome}"
+        )
+        self._revoked([t.id for t in revoked])
 
     async def agent_credential(self, cmd: Command) -> str:
         """A fresh credential for the process a start command is about to start, scoped
@@ -355,7 +460,12 @@ class Agents:
                     f"{c.chatroom}/{c.role} runs on machine {agent.machine_id!r}, "
                     f"not {machine_id!r}"
                 )
-            if not await atx.insert_exit(machine_id, ex):
+            stuck = ex.classification == ExitClassification.INTENTIONAL and (
+                await atx.stopped_as_stuck(agent, c.started_at)
+            )
+            uptime = (ex.exited_at - c.started_at).total_seconds()
+            failure = policy.failure_of(ex.classification, uptime, stuck, self.timings)
+            if not await atx.insert_exit(machine_id, ex, failure):
                 return False
             self._count_exit(ex, now)
             # The process's credential dies with it (its open streams end at once).
@@ -366,7 +476,7 @@ class Agents:
             self._revoked([t.id for t in revoked])
             if agent.pid not in (None, c.pid):
                 return True  # an older incarnation: the agent runs on under a new pid
-            decision = await self._decide(tx, atx, agent, ex, now)
+            decision = await self._decide(tx, atx, agent, failure, now)
             await atx.update_agent(
                 agent,
                 status=decision.status,
@@ -378,16 +488,38 @@ class Agents:
             )
             task_id = await tx.active_task_of_role(c.chatroom, c.role)
         self._after_commit(tx.effects)
-        if task_id is not None:
-            await self._on_agent_gone(
-                task_id, f"its agent process {c.pid} exited ({ex.classification})"
+        logs.event(
+            log,
+            "agent_exit",
+            describe_exit(ex, machine_id),
+            machine=machine_id,
+            chatroom=c.chatroom,
+            role=c.role,
+            pid=c.pid,
+            code=ex.exit_code,
+            signal=ex.signal,
+            classification=str(ex.classification),
+            failure=failure,
+            status=str(decision.status),
+        )
+        if decision.circuit_just_opened:
+            logs.event(
+                log,
+                "circuit_opened",
+                f"{c.chatroom}/{c.role}: restart circuit open",
+                chatroom=c.chatroom,
+                role=c.role,
+                machine=machine_id,
+                reason=failure,
             )
+        if task_id is not None:
+            await self._on_agent_gone(task_id, describe_exit(ex, agent.machine_id))
         if decision.next_restart_at is not None:
             self._poke(decision.next_restart_at)
         return True
 
     async def _decide(
-        self, tx: TaskTx, atx: AgentTx, agent: Agent, ex: Exit, now: datetime
+        self, tx: TaskTx, atx: AgentTx, agent: Agent, failure: str | None, now: datetime
     ) -> policy.ExitDecision:
         """The agent's next state after this exit, and the notification if the circuit
         opened."""
@@ -395,7 +527,7 @@ class Agents:
         since = max(window_start, agent.circuit_reset_at or window_start)
         exits = await atx.unexpected_exits_since(agent, since)
         decision = policy.after_exit(
-            ex.classification,
+            failure is not None,
             agent.desired_state,
             exits,
             agent.circuit_opened_at,
@@ -409,17 +541,17 @@ class Agents:
                 agent.role,
                 None,
                 None,
-                f"agent {agent.chatroom}/{agent.role} crashed {len(exits)} times "
-                f"in {self.timings.circuit_window_ms // 1000}s: circuit open, no "
-                f"restart for {self.timings.circuit_cooldown_ms // 1000}s",
+                f"agent {agent.chatroom}/{agent.role} failed {len(exits)} times in "
+                f"{self.timings.circuit_window_ms // 1000}s (the latest: {failure}): circuit "
+                f"open, no restart for {self.timings.circuit_cooldown_ms // 1000}s",
             )
         return decision
 
     def _count_exit(self, ex: Exit, now: datetime) -> None:
         self.metrics.exits.labels(
             ex.classification,
-            str(ex.exit_code if ex.exit_code is not None else ""),
-            str(ex.signal or ""),
+            str(ex.exit_code) if ex.exit_code is not None else "none",
+            str(ex.signal) if ex.signal else "none",
         ).inc()
         self.metrics.exit_report_latency.observe(max(0.0, (now - ex.exited_at).total_seconds()))
 
@@ -428,7 +560,9 @@ class Agents:
         await self.store.reset_circuit(chatroom, role, self.clock.now())
 
     async def refresh_metrics(self) -> None:
-        for chatroom, role, open_ in await self.store.circuit_states():
+        states = await self.store.circuit_states()
+        self.metrics.circuit_open.clear()  # roles that no longer exist leave no series
+        for chatroom, role, open_ in states:
             self.metrics.circuit_open.labels(chatroom, role).set(1 if open_ else 0)
         self.metrics.machines.set(await self.store.count_machines())
         self.metrics.daemons_online.set(self.presence.count_live(MACHINES_CHATROOM))
@@ -463,7 +597,7 @@ class Agents:
                     agent, next_restart_at=None, circuit_opened_at=None, half_open=False
                 )
             else:
-                await atx.insert_command(
+                start = await atx.insert_command(
                     agent,
                     CommandType.START,
                     role_row,
@@ -471,6 +605,7 @@ class Agents:
                     "started by a person",
                     by.display,
                 )
+                await self._note_offline(tx, agent, start)
                 agent = await atx.update_agent(
                     agent,
                     status=AgentStatus.STARTING,
@@ -479,12 +614,12 @@ class Agents:
                     half_open=False,
                 )
         self._after_commit(tx.effects)
-        return agent
+        return self.shown(agent)
 
     async def list_agents(self, chatroom: str, page: Page) -> list[Agent]:
         if chatroom:
             validation.name(chatroom, "chatroom")
-        return await self.store.list_agents(chatroom or None, page)
+        return [self.shown(a) for a in await self.store.list_agents(chatroom or None, page)]
 
     async def list_commands(self, machine_id: str, page: Page) -> list[Command]:
         if machine_id:

@@ -35,6 +35,7 @@ _AGENT_FIELDS = (
     "circuit_opened_at",
     "half_open",
     "restart_count",
+    "status_reason",
 )
 
 
@@ -75,7 +76,8 @@ class AgentTx:
         unknown = set(changes) - set(_AGENT_FIELDS)
         if unknown:
             raise ValueError(f"update_agent cannot change {sorted(unknown)}")
-        new = replace(agent, **changes)
+        # A reason belongs to the status that set it: a new status clears it.
+        new = replace(agent, **{"status_reason": None, **changes})
         await self.conn.execute(
             Q["update_agent"],
             new.chatroom,
@@ -87,12 +89,15 @@ class AgentTx:
             new.circuit_opened_at,
             new.half_open,
             new.restart_count,
+            new.status_reason,
         )
         return new
 
     async def set_desired(self, agent: Agent, desired: DesiredState) -> Agent:
-        await self.conn.execute(Q["set_agent_desired"], agent.chatroom, agent.role, desired.value)
-        return replace(agent, desired_state=desired)
+        row = await self.conn.fetchrow(
+            Q["set_agent_desired"], agent.chatroom, agent.role, desired.value
+        )
+        return Agent.from_row(row)
 
     async def insert_command(
         self,
@@ -102,6 +107,8 @@ class AgentTx:
         deadline_at: datetime,
         reason: str,
         requested_by: str = SYSTEM,
+        *,
+        stuck: bool = False,
     ) -> int | None:
         """A new open command (a start runs what `role` names); None when one of that
         type is open already (the database holds at most one per role and type)."""
@@ -116,14 +123,25 @@ class AgentTx:
             deadline_at,
             reason,
             requested_by,
+            stuck,
         )
         if value is not None:
             await self.conn.execute(Q["notify_machine"], agent.machine_id)
             self.tx.effects.woken_machines.add(agent.machine_id)
+            self.tx.effects.commands.append(
+                (agent.machine_id, agent.chatroom, agent.role, type_.value, reason, requested_by)
+            )
         return int(value) if value is not None else None
 
-    async def insert_exit(self, machine_id: str, ex: Exit) -> bool:
-        """Record an exit once per incarnation; False if it was recorded already."""
+    async def stopped_as_stuck(self, agent: Agent, started_at: datetime) -> bool:
+        """Whether the role's latest stop since `started_at` restarted it as stuck."""
+        return bool(
+            await self.conn.fetchval(Q["stopped_as_stuck"], agent.chatroom, agent.role, started_at)
+        )
+
+    async def insert_exit(self, machine_id: str, ex: Exit, failure: str | None) -> bool:
+        """Record an exit once per incarnation (with why it counts as a failure, if it
+        does); False if it was recorded already."""
         c = ex.child
         row = await self.conn.fetchrow(
             Q["insert_exit"],
@@ -136,6 +154,7 @@ class AgentTx:
             ex.signal,
             ex.classification.value,
             ex.exited_at,
+            failure,
         )
         if row is None:
             return False
@@ -206,9 +225,9 @@ class AgentStore:
         )
         return Command.from_row(row) if row else None
 
-    async def start_not_done(self, chatroom: str, role: str) -> None:
-        """A start that expired or failed leaves the agent stopped."""
-        await self.db.fetchval(Q["start_not_done"], chatroom, role)
+    async def start_not_done(self, chatroom: str, role: str, reason: str) -> None:
+        """A start that expired or failed: the agent shows `failed`, and why."""
+        await self.db.execute(Q["start_not_done"], chatroom, role, reason)
 
     async def record_started(self, chatroom: str, role: str, child: Child) -> None:
         """The daemon runs `child` for the role now."""

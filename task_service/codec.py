@@ -190,9 +190,11 @@ def agent(a: Agent) -> mpb.Agent:
         pid=a.pid or 0,
         restart_count=a.restart_count,
         has_last_exit=a.last_exit_at is not None,
-        last_exit_code=a.last_exit_code or 0,
         last_exit_signal=a.last_exit_signal or 0,
+        status_reason=a.status_reason or "",
     )
+    if a.last_exit_code is not None:
+        msg.last_exit_code = a.last_exit_code
     if a.last_exit_classification is not None:
         msg.last_exit_classification = a.last_exit_classification.to_pb()
     _set_times(msg, a, ("last_exit_at", "next_restart_at", "last_exit_recorded_at"))

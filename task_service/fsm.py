@@ -55,6 +55,9 @@ RULES: tuple[Rule, ...] = (
     Rule(QUEUED, PENDING, "promoteNextTask"),
     Rule(ACKNOWLEDGED, PENDING, "recoverStuckAcknowledged", increments_attempt=True),
     Rule(IN_PROGRESS, PENDING, "recoverOrphaned", increments_attempt=True),
+    # Handed back by its claimer or a person: a new attempt, but not a recovery.
+    Rule(ACKNOWLEDGED, PENDING, "releaseTask", increments_attempt=True),
+    Rule(IN_PROGRESS, PENDING, "releaseTask", increments_attempt=True),
 )
 
 

@@ -166,8 +166,6 @@ class MachinesServicer(pb_grpc.MachinesServicer):
                     if cmd.id in sent:
                         continue
                     sent.add(cmd.id)
-                    if cmd.status == CommandStatus.PENDING:
-                        await self.agents.mark_command(machine, cmd.id, CommandStatus.DELIVERED)
                     msg = codec.command(cmd)
                     if cmd.type == CommandType.START:
                         msg.agent_token = await self.agents.agent_credential(cmd)
@@ -191,8 +189,17 @@ class MachinesServicer(pb_grpc.MachinesServicer):
             msg = await context.read()
             if msg is grpc.aio.EOF:
                 return
-            if msg.WhichOneof("msg") != "result":
-                raise FailedPrecondition("after hello, a daemon sends only command results")
+            which = msg.WhichOneof("msg")
+            if which == "received":
+                # Delivered only once the daemon says it read it.
+                await self.agents.mark_command(
+                    machine, msg.received.command_id, CommandStatus.DELIVERED
+                )
+                continue
+            if which != "result":
+                raise FailedPrecondition(
+                    "after hello, a daemon sends only received acknowledgements and results"
+                )
             r = msg.result
             outcome = codec.enum(CommandStatus, r.outcome, "command result outcome")
             child = codec.child_from_pb(r.child) if r.HasField("child") and r.child.pid else None

@@ -179,6 +179,9 @@ class Agent:
     circuit_opened_at: datetime | None
     circuit_reset_at: datetime | None
     half_open: bool
+    # Why it is in its status, when that needs saying (a failed start: the daemon's words).
+    status_reason: str | None = None
+    desired_at: datetime | None = None  # when a person last set the desired state
 
     @property
     def key(self) -> tuple[str, str]:
@@ -205,6 +208,8 @@ class Agent:
             circuit_opened_at=row["circuit_opened_at"],
             circuit_reset_at=row["circuit_reset_at"],
             half_open=row["half_open"],
+            status_reason=row["status_reason"],
+            desired_at=row["desired_at"],
         )
 
 

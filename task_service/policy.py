@@ -160,11 +160,12 @@ def decide_at_deadline(task: TaskSnapshot, now: datetime, timings: Timings) -> D
     )
 
 
-def decide_on_claimer_gone(task: TaskSnapshot, now: datetime, timings: Timings) -> Decision:
+def decide_on_claimer_gone(
+    task: TaskSnapshot, now: datetime, timings: Timings, why: str = "the claimer is known gone"
+) -> Decision:
     """What to do with `task` when its claimer is known to be gone (a recorded process
-    exit, its daemon gone, failed delivery, or a person's release): the fast path,
-    independent of any deadline."""
-    why = "the claimer is known gone"
+    exit, its daemon gone, failed delivery): the fast path, independent of any deadline.
+    `why` (which process ended, how, where) goes into the audit row."""
     if task.status == fsm.ACKNOWLEDGED:
         return _recover_or_give_up(task, "recoverStuckAcknowledged", now, timings, why)
     if task.status == fsm.IN_PROGRESS:
@@ -229,8 +230,27 @@ class ExitDecision:
     circuit_just_opened: bool  # (re)opened by this exit: tell a person
 
 
+def failure_of(
+    classification: ExitClassification, uptime_s: float, stopped_as_stuck: bool, timings: Timings
+) -> str | None:
+    """Why an exit counts as a failure (toward backoff and the circuit), or None.
+
+    A crash, a kill or a lost daemon always does. A process that ended sooner than the
+    minimum uptime after it started failed to start, whatever its exit code (an agent
+    that exits 0 at once would otherwise be restarted on every need, for ever). And a
+    process stopped because it never took work (a stuck restart) failed too. A person's
+    stop, or a clean exit after a while, does not (lesson 4)."""
+    if classification.unexpected:
+        return str(classification)
+    if classification == ExitClassification.INTENTIONAL:
+        return "never took work" if stopped_as_stuck else None
+    if uptime_s * 1000 < timings.agent_min_uptime_ms:
+        return f"exited after {uptime_s:.1f}s (minimum uptime {timings.agent_min_uptime_ms} ms)"
+    return None
+
+
 def after_exit(
-    classification: ExitClassification,
+    failed: bool,
     desired: DesiredState,
     unexpected_exits: list[datetime],
     circuit_opened_at: datetime | None,
@@ -245,7 +265,7 @@ def after_exit(
     included, within the circuit window) open the circuit: then it waits out the
     cool-down, after which one half-open attempt is allowed.
     """
-    if not classification.unexpected:
+    if not failed:
         return ExitDecision(AgentStatus.STOPPED, None, circuit_opened_at, False)
     if desired != DesiredState.RUNNING:
         return ExitDecision(AgentStatus.CRASHED, None, circuit_opened_at, False)

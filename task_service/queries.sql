@@ -8,23 +8,63 @@ INSERT INTO tasks.roles (chatroom, role, kind, machine, harness, command)
 VALUES ($1, $2, $3, $4, $5, $6);
 
 -- name: get_chatroom
+-- $1 chatroom (a deleted one is gone)
+SELECT * FROM tasks.chatrooms WHERE chatroom = $1 AND deleted_at IS NULL;
+
+-- name: chatroom_deleted
 -- $1 chatroom
-SELECT * FROM tasks.chatrooms WHERE chatroom = $1;
+SELECT deleted_at FROM tasks.chatrooms WHERE chatroom = $1 AND deleted_at IS NOT NULL;
+
+-- name: lock_chatroom_roles
+-- Every role of a chatroom, locked (a send waiting on one sees it removed). $1 chatroom
+SELECT role FROM tasks.roles WHERE chatroom = $1 ORDER BY role FOR UPDATE;
+
+-- name: delete_chatroom
+-- The chatroom and its roles, marked. $1 chatroom, $2 now
+WITH gone AS (
+    UPDATE tasks.roles SET removed_at = $2 WHERE chatroom = $1 AND removed_at IS NULL
+)
+UPDATE tasks.chatrooms SET deleted_at = $2 WHERE chatroom = $1 AND deleted_at IS NULL
+RETURNING *;
+
+-- name: remove_role
+-- $1 chatroom, $2 role, $3 now
+UPDATE tasks.roles SET removed_at = $3 WHERE chatroom = $1 AND role = $2 AND removed_at IS NULL
+RETURNING *;
+
+-- name: role_open_tasks
+-- Tasks of a role not yet finished (queued ones too). $1 chatroom, $2 role or NULL for all
+SELECT id FROM tasks.tasks WHERE chatroom = $1 AND ($2::text IS NULL OR role = $2)
+  AND status IN ('pending', 'queued', 'acknowledged', 'in_progress')
+ORDER BY created_at;
 
 -- name: list_chatrooms
 -- A page. $1 only this chatroom or NULL, $2 the chatroom it follows or NULL, $3 limit
 SELECT * FROM tasks.chatrooms
 WHERE ($1::text IS NULL OR chatroom = $1) AND ($2::text IS NULL OR chatroom > $2)
+  AND deleted_at IS NULL
 ORDER BY chatroom
 LIMIT $3;
 
 -- name: roles_of
--- $1 chatrooms (array)
-SELECT * FROM tasks.roles WHERE chatroom = ANY($1::text[]) ORDER BY chatroom, role;
+-- $1 chatrooms (array); removed roles are gone
+SELECT * FROM tasks.roles WHERE chatroom = ANY($1::text[]) AND removed_at IS NULL
+ORDER BY chatroom, role;
+
+-- name: any_role
+-- Whether (chatroom, role) ever existed (removed ones too). $1 chatroom, $2 role
+SELECT removed_at FROM tasks.roles WHERE chatroom = $1 AND role = $2;
 
 -- name: lock_role
 -- Serializes sends and promotions of one role. $1 chatroom, $2 role
 SELECT * FROM tasks.roles WHERE chatroom = $1 AND role = $2 FOR UPDATE;
+
+-- name: lock_open_role
+-- The role, locked, if it still takes tasks (not removed, its chatroom not deleted).
+-- $1 chatroom, $2 role
+SELECT r.* FROM tasks.roles r JOIN tasks.chatrooms c USING (chatroom)
+WHERE r.chatroom = $1 AND r.role = $2 AND r.removed_at IS NULL AND c.deleted_at IS NULL
+FOR UPDATE OF r;
 
 -- name: role_has_active
 -- $1 chatroom, $2 role
@@ -106,6 +146,15 @@ UPDATE tasks.tasks SET status = 'pending', attempt = attempt + 1, recoveries = r
     acknowledged_at = NULL, started_at = NULL, updated_at = $2, deadline_at = $3
 WHERE id = $1 RETURNING *;
 
+-- name: to_pending_released
+-- releaseTask: back to pending on the next attempt, handed back (not a recovery).
+-- $1 id, $2 now, $3 deadline_at
+UPDATE tasks.tasks SET status = 'pending', attempt = attempt + 1,
+    assigned_to = NULL, claim_epoch = NULL, delivered_at = NULL, claimer_dead_at = NULL,
+    claimed_by = NULL, claimed_by_token = NULL,
+    acknowledged_at = NULL, started_at = NULL, updated_at = $2, deadline_at = $3
+WHERE id = $1 RETURNING *;
+
 -- name: next_queued
 -- $1 chatroom, $2 role
 SELECT id FROM tasks.tasks WHERE chatroom = $1 AND role = $2 AND status = 'queued'
@@ -148,10 +197,10 @@ WHERE assigned_to = $1 AND claim_epoch = $2 AND status = 'acknowledged' AND deli
 UPDATE tasks.tasks SET claimer_dead_at = $2 WHERE id = $1 AND claimer_dead_at IS NULL;
 
 -- name: insert_notification
--- Once per (kind, task, attempt). $1 kind, $2 chatroom, $3 role, $4 task_id, $5 attempt,
--- $6 message, $7 actor
-INSERT INTO tasks.notifications (kind, chatroom, role, task_id, attempt, message, actor)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+-- Once per (kind, task, attempt), or per (kind, once_key). $1 kind, $2 chatroom, $3 role,
+-- $4 task_id, $5 attempt, $6 message, $7 actor, $8 once_key
+INSERT INTO tasks.notifications (kind, chatroom, role, task_id, attempt, message, actor, once_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
 ON CONFLICT DO NOTHING
 RETURNING *;
 
@@ -261,14 +310,15 @@ SELECT * FROM tasks.agents WHERE machine_id = $1 FOR UPDATE;
 
 -- name: update_agent
 -- $1 chatroom, $2 role, $3 status, $4 pid, $5 process_started_at, $6 next_restart_at,
--- $7 circuit_opened_at, $8 half_open, $9 restart_count
+-- $7 circuit_opened_at, $8 half_open, $9 restart_count, $10 status_reason
 UPDATE tasks.agents SET status = $3, pid = $4, process_started_at = $5, next_restart_at = $6,
-    circuit_opened_at = $7, half_open = $8, restart_count = $9
+    circuit_opened_at = $7, half_open = $8, restart_count = $9, status_reason = $10
 WHERE chatroom = $1 AND role = $2 RETURNING *;
 
 -- name: set_agent_desired
 -- $1 chatroom, $2 role, $3 desired_state
-UPDATE tasks.agents SET desired_state = $3 WHERE chatroom = $1 AND role = $2 RETURNING *;
+UPDATE tasks.agents SET desired_state = $3, desired_at = clock_timestamp()
+WHERE chatroom = $1 AND role = $2 RETURNING *;
 
 -- name: reset_circuit
 -- A clean join closes the circuit. $1 chatroom, $2 role, $3 now
@@ -279,10 +329,10 @@ WHERE chatroom = $1 AND role = $2 AND (circuit_opened_at IS NOT NULL OR half_ope
 
 -- name: insert_exit
 -- Once per incarnation. $1 machine_id, $2 chatroom, $3 role, $4 pid, $5 process_started_at,
--- $6 exit_code, $7 signal, $8 classification, $9 exited_at
+-- $6 exit_code, $7 signal, $8 classification, $9 exited_at, $10 failure (or NULL)
 INSERT INTO tasks.agent_exits (machine_id, chatroom, role, pid, process_started_at,
-    exit_code, signal, classification, exited_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    exit_code, signal, classification, exited_at, failure)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (machine_id, pid, process_started_at) DO NOTHING
 RETURNING *;
 
@@ -293,19 +343,26 @@ UPDATE tasks.agents SET last_exit_code = $3, last_exit_signal = $4,
 WHERE chatroom = $1 AND role = $2;
 
 -- name: unexpected_exits
--- Unexpected exits of a role since a time (lesson 4: intentional and clean exits never
--- count). $1 chatroom, $2 role, $3 since
+-- Failed exits of a role since a time (lesson 4: an intentional stop or a clean exit of a
+-- process that ran a while never counts). $1 chatroom, $2 role, $3 since
 SELECT exited_at FROM tasks.agent_exits
-WHERE chatroom = $1 AND role = $2 AND exited_at > $3
-  AND classification IN ('signal', 'crashed', 'daemon_lost')
+WHERE chatroom = $1 AND role = $2 AND exited_at > $3 AND failure IS NOT NULL
 ORDER BY exited_at;
+
+-- name: stopped_as_stuck
+-- Whether the latest stop of a role was a restart of an agent that never took work.
+-- $1 chatroom, $2 role, $3 process_started_at
+SELECT stuck FROM tasks.commands
+WHERE chatroom = $1 AND role = $2 AND type = 'stop' AND created_at >= $3
+ORDER BY id DESC LIMIT 1;
 
 -- name: insert_command
 -- At most one open command of a type per role. $1 machine_id, $2 chatroom, $3 role,
--- $4 type, $5 harness, $6 command, $7 deadline_at, $8 reason, $9 requested_by
+-- $4 type, $5 harness, $6 command, $7 deadline_at, $8 reason, $9 requested_by, $10 stuck
 INSERT INTO tasks.commands
-    (machine_id, chatroom, role, type, harness, command, deadline_at, reason, requested_by)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    (machine_id, chatroom, role, type, harness, command, deadline_at, reason, requested_by,
+     stuck)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (chatroom, role, type) WHERE status IN ('pending', 'delivered') DO NOTHING
 RETURNING id;
 
@@ -346,21 +403,25 @@ SELECT id FROM tasks.tasks WHERE chatroom = $1 AND role = $2
 SELECT pg_notify('vigil_commands', $1);
 
 -- name: circuit_states
-SELECT chatroom, role, status = 'circuit_open' AS open FROM tasks.agents;
+-- Roles that still exist (a removed role or deleted chatroom leaves no series).
+SELECT a.chatroom, a.role, a.status = 'circuit_open' AS open FROM tasks.agents a
+JOIN tasks.roles r USING (chatroom, role) JOIN tasks.chatrooms c USING (chatroom)
+WHERE r.removed_at IS NULL AND c.deleted_at IS NULL;
 
 -- name: count_machines
 SELECT count(*) FROM tasks.machines;
 
 -- name: start_not_done
--- A start that expired or failed leaves the agent stopped. $1 chatroom, $2 role
-UPDATE tasks.agents SET status = 'stopped' WHERE chatroom = $1 AND role = $2
+-- A start that expired or failed: the agent shows `failed` and why. $1 chatroom, $2 role,
+-- $3 reason
+UPDATE tasks.agents SET status = 'failed', status_reason = $3 WHERE chatroom = $1 AND role = $2
   AND status = 'starting' AND pid IS NULL;
 
 -- name: record_started
 -- The daemon started a process for the role. $1 chatroom, $2 role, $3 pid,
 -- $4 process_started_at
 UPDATE tasks.agents SET status = 'running', pid = $3, process_started_at = $4,
-    next_restart_at = NULL
+    next_restart_at = NULL, status_reason = NULL
 WHERE chatroom = $1 AND role = $2;
 
 -- name: list_exits

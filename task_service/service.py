@@ -12,12 +12,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from vigil.client import ClientConfig
-from vigil.core import validation
+from vigil.core import logs, validation
 from vigil.core.auth.principal import Principal
 from vigil.core.auth.rules import chatroom_scope
 from vigil.core.auth.store import AuthStore
 from vigil.core.clock import Clock
 from vigil.core.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -32,6 +33,7 @@ from vigil.core.vocab import (
     MACHINES_CHATROOM,
     RESERVED_CHATROOM_PREFIX,
     AgentKind,
+    DesiredState,
     NotificationKind,
     OfflineReason,
     TaskStatus,
@@ -58,10 +60,6 @@ DUE_BATCH = 500
 SAFETY_WAKE_S = 5.0  # waiters and the scheduler re-check now and then even if not woken
 SYSTEM = "vigil"
 # A person's release: the recovery trigger for the status the task is in.
-_RELEASE_TRIGGER = {
-    fsm.ACKNOWLEDGED: "recoverStuckAcknowledged",
-    fsm.IN_PROGRESS: "recoverOrphaned",
-}
 
 
 MAX_ROLES = 256
@@ -207,8 +205,44 @@ class TaskService:
             self.agents.woken(machine)
         for key in effects.woken_roles:
             self._role_woken(f"{key[0]}/{key[1]}")
+        for task, trigger, actor, reason in effects.transitions:
+            logs.event(
+                log,
+                "task_transition",
+                f"task {task.id} {trigger} -> {task.status}",
+                task_id=task.id,
+                chatroom=task.chatroom,
+                role=task.role,
+                trigger=trigger,
+                status=str(task.status),
+                attempt=task.attempt,
+                actor=actor,
+                reason=reason or None,
+            )
+        for machine, chatroom, role, type_, reason, requested_by in effects.commands:
+            logs.event(
+                log,
+                "command_issued",
+                f"{type_} of {chatroom}/{role} sent to machine {machine}",
+                machine=machine,
+                chatroom=chatroom,
+                role=role,
+                type=type_,
+                reason=reason,
+                requested_by=requested_by,
+            )
         for n in effects.notifications:
             self.metrics.notifications.labels(n.kind).inc()
+            logs.event(
+                log,
+                "notification",
+                n.message,
+                kind=str(n.kind),
+                chatroom=n.chatroom,
+                role=n.role,
+                task_id=n.task_id,
+                notification_id=n.id,
+            )
         if effects.notifications:
             self._notified("")
 
@@ -241,6 +275,10 @@ class TaskService:
         async with self.store.tx() as tx:
             created = await tx.insert_chatroom(name)
             if created is None:
+                if await tx.chatroom_deleted(name):
+                    raise AlreadyExists(
+                        f"chatroom {name!r} was deleted; its history keeps the name: pick another"
+                    )
                 raise AlreadyExists(f"chatroom {name!r} already exists")
             for r in roles:
                 await tx.insert_role(name, r)
@@ -248,6 +286,104 @@ class TaskService:
                     assert r.machine is not None
                     await AgentTx(tx).insert_agent(name, r.role, r.machine)
         return Chatroom(name, tuple(roles), created)
+
+    async def _check_new_roles(self, roles: list[Role], taken: set[str]) -> None:
+        for r in roles:
+            check_role(r)
+            if r.role in taken:
+                raise InvalidArgument(f"role {r.role!r} is listed twice or exists already")
+            taken.add(r.role)
+        for machine in sorted({r.machine for r in roles if r.machine}):
+            if await self.agents.store.get_machine(machine) is None:
+                raise NotFound(
+                    f"machine {machine!r} is not registered; register it first "
+                    f"(vigil machine register --machine-id {machine})"
+                )
+
+    async def update_chatroom(
+        self, name: str, add: list[Role], remove: list[str], by: Principal
+    ) -> Chatroom:
+        """Add roles, and remove roles that have no unfinished task (their remote agents
+        are stopped; their history stays)."""
+        room = await self.get_chatroom(name)
+        if not add and not remove:
+            raise InvalidArgument("nothing to change: give roles to add or to remove")
+        current = {r.role: r for r in room.roles}
+        for role in remove:
+            validation.name(role, "role")
+            if role not in current:
+                raise NotFound(f"chatroom {name!r} has no role {role!r}")
+        if len(current) - len(set(remove)) + len(add) > MAX_ROLES:
+            raise InvalidArgument(f"a chatroom has at most {MAX_ROLES} roles")
+        if len(current) - len(set(remove)) + len(add) == 0:
+            raise InvalidArgument("a chatroom keeps at least one role (delete it instead)")
+        await self._check_new_roles(add, set(current))
+        now = self.clock.now()
+        async with self.store.tx() as tx:
+            for role in remove:
+                await tx.lock_role(name, role)
+                if await tx.open_tasks(name, role):
+                    raise FailedPrecondition(
+                        f"role {role!r} has unfinished tasks: complete or cancel them first"
+                    )
+                await tx.remove_role(name, role, now)
+            for r in add:
+                if await tx.role_existed(name, r.role):
+                    raise AlreadyExists(
+                        f"role {r.role!r} was removed from {name!r}; its history keeps the "
+                        "name: pick another"
+                    )
+                await tx.insert_role(name, r)
+                if r.kind == AgentKind.REMOTE:
+                    assert r.machine is not None
+                    await AgentTx(tx).insert_agent(name, r.role, r.machine)
+        for role in remove:
+            if current[role].kind == AgentKind.REMOTE:
+                await self.agents.set_desired(name, role, DesiredState.STOPPED, by)
+        return await self.get_chatroom(name)
+
+    async def delete_chatroom(
+        self, name: str, cancel_open: bool, reason: str, by: Principal
+    ) -> tuple[int, int]:
+        """Delete a chatroom: its unfinished tasks are closed (with `cancel_open`; else
+        it is refused while it has any), its remote agents stopped, and it is gone from
+        listings and sends. Its tasks and their history are kept. Returns (tasks
+        cancelled, agents stopped)."""
+        room = await self.get_chatroom(name)
+        validation.text(reason, "reason", validation.MAX_REASON, required=False)
+        why = reason or f"chatroom {name} deleted"
+        async with self.store.tx() as tx:
+            open_ids = await tx.open_tasks(name)
+            if open_ids and not cancel_open:
+                raise FailedPrecondition(
+                    f"chatroom {name!r} has {len(open_ids)} unfinished task(s): cancel them "
+                    "or delete with --cancel-open"
+                )
+        cancelled = 0
+        for task_id in open_ids:
+            try:
+                await self.cancel_task(task_id, by, why)
+                cancelled += 1
+            except FailedPrecondition:
+                pass  # finished meanwhile
+        remote = [r for r in room.roles if r.kind == AgentKind.REMOTE]
+        for r in remote:
+            await self.agents.set_desired(name, r.role, DesiredState.STOPPED, by)
+        async with self.store.tx() as tx:
+            await tx.lock_chatroom_roles(name)  # a send now waits, then finds no role
+            if await tx.open_tasks(name):
+                raise Aborted(f"a task was sent to {name!r} meanwhile; delete it again")
+            await tx.delete_chatroom(name, self.clock.now())
+        logs.event(
+            log,
+            "chatroom_deleted",
+            f"chatroom {name} deleted",
+            chatroom=name,
+            actor=by.display,
+            tasks_cancelled=cancelled,
+            agents_stopped=len(remote),
+        )
+        return cancelled, len(remote)
 
     async def get_chatroom(self, name: str) -> Chatroom:
         validation.name(name, "chatroom name")
@@ -276,7 +412,7 @@ class TaskService:
         validation.text(text, "the message text", validation.MAX_TASK_TEXT)
         now = self.clock.now()
         async with self.store.tx() as tx:
-            if await tx.lock_role(chatroom, role) is None:
+            if await tx.lock_open_role(chatroom, role) is None:
                 await self._role(chatroom, role)  # raises the precise NOT_FOUND
             busy = await tx.role_has_active(chatroom, role)
             status = fsm.QUEUED if busy else fsm.PENDING
@@ -384,6 +520,7 @@ class TaskService:
                 by.display,
                 by.token_id,
             )
+        self.after_commit(tx.effects)
         if task is None:
             return None
         self.metrics.transitions.labels("claimTask").inc()
@@ -463,6 +600,11 @@ class TaskService:
         return locked
 
     def _check_attempt(self, task: Task, attempt: int, what: str) -> None:
+        if attempt > task.attempt:
+            raise FailedPrecondition(
+                f"cannot {what} task {task.id} with attempt {attempt}: it is on attempt "
+                f"{task.attempt}, and no later attempt was ever handed out"
+            )
         if attempt != task.attempt:
             self.metrics.stale_attempts.inc()
             raise FailedPrecondition(
@@ -490,13 +632,12 @@ class TaskService:
             if trigger != "cancelTask":
                 self._check_claimer(task, by)
             if trigger is None:
-                trigger = _RELEASE_TRIGGER.get(task.status)
-                if trigger is None:
+                if task.status not in (fsm.ACKNOWLEDGED, fsm.IN_PROGRESS):
                     raise FailedPrecondition(
                         f"cannot release task {task.id}: it is {task.status}; only an "
                         "acknowledged or in_progress task can be handed back"
                     )
-                self.metrics.recoveries.labels(trigger, "released").inc()
+                trigger = "releaseTask"
             if attempt is not None:
                 self._check_attempt(task, attempt, trigger.removesuffix("Task").lower())
             changed = await self.transition(tx, task, trigger, by.display, reason, now)
@@ -535,6 +676,9 @@ class TaskService:
         await self.agents.clean_join(p.chatroom, p.role)  # a clean join closes a circuit
 
     async def _participant_offline(self, p: Presence) -> None:
+        if p.chatroom == MACHINES_CHATROOM:
+            await self.agents.machine_went_offline(p.role)
+            return
         now = self.clock.now()
         if p.offline_reason == OfflineReason.TASK_RECEIVED:
             await self.store.mark_delivered(p.connection_id, p.epoch, now)
@@ -554,7 +698,7 @@ class TaskService:
                     return
                 await tx.mark_claimer_dead(task.id, now)
                 snap = self._snapshot(task, _kind, claimer_dead=True)
-                decision = policy.decide_on_claimer_gone(snap, now, self.timings)
+                decision = policy.decide_on_claimer_gone(snap, now, self.timings, why)
                 await self._apply_decision(tx, task, decision, now, "claimer_gone")
             self.after_commit(tx.effects)
         except (StorageError, NotFound) as exc:

@@ -39,6 +39,27 @@ class TasksServicer(pb_grpc.TasksServicer):
         return codec.chatroom(room)
 
     @rpc
+    async def UpdateChatroom(self, request: pb.UpdateChatroomRequest, context: Ctx) -> pb.Chatroom:
+        room = await self.svc.update_chatroom(
+            request.name,
+            [codec.role_from_pb(r) for r in request.add_roles],
+            list(request.remove_roles),
+            caller(),
+        )
+        return codec.chatroom(room)
+
+    @rpc
+    async def DeleteChatroom(
+        self, request: pb.DeleteChatroomRequest, context: Ctx
+    ) -> pb.DeleteChatroomResponse:
+        cancelled, stopped = await self.svc.delete_chatroom(
+            request.name, request.cancel_open, request.reason, caller()
+        )
+        return pb.DeleteChatroomResponse(
+            name=request.name, tasks_cancelled=cancelled, agents_stopped=stopped
+        )
+
+    @rpc
     async def GetChatroom(self, request: pb.GetChatroomRequest, context: Ctx) -> pb.Chatroom:
         return codec.chatroom(await self.svc.get_chatroom(request.name))
 

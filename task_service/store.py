@@ -49,6 +49,7 @@ _TRIGGER_QUERY = {
     "promoteNextTask": "to_pending_promoted",
     "recoverStuckAcknowledged": "to_pending_recovered",
     "recoverOrphaned": "to_pending_recovered",
+    "releaseTask": "to_pending_released",
 }
 
 
@@ -59,6 +60,10 @@ class Effects:
     woken_roles: set[tuple[str, str]] = field(default_factory=set)  # a new pending task
     woken_machines: set[str] = field(default_factory=set)  # a new command
     notifications: list[Notification] = field(default_factory=list)
+    # (the task after, trigger, actor, reason): each status change, logged once committed
+    transitions: list[tuple[Task, str, str, str]] = field(default_factory=list)
+    # (machine, chatroom, role, type, reason, requested_by) of each command issued
+    commands: list[tuple[str, str, str, str, str, str]] = field(default_factory=list)
 
 
 class Tx:
@@ -77,9 +82,11 @@ class Tx:
         attempt: int | None,
         message: str,
         actor: str = SYSTEM,
+        *,
+        once_key: str | None = None,
     ) -> Notification | None:
-        """Raise a notification (once per kind, task and attempt); `actor` is whose
-        action caused it."""
+        """Raise a notification: once per kind, task and attempt, or per kind and
+        `once_key` (a command, a role's stop); `actor` is whose action caused it."""
         row = await self.conn.fetchrow(
             Q["insert_notification"],
             kind.value,
@@ -89,6 +96,7 @@ class Tx:
             attempt,
             validation.truncate(message, validation.MAX_REASON),
             actor,
+            once_key,
         )
         if row is None:
             return None  # already told for this attempt
@@ -100,6 +108,11 @@ class Tx:
     async def lock_role(self, chatroom: str, role: str) -> Role | None:
         """The role, locked: serializes the sends and promotions of one role."""
         row = await self.conn.fetchrow(Q["lock_role"], chatroom, role)
+        return Role.from_row(row) if row else None
+
+    async def lock_open_role(self, chatroom: str, role: str) -> Role | None:
+        """As `lock_role`, if the role still takes tasks (None once removed or deleted)."""
+        row = await self.conn.fetchrow(Q["lock_open_role"], chatroom, role)
         return Role.from_row(row) if row else None
 
     async def announce(self) -> None:
@@ -142,7 +155,29 @@ class TaskTx(Tx):
         task = Task.from_row(row)
         if task.status == TaskStatus.PENDING:
             self.effects.woken_roles.add((task.chatroom, task.role))
+        self.effects.transitions.append((task, trigger, actor, reason))
         return task
+
+    async def delete_chatroom(self, chatroom: str, now: datetime) -> bool:
+        """Mark the chatroom and its roles gone (lock them first: `lock_chatroom_roles`)."""
+        return await self.conn.fetchrow(Q["delete_chatroom"], chatroom, now) is not None
+
+    async def lock_chatroom_roles(self, chatroom: str) -> None:
+        await self.conn.fetch(Q["lock_chatroom_roles"], chatroom)
+
+    async def remove_role(self, chatroom: str, role: str, now: datetime) -> bool:
+        return await self.conn.fetchrow(Q["remove_role"], chatroom, role, now) is not None
+
+    async def open_tasks(self, chatroom: str, role: str | None = None) -> list[str]:
+        """Tasks of a chatroom (or one role) not yet finished, oldest first."""
+        return [str(r["id"]) for r in await self.conn.fetch(Q["role_open_tasks"], chatroom, role)]
+
+    async def role_existed(self, chatroom: str, role: str) -> bool:
+        """Whether (chatroom, role) was ever defined, removed or not."""
+        return await self.conn.fetchrow(Q["any_role"], chatroom, role) is not None
+
+    async def chatroom_deleted(self, chatroom: str) -> bool:
+        return await self.conn.fetchrow(Q["chatroom_deleted"], chatroom) is not None
 
     async def claimed_by(self, connection_id: str, epoch: int) -> Task | None:
         """The task already claimed for this participant and not started, if any."""

@@ -166,6 +166,12 @@ def requests(fx: dict[str, Any]) -> dict[str, Call]:
                 name="A", roles=[tpb.Role(role="x", kind=common_pb2.AGENT_KIND_CUSTOM)]
             )
         ),
+        "vigil.v1.Tasks/UpdateChatroom": lambda ch: tasks(ch).UpdateChatroom(
+            tpb.UpdateChatroomRequest(name="A")  # nothing to change
+        ),
+        "vigil.v1.Tasks/DeleteChatroom": lambda ch: tasks(ch).DeleteChatroom(
+            tpb.DeleteChatroomRequest(name="nosuch")
+        ),
         "vigil.v1.Tasks/GetChatroom": lambda ch: tasks(ch).GetChatroom(
             tpb.GetChatroomRequest(name="A")
         ),

@@ -169,12 +169,12 @@ async def test_a_harness_the_machine_does_not_define_is_refused_and_nothing_runs
             rc, out, _ = await vigil(srv.addr, "commands", "--machine", "m1")
             assert rc == 0 and "refused" in out and "nosuch" in out
             rc, out, _ = await vigil(srv.addr, "agents", "--chatroom", "room")
-            assert rc == 0 and "stopped" in out
+            assert rc == 0 and "failed" in out and "nosuch" in out
             async with harness.client(srv.addr) as admin:
                 notes = [
                     n
                     for n in await admin.list_notifications()
-                    if n.kind == NotificationKind.START_FAILED.to_pb()
+                    if n.kind == NotificationKind.COMMAND_FAILED.to_pb()
                 ]
             assert {n.role for n in notes} == {"builder", "shell"}
             assert all(n.actor == "machine:m1" for n in notes)
@@ -397,7 +397,7 @@ async def test_audits_name_the_authenticated_principal_not_a_claimed_one(
                     return [
                         n
                         for n in await admin.list_notifications()
-                        if n.kind == NotificationKind.START_FAILED.to_pb()
+                        if n.kind == NotificationKind.COMMAND_FAILED.to_pb()
                     ]
 
             notes = await harness.wait_for(refused, 20, what="the start_failed notification")

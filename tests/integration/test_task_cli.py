@@ -285,7 +285,7 @@ async def test_a_stale_attempt_is_refused_in_one_line(srv: LocalServer) -> None:
         err = one_line_error(stale, 1)
         assert err == (
             f"cannot start task {task_id} with attempt {attempt + 1}: it is on attempt "
-            f"{attempt} (it was redelivered; this claim is stale) (FAILED_PRECONDITION)"
+            f"{attempt}, and no later attempt was ever handed out (FAILED_PRECONDITION)"
         )
 
         started = ok(await vigil(srv.addr, "task", "start", task_id, "--attempt", str(attempt)))

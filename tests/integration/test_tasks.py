@@ -240,7 +240,8 @@ async def test_pending_past_timeout_without_live_agent(db_url: str, kind: str) -
                 ("stop", "pending"),
                 ("start", "pending"),
             ]
-            assert kinds == ["restart_requested"]
+            # ... and, since no daemon of m1 is online, one saying so.
+            assert kinds == ["machine_offline", "restart_requested"]
         else:
             assert commands == []
             assert kinds == ["pending_timeout"]

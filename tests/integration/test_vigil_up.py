@@ -155,3 +155,25 @@ def _wait_ports(log: Path) -> tuple[int, int]:
             return int(m.group(1)), int(m.group(2))
         time.sleep(0.05)
     raise AssertionError(f"server did not start:\n{log.read_text()}")
+
+
+def test_a_busy_port_is_one_line_and_exit_2(db_url: str, tmp: Path) -> None:
+    import socket
+    import subprocess
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            harness.vigil_cmd("liveness", "serve", "--addr", f"127.0.0.1:{port}"),
+            env=harness.child_env({"DATABASE_URL": db_url, "VIGIL_METRICS_ADDR": "127.0.0.1:0"}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp,
+        )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vigil: error: cannot listen on 127.0.0.1:")
+    assert "Traceback" not in done.stderr

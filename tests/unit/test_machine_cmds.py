@@ -218,7 +218,18 @@ def test_agent_json_without_an_exit() -> None:
         "restart_count": 2,
         "last_exit": None,
         "next_restart_at": None,
+        "status_reason": None,
     }
+
+
+def test_an_unknown_exit_code_is_not_zero() -> None:
+    lost = _agent(has_last_exit=True, last_exit_classification="daemon_lost")
+    lost.ClearField("last_exit_code")
+    assert machine_cmds.agent_json(lost)["last_exit"]["code"] is None
+    assert machine_cmds.last_exit_text(lost) == "code unknown (daemon_lost)"
+    failed = _agent(status="failed", status_reason="its start failed on machine m1: refused")
+    assert machine_cmds.agent_json(failed)["status_reason"].endswith("refused")
+    assert "(its start failed on machine m1: refused)" in machine_cmds.agent_line(failed)
 
 
 def test_agent_json_killed_by_a_signal() -> None:
@@ -271,6 +282,7 @@ def test_agents_table() -> None:
         "9",
         "(signal)",
         T0_TEXT,
+        "-",
     ]
     assert lines[2].split() == [
         "demo",
@@ -281,6 +293,7 @@ def test_agents_table() -> None:
         "—",
         "2",
         "—",
+        "-",
         "-",
     ]
     start = lines[0].index("LAST_EXIT ")

@@ -4,6 +4,7 @@ rule table."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from vigil.core.errors import FailedPrecondition, InvalidArgument
 from vigil.core.vocab import TaskStatus
 from vigil.task_service import fsm
 
-MIGRATION = Path(fsm.__file__).with_name("migrations") / "0001_tasks.sql"
+MIGRATIONS = Path(fsm.__file__).with_name("migrations")
 
 # The intended machine, written out independently of fsm.RULES so a changed rule is
 # caught here rather than silently agreed with.
@@ -28,6 +29,8 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("queued", "promoteNextTask"): "pending",
     ("acknowledged", "recoverStuckAcknowledged"): "pending",
     ("in_progress", "recoverOrphaned"): "pending",
+    ("acknowledged", "releaseTask"): "pending",
+    ("in_progress", "releaseTask"): "pending",
 }
 STATUSES = ["pending", "acknowledged", "in_progress", "completed", "queued", "closed"]
 TRIGGERS = [
@@ -38,6 +41,7 @@ TRIGGERS = [
     "promoteNextTask",
     "recoverStuckAcknowledged",
     "recoverOrphaned",
+    "releaseTask",
 ]
 
 
@@ -104,8 +108,8 @@ def test_active_statuses_make_a_role_busy() -> None:
 
 
 @pytest.mark.parametrize("trigger", TRIGGERS)
-def test_only_recovery_increments_the_attempt(trigger: str) -> None:
-    expected = trigger in {"recoverStuckAcknowledged", "recoverOrphaned"}
+def test_only_recovery_and_release_increment_the_attempt(trigger: str) -> None:
+    expected = trigger in {"recoverStuckAcknowledged", "recoverOrphaned", "releaseTask"}
     assert fsm.increments_attempt(trigger) is expected
     assert all(r.increments_attempt is expected for r in fsm.RULES if r.trigger == trigger)
 
@@ -119,12 +123,19 @@ def test_rules_sql_values_renders_every_rule() -> None:
     lines = fsm.rules_sql_values().split(",\n")
     assert len(lines) == len(fsm.RULES)
     assert lines[0] == "    ('pending', 'acknowledged', 'claimTask', false)"
-    assert "('in_progress', 'pending', 'recoverOrphaned', true)" in lines[-1]
+    assert "('in_progress', 'pending', 'releaseTask', true)" in lines[-1]
 
 
-def test_migration_holds_the_same_rule_table() -> None:
-    # The database copy of the table is pasted from rules_sql_values(); keep them equal.
-    assert fsm.rules_sql_values() + ";" in MIGRATION.read_text()
+def test_the_migrations_hold_the_same_rule_table() -> None:
+    # The database copy of the table is inserted by the migrations; keep them equal.
+    rows = set()
+    for path in sorted(MIGRATIONS.glob("*.sql")):
+        for insert in re.findall(r"INSERT INTO tasks\.fsm_rules[^;]*;", path.read_text()):
+            rows |= set(re.findall(r"\('(\w+)', '(\w+)', '(\w+)', (true|false)\)", insert))
+    assert rows == {
+        (r.from_status, r.to_status, r.trigger, "true" if r.increments_attempt else "false")
+        for r in fsm.RULES
+    }
 
 
 def test_a_non_deterministic_table_is_refused() -> None:

@@ -190,6 +190,20 @@ class Client:
             self.tasks.CreateChatroom, tpb.CreateChatroomRequest(name=name, roles=roles)
         )
 
+    async def update_chatroom(
+        self, name: str, add: list[tpb.Role] | None = None, remove: list[str] | None = None
+    ) -> tpb.Chatroom:
+        request = tpb.UpdateChatroomRequest(
+            name=name, add_roles=add or [], remove_roles=remove or []
+        )
+        return await self.call(self.tasks.UpdateChatroom, request)
+
+    async def delete_chatroom(
+        self, name: str, *, cancel_open: bool = False, reason: str = ""
+    ) -> tpb.DeleteChatroomResponse:
+        request = tpb.DeleteChatroomRequest(name=name, cancel_open=cancel_open, reason=reason)
+        return await self.call(self.tasks.DeleteChatroom, request, timeout=60)
+
     async def get_chatroom(self, name: str) -> tpb.Chatroom:
         return await self.call(self.tasks.GetChatroom, tpb.GetChatroomRequest(name=name))
 

@@ -113,10 +113,13 @@ async def create_server(
     if reflection_on:
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
     bind_host = f"[{host.strip('[]')}]" if ":" in host.strip("[]") else host
-    if tls is not None:
-        bound = server.add_secure_port(f"{bind_host}:{port}", tls.credentials())
-    else:
-        bound = server.add_insecure_port(f"{bind_host}:{port}")
+    try:
+        if tls is not None:
+            bound = server.add_secure_port(f"{bind_host}:{port}", tls.credentials())
+        else:
+            bound = server.add_insecure_port(f"{bind_host}:{port}")
+    except RuntimeError:  # grpc raises rather than returning 0 on a failed bind
+        bound = 0
     if bound == 0:
         raise ConfigError(f"cannot listen on {addr}: address in use or not available")
     if on_bound is not None:

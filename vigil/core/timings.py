@@ -30,6 +30,8 @@ _ENV: dict[str, tuple[str, int | None]] = {
     "circuit_cooldown_ms": ("VIGIL_CIRCUIT_COOLDOWN_MS", 60_000),
     "restart_backoff_base_ms": ("VIGIL_RESTART_BACKOFF_BASE_MS", 1_000),
     "restart_backoff_cap_ms": ("VIGIL_RESTART_BACKOFF_CAP_MS", 60_000),
+    "agent_min_uptime_ms": ("VIGIL_AGENT_MIN_UPTIME_MS", 10_000),
+    "role_series_kept_ms": ("VIGIL_ROLE_SERIES_KEPT_MS", 3_600_000),
 }
 
 
@@ -56,6 +58,12 @@ class Timings:
     circuit_cooldown_ms: int = 60_000
     restart_backoff_base_ms: int = 1_000
     restart_backoff_cap_ms: int = 60_000
+    # An agent process that ends sooner than this after it started failed to start,
+    # whatever its exit code (supervisord's `startsecs`): it counts toward backoff and
+    # the circuit like a crash.
+    agent_min_uptime_ms: int = 10_000
+    # vigil_role_live keeps a role offline for longer than this out of its series.
+    role_series_kept_ms: int = 3_600_000
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -97,7 +97,9 @@ class NotificationKind(WireEnum):
     REDELIVERY_CAP = "redelivery_cap"
     RESTART_REQUESTED = "restart_requested"
     CIRCUIT_OPEN = "circuit_open"
-    START_FAILED = "start_failed"
+    COMMAND_FAILED = "command_failed"
+    MACHINE_OFFLINE = "machine_offline"
+    ROLE_STOPPED = "role_stopped"
 
 
 class ExitClassification(WireEnum):
@@ -154,6 +156,8 @@ class AgentStatus(WireEnum):
     CRASHED = "crashed"
     BACKOFF = "backoff"
     CIRCUIT_OPEN = "circuit_open"
+    FAILED = "failed"  # its start failed or expired (status_reason says why)
+    WAITING_FOR_MACHINE = "waiting_for_machine"  # a start waits for an offline machine
 
 
 class TokenKind(WireEnum):

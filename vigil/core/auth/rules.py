@@ -75,6 +75,8 @@ RULES: dict[str, Rule] = {
     "vigil.v1.Liveness/WatchParticipants": Rule(READERS, Scope.LISTED),
     # -- tasks -----------------------------------------------------------------------
     "vigil.v1.Tasks/CreateChatroom": Rule(frozenset({ADMIN})),
+    "vigil.v1.Tasks/UpdateChatroom": Rule(frozenset({ADMIN})),
+    "vigil.v1.Tasks/DeleteChatroom": Rule(frozenset({ADMIN})),
     "vigil.v1.Tasks/GetChatroom": Rule(READERS, Scope.CHATROOM, lambda r: (r.name,)),
     "vigil.v1.Tasks/ListChatrooms": Rule(READERS, Scope.LISTED),
     "vigil.v1.Tasks/SendMessage": Rule(WORKERS, Scope.CHATROOM, _room),
