@@ -182,10 +182,11 @@ UPDATE tasks.tasks SET deadline_at = $2 WHERE id = $1;
 UPDATE tasks.tasks SET needs_attention = true, deadline_at = NULL, updated_at = $2 WHERE id = $1;
 
 -- name: claims_of
--- Undelivered claims of one liveness connection and epoch. $1 connection_id, $2 epoch
+-- The claims one liveness connection and epoch holds (claimed or started): a session
+-- that goes offline without having handed them over (task_received) takes them along.
+-- $1 connection_id, $2 epoch
 SELECT id FROM tasks.tasks
-WHERE assigned_to = $1 AND claim_epoch = $2 AND status = 'acknowledged'
-  AND delivered_at IS NULL;
+WHERE assigned_to = $1 AND claim_epoch = $2 AND status IN ('acknowledged', 'in_progress');
 
 -- name: mark_delivered
 -- The claimer confirmed receipt (left with task_received). $1 connection_id, $2 epoch, $3 now
@@ -442,3 +443,23 @@ ORDER BY id LIMIT $3;
 -- name: audit_rows
 -- The audit rows of some tasks, each task's in order. $1 task ids
 SELECT * FROM tasks.transitions WHERE task_id = ANY($1::uuid[]) ORDER BY task_id, id;
+
+-- The hot paths as one call each (functions in 0009_fast_paths.sql).
+
+-- name: send_task_fast
+-- $1 chatroom, $2 role, $3 text, $4 now, $5 pending deadline, $6 sent_by
+SELECT * FROM tasks.send_task($1, $2, $3, $4, $5, $6);
+
+-- name: claim_task_fast
+-- $1 chatroom, $2 role, $3 connection_id, $4 epoch, $5 now, $6 deadline, $7 claimed_by,
+-- $8 claimed_by_token, $9 reason
+SELECT * FROM tasks.claim_task($1, $2, $3, $4, $5, $6, $7, $8, $9);
+
+-- name: start_task_fast
+-- $1 id, $2 attempt, $3 claimer's token or NULL (admin), $4 chatroom scope or NULL,
+-- $5 actor, $6 now
+SELECT * FROM tasks.start_task($1, $2, $3, $4, $5, $6);
+
+-- name: complete_task_fast
+-- As start_task_fast, and $7 the promoted task's pending deadline
+SELECT * FROM tasks.complete_task($1, $2, $3, $4, $5, $6, $7);

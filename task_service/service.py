@@ -37,6 +37,7 @@ from vigil.core.vocab import (
     NotificationKind,
     OfflineReason,
     TaskStatus,
+    TokenKind,
 )
 from vigil.task_service import audit, fsm, policy
 from vigil.task_service.agents import Agents
@@ -64,6 +65,7 @@ SYSTEM = "vigil"
 
 MAX_ROLES = 256
 AUDIT_PAGE = 500  # tasks per snapshot when verifying the audit log
+MAX_ATTEMPT = 2**31 - 1  # tasks.attempt is an integer
 PRESENCE_WAIT_S = 2.0  # how long a claim waits for its join to reach this replica's view
 
 
@@ -411,29 +413,32 @@ class TaskService:
         validation.name(role, "role")
         validation.text(text, "the message text", validation.MAX_TASK_TEXT)
         now = self.clock.now()
-        async with self.store.tx() as tx:
-            if await tx.lock_open_role(chatroom, role) is None:
-                await self._role(chatroom, role)  # raises the precise NOT_FOUND
-            busy = await tx.role_has_active(chatroom, role)
-            status = fsm.QUEUED if busy else fsm.PENDING
-            task = await tx.insert_task(
-                chatroom,
-                role,
-                text,
-                status,
-                now,
-                policy.deadline_for(status, now, self.timings),
-                by.display,
-            )
-            if self.presence.synced.is_set() and not self.presence.role_is_live(chatroom, role):
-                # A remote role with nobody live: start its agent now, not in 5 minutes.
+        task = await self.store.send_fast(
+            chatroom,
+            role,
+            text,
+            now,
+            policy.deadline_for(fsm.PENDING, now, self.timings),
+            by.display,
+        )
+        if task is None:
+            await self._role(chatroom, role)  # raises the precise NOT_FOUND
+            raise NotFound(f"chatroom {chatroom!r} takes no tasks for role {role!r}")
+        effects = Effects()
+        if task.status == fsm.PENDING:
+            effects.woken_roles.add((chatroom, role))
+            self.poke(task.deadline_at)
+        if self.presence.synced.is_set() and not self.presence.role_is_live(chatroom, role):
+            # A remote role with nobody live: start its agent now, not in 5 minutes.
+            async with self.store.tx() as tx:
                 await self.agents.maybe_restart(
                     tx,
                     chatroom,
                     role,
                     f"a task arrived (sent by {by.display}) and no agent is live",
                 )
-        self.after_commit(tx.effects)
+            self.after_commit(tx.effects)
+        self.after_commit(effects)
         return task
 
     async def await_task(
@@ -446,8 +451,11 @@ class TaskService:
         validation.name(role, "role")
         connection_id = validation.uuid_str(connection_id, "connection_id")
         validation.positive(epoch, "epoch")
-        await self._role(chatroom, role)
         await self._held_by(chatroom, role, connection_id, epoch, by, wait=PRESENCE_WAIT_S)
+        ready = await self._claim(chatroom, role, connection_id, epoch, by)
+        if ready is not None:
+            return ready  # the common case: no need to look the role up
+        await self._role(chatroom, role)
         key = (chatroom, role)
         woken = asyncio.Event()
         self._waiters.setdefault(key, set()).add(woken)
@@ -501,28 +509,18 @@ class TaskService:
         now = self.clock.now()
         fsm.transition(fsm.PENDING, "claimTask")
         deadline = policy.deadline_for(fsm.ACKNOWLEDGED, now, self.timings)
-        async with self.store.tx() as tx:
-            # Asked again by the participant it was claimed for (its first answer was
-            # lost on the way): the same claim, not a second task.
-            again = await tx.claimed_by(connection_id, epoch)
-            if again is not None:
-                return again
-            task = await tx.apply(
-                "claimTask",
-                by.display,
-                f"claimed by connection {connection_id} epoch {epoch}",
-                chatroom,
-                role,
-                connection_id,
-                epoch,
-                now,
-                deadline,
-                by.display,
-                by.token_id,
-            )
-        self.after_commit(tx.effects)
-        if task is None:
-            return None
+        reason = f"claimed by connection {connection_id} epoch {epoch}"
+        # One call: the task this participant holds already (asked again: its first
+        # answer was lost on the way, so the same claim, not a second task), else the
+        # role's oldest pending one.
+        task = await self.store.claim_fast(
+            chatroom, role, connection_id, epoch, now, deadline, by.display, by.token_id, reason
+        )
+        if task is None or task.acknowledged_at != now:
+            return task  # none, or the claim it held already
+        effects = Effects()
+        effects.transitions.append((task, "claimTask", by.display, reason))
+        self.after_commit(effects)
         self.metrics.transitions.labels("claimTask").inc()
         self.poke(deadline)  # the acknowledged deadline may be the earliest now
         return task
@@ -626,6 +624,10 @@ class TaskService:
         task_id = check_task_id(task_id)
         validation.text(reason, "reason", validation.MAX_REASON, required=False)
         now = self.clock.now()
+        if trigger in ("startTask", "completeTask") and attempt is not None:
+            done = await self._fast_by_claimer(task_id, trigger, by, attempt, now)
+            if done is not None:
+                return done
         async with self.store.tx() as tx:
             task, _kind = await self._locked(tx, task_id)
             chatroom_scope(by, task.chatroom)
@@ -643,6 +645,44 @@ class TaskService:
             changed = await self.transition(tx, task, trigger, by.display, reason, now)
         self.after_commit(tx.effects)
         return changed
+
+    async def _fast_by_claimer(
+        self, task_id: str, trigger: str, by: Principal, attempt: int, now: datetime
+    ) -> Task | None:
+        """Start or complete in one call when the caller's claim, the attempt and the
+        status allow it (the common case); None otherwise (the general path then says
+        precisely why, or finds the task changed meanwhile)."""
+        if not 0 <= attempt <= MAX_ATTEMPT:
+            return None
+        token = None if by.is_admin else by.token_id
+        if token is None and not by.is_admin:
+            return None  # a claimer without a token (a certificate) claims nothing
+        scope = None if by.kind in (TokenKind.ADMIN, TokenKind.READONLY) else by.chatroom
+        effects = Effects()
+        if trigger == "startTask":
+            started = await self.store.start_fast(task_id, attempt, token, scope, by.display, now)
+            if started is None:
+                return None
+            effects.transitions.append((started, trigger, by.display, "started"))
+            changed = [started]
+        else:
+            changed = await self.store.complete_fast(
+                task_id, attempt, token, scope, by.display, now,
+                policy.deadline_for(fsm.PENDING, now, self.timings),
+            )  # fmt: skip
+            if not changed:
+                return None
+            effects.transitions.append((changed[0], trigger, by.display, "completed"))
+            for promoted in changed[1:]:
+                effects.transitions.append(
+                    (promoted, "promoteNextTask", SYSTEM, "the role's active task ended")
+                )
+                effects.woken_roles.add((promoted.chatroom, promoted.role))
+                self.metrics.transitions.labels("promoteNextTask").inc()
+                self.poke(promoted.deadline_at)
+        self.metrics.transitions.labels(trigger).inc()
+        self.after_commit(effects)
+        return changed[0]
 
     @staticmethod
     def _check_claimer(task: Task, by: Principal) -> None:
@@ -683,9 +723,13 @@ class TaskService:
         if p.offline_reason == OfflineReason.TASK_RECEIVED:
             await self.store.mark_delivered(p.connection_id, p.epoch, now)
             return
+        # Its claims go with it: one it never received, or one it was working on (a
+        # session's liveness and its claims are one).
         for task_id in await self.store.claims_of(p.connection_id, p.epoch):
             await self.claimer_gone(
-                task_id, f"the claimer went offline ({p.offline_reason}) before receiving it"
+                task_id,
+                f"its claimer {p.chatroom}/{p.role} (epoch {p.epoch}) went offline "
+                f"({p.offline_reason})",
             )
 
     async def claimer_gone(self, task_id: str, why: str) -> None:

@@ -261,6 +261,66 @@ class TaskStore:
     async def history(self, task_id: str) -> list[Transition]:
         return [Transition.from_row(r) for r in await self.db.fetch(Q["history"], task_id)]
 
+    # -- the hot paths, one call each (0009_fast_paths.sql) --------------------------
+
+    async def _fast(self, query: str, *args: Any) -> list[Task]:
+        return [Task.from_row(r) for r in await self.db.fetch(Q[query], *args)]
+
+    async def send_fast(
+        self,
+        chatroom: str,
+        role: str,
+        text: str,
+        now: datetime,
+        pending_deadline: datetime | None,
+        sent_by: str,
+    ) -> Task | None:
+        """A new task (pending, or queued behind the role's active one); None when the
+        role does not exist or takes no tasks."""
+        found = await self._fast(
+            "send_task_fast", chatroom, role, text, now, pending_deadline, sent_by
+        )
+        return found[0] if found else None
+
+    async def claim_fast(
+        self,
+        chatroom: str,
+        role: str,
+        connection_id: str,
+        epoch: int,
+        now: datetime,
+        deadline: datetime | None,
+        by: str,
+        token_id: str | None,
+        reason: str,
+    ) -> Task | None:
+        """The task claimed for this participant: the one it holds already, or the
+        role's oldest pending one; None when there is none."""
+        found = await self._fast(
+            "claim_task_fast", chatroom, role, connection_id, epoch, now, deadline, by,
+            token_id, reason,
+        )  # fmt: skip
+        return found[0] if found else None
+
+    async def start_fast(
+        self, task_id: str, attempt: int, token: str | None, scope: str | None, actor: str,
+        now: datetime,
+    ) -> Task | None:  # fmt: skip
+        """Started, if the caller's claim, attempt and status allow it; else None (the
+        general path then says why)."""
+        found = await self._fast("start_task_fast", task_id, attempt, token, scope, actor, now)
+        return found[0] if found else None
+
+    async def complete_fast(
+        self, task_id: str, attempt: int, token: str | None, scope: str | None, actor: str,
+        now: datetime, pending_deadline: datetime | None,
+    ) -> list[Task]:  # fmt: skip
+        """[completed, promoted next task (if the role is idle now and one was queued)],
+        or [] when the claim, attempt or status do not allow it."""
+        return await self._fast(
+            "complete_task_fast", task_id, attempt, token, scope, actor, now, pending_deadline
+        )
+
     async def list_chatrooms(self, only: str | None, page: Page) -> list[Chatroom]:
         async with mapped_errors(), self.db.pool.acquire() as conn:
             rows = await conn.fetch(Q["list_chatrooms"], only, page.arg(0), page.fetch)

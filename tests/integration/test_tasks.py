@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -338,3 +339,55 @@ async def test_two_replicas_handle_each_due_deadline_once(db_url: str) -> None:
             for srv in (one, two)
         ]
         assert sum(handled) == n
+
+
+async def test_a_killed_long_lived_session_gives_its_task_back_once(db_url: str) -> None:
+    async with local_server(db_url, harness.fast_timings()) as srv:
+        await _room(srv.addr)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "vigil.testing.agent", "work"],
+            env=harness.child_env(
+                {"VIGIL_ADDR": srv.addr, "VIGIL_CHATROOM": "room", "VIGIL_ROLE": "builder"}
+            ),
+            stdout=subprocess.PIPE,
+        )
+        try:
+            await harness.wait_live(db_url, "room", "builder")
+            sent = await _send(srv.addr, "a long job")
+            assert agent.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(agent.stdout.readline), 15)
+            assert line.decode().startswith(f"working on {sent.id} attempt 0")
+            assert (await _task(srv.addr, sent.id)).status == TaskStatus.IN_PROGRESS.to_pb()
+            agent.kill()  # mid-task: its session drops with the process
+            await asyncio.to_thread(agent.wait, 10)
+
+            async def back() -> tpb.Task | None:
+                t = await _task(srv.addr, sent.id)
+                return t if t.status == PENDING else None
+
+            task = await harness.wait_for(back, 5, what="the task recovered")
+            assert task.attempt == 1 and task.recoveries == 1
+            # The next session takes it on its new attempt, and it ends completed.
+            async with (
+                harness.client(srv.addr) as client,
+                client.agent("room", "builder", handle_signals=False) as session,
+            ):
+                again = await session.next_task()
+                assert (again.id, again.attempt) == (sent.id, 1)
+                await again.start()
+                await again.complete()
+            done = await _task(srv.addr, sent.id)
+            assert done.status == TaskStatus.COMPLETED.to_pb() and done.recoveries == 1
+            async with harness.client(srv.addr) as client:
+                history = await client.task_history(sent.id)
+            assert [h.trigger for h in history] == [
+                "claimTask",
+                "startTask",
+                "recoverOrphaned",
+                "claimTask",
+                "startTask",
+                "completeTask",
+            ]
+        finally:
+            if agent.poll() is None:
+                agent.kill()
