@@ -223,13 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("shell", choices=["bash", "zsh", "tcsh"])
 
-    sub.add_parser(
+    mig = sub.add_parser(
         "migrate",
         help="apply migrations and create the database roles, as the owner (DATABASE_URL)",
         description="Applies every migration and (re)grants the roles vigil_liveness, "
         "vigil_tasks and vigil_readonly, creating them if missing. Run it as the owner of "
-        "Vigil's schemas (docs/operations.md); servers then may start with VIGIL_MIGRATE=0.",
+        "Vigil's schemas (docs/operations.md); servers then may start with VIGIL_MIGRATE=0. "
+        "A database migrated by a newer Vigil is refused (exit 1).",
     )
+    mig.add_argument(
+        "--status",
+        action="store_true",
+        help="change nothing: print each migration, applied, pending or unknown "
+        "(applied by a newer Vigil), one per line",
+    )
+    mig.add_argument("--json", action="store_true", help="with --status: a JSON array")
     return p
 
 
@@ -593,7 +601,7 @@ async def _serve(args: argparse.Namespace, log_format: str) -> int:
     if args.command == "migrate":
         from vigil.cli.serve import migrate
 
-        return await migrate(settings)
+        return await migrate(settings, status=args.status, as_json=args.json)
     from vigil.cli.demo import demo
 
     return await demo(settings.database_url)

@@ -1,19 +1,30 @@
 """Running Vigil's services: `vigil up` (everything, one process, one address; the
 embedded PostgreSQL by default) and `vigil liveness serve` / `vigil task-service serve`
-(one service, against a shared DATABASE_URL)."""
+(one service, against a shared DATABASE_URL); `vigil migrate [--status]`.
+
+A server on the embedded PostgreSQL owns it (see vigil.core.embedded): it starts or
+adopts it, stops it when it exits, and refuses to start (exit 2) while another process
+owns the same data folder. `vigil migrate` attaches to a running one instead."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
+from pathlib import Path
+
+import asyncpg
 
 from vigil.client import ClientConfig
-from vigil.core import logs
+from vigil.core import logs, migrations
 from vigil.core.config import Settings
 from vigil.core.db import resolve_url
+from vigil.core.embedded import DataDirBusy, EmbeddedPostgres
+from vigil.core.errors import ConfigError, StorageError
 from vigil.core.server import start_metrics, wait_for_signal
-from vigil.server import ADMIN_TOKEN_FILE, SERVICES, running
+from vigil.core.timefmt import rfc3339
+from vigil.server import ADMIN_TOKEN_FILE, SERVICES, all_migrations, running, service_database_url
 from vigil.server import migrate as vigil_migrate
 
 log = logging.getLogger("vigil")
@@ -27,17 +38,65 @@ async def serve(
     own_urls = settings.liveness_database_url or settings.tasks_database_url
     if settings.database_url is None and own_urls:
         return await _serve(settings, services, None, ui=ui)  # migrated by `vigil migrate`
-    url, embedded = await resolve_url(settings.database_url, settings.data_dir)
+    if settings.database_url:
+        return await _serve(settings, services, settings.database_url, ui=ui)
+    embedded, url = await _own_embedded(settings.data_dir)
     try:
         return await _serve(settings, services, url, ui=ui)
     finally:
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+        await _stop_embedded(embedded)
+
+
+async def _own_embedded(data_dir: Path) -> tuple[EmbeddedPostgres, str]:
+    """The embedded PostgreSQL of `data_dir`, owned by this server (started, or adopted
+    from an owner that was killed); refused while another process owns it."""
+    pg = EmbeddedPostgres(data_dir)
+    try:
+        url = await asyncio.to_thread(pg.start, attach=False)
+    except DataDirBusy as exc:
+        who = f" (pid {exc.holder})" if exc.holder else ""
+        raise ConfigError(
+            f"the embedded PostgreSQL in {exc.pgdata} is owned by another process{who}, "
+            "e.g. another `vigil up`: stop it, or give this server its own VIGIL_DATA_DIR "
+            "or a DATABASE_URL"
+        ) from None
+    except Exception as exc:
+        raise StorageError(
+            f"could not start the embedded PostgreSQL in {data_dir}: {exc}"
+        ) from None
+    return pg, url
+
+
+async def _stop_embedded(pg: EmbeddedPostgres) -> None:
+    try:
+        await asyncio.to_thread(pg.stop)
+    except Exception as exc:
+        raise StorageError(
+            f"could not stop the embedded PostgreSQL in {pg.pgdata}: {exc}"
+        ) from None
+
+
+async def _refuse_newer_schema(settings: Settings, url: str | None, service: str) -> None:
+    """A server that does not migrate still refuses a schema newer than it knows (one
+    that migrates refuses it in `migrations.apply`)."""
+    try:
+        conn = await asyncpg.connect(service_database_url(settings, url, service))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        return  # starting the server reports it
+    try:
+        applied = await migrations.read_applied(conn)
+    except asyncpg.PostgresError:
+        return
+    finally:
+        await conn.close()
+    migrations.refuse_newer(applied, all_migrations())
 
 
 async def _serve(
     settings: Settings, services: tuple[str, ...], url: str | None, *, ui: bool
 ) -> int:
+    if not settings.migrate:
+        await _refuse_newer_schema(settings, url, services[0])
     if url is None:
         where = "the services' own database URLs"
     elif settings.database_url:
@@ -87,17 +146,58 @@ def _say(line: str) -> None:
     log.debug("%s", line.removeprefix("vigil: "))
 
 
-async def migrate(settings: Settings) -> int:
-    """`vigil migrate`: migrations and roles, as the owner; on the embedded default too."""
+async def migrate(settings: Settings, *, status: bool = False, as_json: bool = False) -> int:
+    """`vigil migrate`: migrations and roles, as the owner; on the embedded default too
+    (attaching to the server of a running `vigil up`, or starting one for the while).
+    `status`: print each migration, applied or pending, and change nothing."""
     url, embedded = await resolve_url(settings.database_url, settings.data_dir)
     try:
+        if status:
+            return await _migration_status(url, as_json)
         applied = await vigil_migrate(url)
     finally:
         if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
+            await _stop_embedded(embedded)
     names = ", ".join(f"{m.service} {m.version:04d}_{m.name}" for m in applied) or "none"
     print(f"vigil: migrations applied: {names}; roles vigil_liveness, vigil_tasks and "
           "vigil_readonly granted")  # fmt: skip
+    return 0
+
+
+async def _migration_status(url: str, as_json: bool) -> int:
+    """One line per migration: `SERVICE NNNN_NAME applied AT`, `… pending`, or
+    `… unknown AT` (applied by a newer Vigil); `as_json`: a JSON array."""
+    try:
+        conn = await asyncpg.connect(url)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StorageError(f"cannot connect to PostgreSQL: {exc}") from None
+    try:
+        applied = await migrations.read_applied(conn)
+    except asyncpg.PostgresError as exc:
+        raise StorageError(f"cannot read the applied migrations: {exc}") from None
+    finally:
+        await conn.close()
+    rows = migrations.status(applied, all_migrations())
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "service": r.service,
+                        "version": r.version,
+                        "name": r.name,
+                        "status": r.state,
+                        "applied_at": rfc3339(r.applied_at),
+                    }
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    for r in rows:
+        at = f" {rfc3339(r.applied_at)}" if r.applied_at else ""
+        print(f"{r.service} {r.version:04d}_{r.name} {r.state}{at}")
     return 0
 
 

