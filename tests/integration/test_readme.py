@@ -9,11 +9,9 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import venv
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,28 +39,16 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A fresh virtualenv with Vigil installed from a wheel built from `git archive HEAD`
     (the generated code comes from the build, not from this tree)."""
     tmp = tmp_path_factory.mktemp("wheel")
-    archive = tmp / "src.tar"
-    subprocess.run(["git", "archive", "-o", str(archive), "HEAD"], cwd=ROOT, check=True)
-    src = tmp / "src"
-    with tarfile.open(archive) as tar:
-        tar.extractall(src, filter="tar")
-    assert not list((src / "vigil" / "v1").glob("*_pb2.py")), "generated code is committed"
+    # The same script builds and installs the container image's wheel (deploy/Dockerfile):
+    # it checks the source holds no generated code and the wheel installs only `vigil`.
+    script = ROOT / "deploy" / "wheel.sh"
     dist = tmp / "dist"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(src)],
-        check=True,
-        timeout=600,
-    )
-    (wheel,) = dist.glob("vigil-*.whl")
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run([str(script), "build", str(dist)], check=True, timeout=600, env=env)
     env_dir = tmp / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    subprocess.run(
-        [str(py), "-m", "pip", "install", "-q", "-c", str(ROOT / "requirements.lock"), str(wheel)],
-        check=True,
-        timeout=900,
-    )
-    shutil.rmtree(src)
+    subprocess.run([str(script), "install", str(py), str(dist)], check=True, timeout=900)
     yield env_dir
 
 
