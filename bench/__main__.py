@@ -39,6 +39,7 @@ GROUPS: dict[str, str] = {
     "liveness": "bench.liveness",
     "tasks": "bench.tasks",
     "daemon": "bench.daemon",
+    "throughput": "bench.throughput",
 }
 
 

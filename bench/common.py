@@ -608,7 +608,10 @@ def _start_postgres(root: Path) -> tuple[EmbeddedPostgres, str, bool]:
     """A throwaway embedded PostgreSQL; pg_stat_statements preloaded when the wheel has
     it (it counts the statements the server really runs)."""
     pss = _pg_stat_statements_available()
-    settings = {"shared_preload_libraries": PG_STAT_STATEMENTS} if pss else {}
+    # Room for several servers' pools beside procrastinate's (bench/throughput.py).
+    settings = {"max_connections": "400"}
+    if pss:
+        settings["shared_preload_libraries"] = PG_STAT_STATEMENTS
     server = EmbeddedPostgres(root, settings)
     url = server.start()
     return server, url, pss
