@@ -43,6 +43,11 @@ class LivenessApp:
         )
         auth.on_revoked(self.live.token_revoked)
 
+    @property
+    def store_ok(self) -> bool:
+        """Whether the store answers (the server's health follows it)."""
+        return self.live.store_ok
+
     def register(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_LivenessServicer_to_server(LivenessServicer(self.live, self.auth), server)
 

@@ -29,11 +29,14 @@ class HeartbeatBatcher:
         interval_s: float,
         metrics: LivenessMetrics,
         on_result: Callable[[Key, int, datetime, HeartbeatStatus], None],
+        on_store: Callable[[bool], None] = lambda ok: None,
     ) -> None:
         self._store = store
         self._interval = interval_s
         self._metrics = metrics
         self._on_result = on_result
+        self._on_store = on_store  # told whether each write reached the store
+        self._flushing = asyncio.Lock()  # one flush at a time: a sweep waits for it
         self._pending: dict[Key, Beat] = {}
         self._waiters: dict[Key, list[asyncio.Future[HeartbeatStatus]]] = {}
         self._urgent = asyncio.Event()
@@ -81,7 +84,12 @@ class HeartbeatBatcher:
 
     async def flush(self) -> None:
         """Write the beats pending now (not those arriving meanwhile: they wait for the
-        next flush, so a busy server still writes about once per interval)."""
+        next flush, so a busy server still writes about once per interval). Flushes run
+        one at a time, so when one returns, no beat queued before it is still in flight."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         pending, self._pending = self._pending, {}
         keys = list(pending)
         for start in range(0, len(keys), MAX_BATCH):
@@ -98,7 +106,9 @@ class HeartbeatBatcher:
                     for f in futs:
                         if not f.done():
                             f.set_exception(exc)
+                self._on_store(False)
                 raise
+            self._on_store(True)
             self._metrics.flush_statements.inc()
             self._metrics.flush_rows.inc(len(rows))
             for k, (epoch, ready_until, _) in batch.items():

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 # VIGIL_ROLE_SERIES_KEPT_MS, and never more than MAX_ROLE_SERIES series (live ones
 # first): joins of made-up roles cannot grow Prometheus's label sets without bound.
 MAX_ROLE_SERIES = 5000
+# How often the participant gauges are rebuilt (Prometheus scrapes every 15 s or so;
+# the rebuild costs in proportion to the roles).
+COUNTS_S = 5.0
 
 OK, REJOIN_REQUIRED, SUPERSEDED = (
     HeartbeatStatus.OK,
@@ -112,10 +115,35 @@ class Liveness:
         # acknowledged, so a beat that arrived in time can never lose to the sweeper.
         self._write_through = timedelta(milliseconds=timings.heartbeat_flush_ms * 2)
         self.sessions: dict[tuple[str, str, int], Session] = {}
-        self.batcher = HeartbeatBatcher(
-            store, timings.heartbeat_flush_ms / 1000, metrics, self._beat_written
+        # The store's reachability, as this replica's writes find it (see `_may_sweep`).
+        self.store_down_since: float | None = None  # monotonic; None while it answers
+        self._store_back_at = float("-inf")
+        # After an outage every participant gets a whole TTL again, as after its join:
+        # every live client beats again and every replica writes its beats meanwhile,
+        # even on a starved machine; one that really stopped is expired a TTL later.
+        # (At least one interval and two flushes, should the TTL be set tighter.)
+        self._settle_s = (
+            max(
+                timings.heartbeat_ttl_ms,
+                timings.heartbeat_interval_ms + 2 * timings.heartbeat_flush_ms,
+            )
+            / 1000
         )
-        self.sweeper = TtlSweeper(store, clock, timings.sweep_max_sleep_ms / 1000, self._expired)
+        self.batcher = HeartbeatBatcher(
+            store,
+            timings.heartbeat_flush_ms / 1000,
+            metrics,
+            self._beat_written,
+            self._store_answered,
+        )
+        self.sweeper = TtlSweeper(
+            store,
+            clock,
+            timings.sweep_max_sleep_ms / 1000,
+            self._expired,
+            self._may_sweep,
+            self._store_answered,
+        )
         self.hub = EventHub(store, url, self._presence_event)
         self._background: set[asyncio.Task[None]] = set()
         self._counts_task: asyncio.Task[None] | None = None
@@ -152,6 +180,38 @@ class Liveness:
         if self._background:
             await asyncio.wait(self._background, timeout=2)
         await self.hub.stop()
+
+    # -- the store's outages -------------------------------------------------
+
+    @property
+    def store_ok(self) -> bool:
+        """False while the store is unreachable (health says NOT_SERVING meanwhile)."""
+        return self.store_down_since is None
+
+    def _store_answered(self, ok: bool) -> None:
+        now = self.clock.monotonic()
+        if not ok and self.store_down_since is None:
+            self.store_down_since = now
+            log.warning(
+                "the database is unreachable: streams stay open, beats are acknowledged "
+                "from memory, nobody is expired until it is back"
+            )
+        elif ok and self.store_down_since is not None:
+            log.warning(
+                "the database is back after %.1fs; writing the beats held in memory",
+                now - self.store_down_since,
+            )
+            self.store_down_since = None
+            self._store_back_at = now
+
+    async def _may_sweep(self) -> bool:
+        """A store outage is not an agent death. Before each sweep this replica writes
+        the beats it holds in memory (a failure means the store is still away: no sweep);
+        and for a while after an outage it does not sweep at all, so that every live
+        client, on any replica, has beaten again and been written. Only a participant
+        that really stopped beating is past its deadline after that."""
+        await self.batcher.flush()
+        return self.clock.monotonic() - self._store_back_at >= self._settle_s
 
     # -- validation -------------------------------------------------------
 
@@ -308,12 +368,18 @@ class Liveness:
         ready_until = now + self._ttl
         session.ready_until = ready_until
         p = session.participant
-        if session.stored_ready_until - now <= self._write_through:
-            status = await self.batcher.submit_and_wait(p.key, p.epoch, ready_until, now)
+        if session.stored_ready_until - now <= self._write_through and self.store_ok:
+            try:
+                status = await self.batcher.submit_and_wait(p.key, p.epoch, ready_until, now)
+            except StorageError:
+                status = OK  # the store is away: acknowledged from memory (see below)
             if status != OK:
                 session.lose(status)
                 return Push("heartbeat", status=session.lost_status)
         else:
+            # Written by the next flush. While the store is away the beat waits in
+            # memory (the newest per participant) and is acknowledged anyway: the
+            # sweeper expires nobody before this replica's beats are written.
             self.batcher.submit(p.key, p.epoch, ready_until, now)
         return Push("heartbeat", status=OK, ready_until=ready_until)
 
@@ -448,22 +514,18 @@ class Liveness:
             log.warning("could not take the participants of a revoked credential offline: %s", exc)
 
     def stream_ended(self, session: Session) -> None:
-        """The stream ended without a leave. If the client was heartbeating on time, it
-        died (killed, connection reset): offline now, `stream_dropped`. If its beats
-        were already overdue, the transport was closed by keepalive on an unresponsive
-        (stopped or vanished) peer: its deadline decides, `ttl_expired`."""
+        """The stream ended without a leave: its client died (killed, connection reset),
+        or its peer stopped answering HTTP/2 pings and keepalive closed the transport
+        (a frozen or vanished peer, a half-open connection: keepalive time + timeout
+        after the last sign of life). No beat can reach this participant any more:
+        offline now, `stream_dropped`. (A client hung in its own code while its
+        connection still answers pings keeps its stream: its TTL decides.)"""
         self.close_session(session)
         if session.detached or session.state != "live" or self.draining:
             return  # a server going away is not an agent dying
         if session.participant.token_id in self._revoked:
             return  # its credential was revoked: `revoked`, not `stream_dropped`
         session.state = "ended"
-        overdue = self.clock.monotonic() - session.last_beat > self.timings.heartbeat_interval * 1.5
-        if overdue:
-            log.info(
-                "stream of %s/%s closed while unresponsive; leaving it to its TTL", *session.key
-            )
-            return
         task = asyncio.create_task(self._mark_dropped(session, self.clock.monotonic()))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -590,4 +652,4 @@ class Liveness:
                     self.metrics.role_live.labels(chatroom, role).set(1 if live else 0)
             except StorageError as exc:
                 log.debug("participant counts: %s", exc)
-            await asyncio.sleep(2)
+            await asyncio.sleep(COUNTS_S)

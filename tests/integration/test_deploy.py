@@ -308,6 +308,10 @@ def k8s_problems(objs: list[dict[str, Any]]) -> list[str]:
                     if cmd[:3] != ["python", "-m", "vigil.core.healthcheck"]:
                         problems.append(f"{cw}: {probe_name} does not ask the gRPC health check")
                     target = cmd[cmd.index("--addr") + 1] if "--addr" in cmd else addr
+                    # By service name: "" (the whole server) is NOT_SERVING while the
+                    # database is away, and an outage must not restart or unready pods.
+                    if "--service" not in cmd or not cmd[cmd.index("--service") + 1]:
+                        problems.append(f"{cw}: {probe_name} does not name the service")
                     if not target.endswith(f":{serving}"):
                         problems.append(f"{cw}: {probe_name} checks {target}, not the serving port")
                 else:
@@ -391,6 +395,7 @@ def test_the_resources_say_which_benchmark_sized_them() -> None:
         ("pdb-selector", "selects []"),
         ("not-headless", "not headless"),
         ("probe-port", "not the serving port"),
+        ("probe-service", "does not name the service"),
         ("plain-secret", "not a clearly marked example"),
         ("root", "runAsNonRoot"),
         ("env", "read by no Vigil code"),
@@ -416,7 +421,11 @@ def test_the_schema_check_catches_a_broken_manifest(
     elif mutation == "not-headless":
         del find[("Service", "tasks")]["spec"]["clusterIP"]
     elif mutation == "probe-port":
-        _containers(live)[0]["readinessProbe"]["exec"]["command"][-1] = "127.0.0.1:9464"
+        command = _containers(live)[0]["readinessProbe"]["exec"]["command"]
+        command[command.index("--addr") + 1] = "127.0.0.1:9464"
+    elif mutation == "probe-service":
+        command = _containers(live)[0]["livenessProbe"]["exec"]["command"]
+        del command[command.index("--service") :]
     elif mutation == "plain-secret":
         secret = next(o for o in objs if o["kind"] == "Secret")
         key = next(iter(secret["data"]))

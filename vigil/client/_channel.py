@@ -60,6 +60,9 @@ def channel_options(timings: Timings, health_service: str) -> list[tuple[str, An
         ("grpc.keepalive_time_ms", timings.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", timings.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC core waits for a ping's ack for its *ping* timeout (a minute by default),
+        # not keepalive_timeout: hold both to keepalive_timeout.
+        ("grpc.http2.ping_timeout_ms", timings.keepalive_timeout_ms),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1_000),

@@ -4,6 +4,7 @@ Prometheus metrics over HTTP, and graceful shutdown in a fixed order."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -38,12 +39,26 @@ class Service(Protocol):
     async def close(self) -> None: ...
 
 
+HEALTH_POLL_S = 0.25  # how often health looks at the services' stores
+
+
+def _status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return (
+        health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+
+
 def server_options(timings: Timings) -> list[tuple[str, int]]:
     return [
         # Ping idle clients so a vanished peer's transport is closed (layer 3).
         ("grpc.keepalive_time_ms", timings.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", timings.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC core closes a transport whose ping goes unanswered after its *ping*
+        # timeout (a minute by default), whatever keepalive_timeout says: hold both
+        # to keepalive_timeout, so a half-open client is gone in time + timeout.
+        ("grpc.http2.ping_timeout_ms", timings.keepalive_timeout_ms),
+        ("grpc.http2.max_pings_without_data", 0),
         # Let clients ping as often as their own keepalive says.
         ("grpc.http2.min_ping_interval_without_data_ms", min(timings.keepalive_time_ms, 5_000)),
         ("grpc.http2.max_ping_strikes", 0),
@@ -67,12 +82,31 @@ class Server:
         self.health = health_servicer
         self.services = services
         self.timings = timings
+        self._store_watch = asyncio.create_task(self._watch_stores(), name="health-stores")
+
+    async def _watch_stores(self) -> None:
+        """The server's overall health ("") follows the stores: NOT_SERVING while a
+        service's store is unreachable (its `store_ok` is False), SERVING again when it
+        answers; open streams are not touched. The per-service names, which clients'
+        load balancing checks, stay SERVING: replicas share the store, so no replica is
+        better than this one, and a caller gets this server's own UNAVAILABLE, saying
+        the database is away, rather than "no healthy backend"."""
+        shown = True
+        while True:
+            ok = all(bool(getattr(svc, "store_ok", True)) for svc in self.services)
+            if ok != shown:
+                shown = ok
+                await self.health.set("", _status(ok))
+            await asyncio.sleep(HEALTH_POLL_S)
 
     async def stop(self) -> None:
         """health NOT_SERVING -> stop accepting RPCs -> tell streams to reconnect ->
         wait for the grace -> close the services."""
         grace = self.timings.shutdown_grace_ms / 1000
         stopping: asyncio.Task[None] | None = None
+        self._store_watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._store_watch
         try:
             await self.health.enter_graceful_shutdown()
             stopping = asyncio.create_task(self.grpc.stop(grace))
