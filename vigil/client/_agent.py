@@ -21,7 +21,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,12 @@ from vigil.v1 import tasks_pb2 as tpb
 
 if TYPE_CHECKING:
     from vigil.client._client import Client
+
+
+# How long `ClaimedTask.start`/`complete` repeat a call that failed in transit
+# (UNAVAILABLE and the like) before the error reaches the agent: a replica's failover
+# takes keepalive time + timeout, a store outage as long as it lasts.
+RETRY_FOR_S = 30.0
 
 
 class Superseded(RPCError):
@@ -80,10 +86,40 @@ class ClaimedTask:
         return TaskStatus.from_pb(self.message.status)
 
     async def start(self) -> None:
-        self.message = await self.client.start_task(self.id, self.attempt)
+        await self._fenced(self.client.start_task, (TaskStatus.IN_PROGRESS, TaskStatus.COMPLETED))
 
     async def complete(self) -> None:
-        self.message = await self.client.complete_task(self.id, self.attempt)
+        await self._fenced(self.client.complete_task, (TaskStatus.COMPLETED,))
+
+    async def _fenced(
+        self,
+        call: Callable[[str, int], Awaitable[tpb.Task]],
+        done: tuple[TaskStatus, ...],
+    ) -> None:
+        """Start and complete survive a failover: the attempt fences them, so a call
+        that failed in transit (its replica died or froze, perhaps after committing; the
+        store was away) is repeated on another replica for up to `RETRY_FOR_S`. If the
+        repeat is refused because the first call had taken effect, the task says so
+        (same attempt, already `done`): that is success, not an error."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + RETRY_FOR_S
+        delay, repeated = 0.05, False
+        while True:
+            try:
+                self.message = await call(self.id, self.attempt)
+                return
+            except RPCError as exc:
+                if repeated and exc.code == grpc.StatusCode.FAILED_PRECONDITION:
+                    now = await self.client.get_task(self.id)
+                    if now.attempt == self.attempt and TaskStatus.from_pb(now.status) in done:
+                        self.message = now
+                        return
+                    raise
+                if not exc.retryable or loop.time() + delay > give_up:
+                    raise
+            repeated = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def release(self, reason: str = "") -> None:
         """Hand the task back: pending again, for the next agent (next attempt)."""
