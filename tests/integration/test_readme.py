@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 import venv
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,3 +175,63 @@ async def test_the_readme_remote_role_example_runs_as_written(db_url: str, tmp: 
             os.killpg(shell.pid, signal.SIGTERM)  # the daemon stops its agent on the way out
         await asyncio.sleep(1)
         server.stop()
+
+
+def test_the_installed_wheel_runs_the_two_minute_tour(wheel_venv: Path, tmp: Path) -> None:
+    """From the wheel alone, in a folder with no source tree: `vigil up` (its embedded
+    PostgreSQL), `chatroom create`, `wait-for-task`, `send` — the task arrives; the
+    local CLI finds the bootstrap token by itself."""
+    vigil = str(wheel_venv / "bin" / "vigil")
+    here = tmp / "fresh"
+    here.mkdir()
+    env = _clean_env(
+        {
+            "VIGIL_ADDR": f"127.0.0.1:{harness.free_port()}",
+            "VIGIL_METRICS_ADDR": f"127.0.0.1:{harness.free_port()}",
+        }
+    )
+    env.pop("DATABASE_URL", None)
+
+    def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [vigil, *args], cwd=here, env=env, capture_output=True, text=True, timeout=timeout
+        )
+
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.strip(), version
+    up = subprocess.Popen(
+        [vigil, "up"], cwd=here, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while (listed := run("chatrooms")).returncode != 0:
+            assert up.poll() is None, up.communicate()[0]
+            assert time.monotonic() < deadline, listed.stderr
+            time.sleep(0.3)
+        made = run("chatroom", "create", "demo", "--role", "reviewer=custom")
+        assert made.returncode == 0, made.stderr
+        waiter = subprocess.Popen(
+            [vigil, "wait-for-task", "--chatroom", "demo", "--role", "reviewer", "--json"],
+            cwd=here,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            while "reviewer" not in (seen := run("participants", "--chatroom", "demo")).stdout:
+                assert waiter.poll() is None, waiter.communicate()
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.2)
+            sent = run("send", "--chatroom", "demo", "--role", "reviewer", "ship it")
+            assert sent.returncode == 0, sent.stderr
+            out, err = waiter.communicate(timeout=30)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+        assert waiter.returncode == 0, err
+        assert json.loads(out)["text"] == "ship it"
+    finally:
+        up.send_signal(signal.SIGTERM)
+        rc = up.wait(60)
+    assert rc == 0, up.communicate()[0]

@@ -28,7 +28,10 @@ from vigil.core.vocab import TokenKind
 log = logging.getLogger(__name__)
 
 CACHE_S = 1.0  # longest a token's state is trusted without reading it again
-STREAM_CHECK_S = 0.25  # how often open streams' tokens are checked (besides NOTIFY)
+# How often open streams' tokens are read again besides NOTIFY (a lost notification or
+# an expiry still ends them within a second); at once after the LISTEN connection is
+# back. One statement for every open stream's token: its cost grows with the streams.
+STREAM_CHECK_S = 1.0
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Authenticator:
         self._streams: dict[str, set[asyncio.Event]] = {}
         self._listener = Listener(url, {NOTIFY_CHANNEL: self._notified})
         self._task: asyncio.Task[None] | None = None
+        self._recheck = asyncio.Event()  # check every stream's token now
 
     async def start(self) -> None:
         self._listener.start()
@@ -135,6 +139,7 @@ class Authenticator:
     def _notified(self, payload: str) -> None:
         if not payload:  # (re)connected: anything may have changed meanwhile
             self._cache.clear()
+            self._recheck.set()
             return
         self._cache.pop(payload, None)
         self._end(payload)
@@ -149,10 +154,13 @@ class Authenticator:
                 log.exception("a revocation hook failed")
 
     async def _check_streams(self) -> None:
-        """Besides NOTIFY: every watched token is read again every STREAM_CHECK_S, so a
-        lost notification or an expiry ends its streams anyway."""
+        """Besides NOTIFY: every watched token is read again every STREAM_CHECK_S (and
+        at once after the LISTEN connection is back), so a lost notification or an
+        expiry ends its streams anyway."""
         while True:
-            await asyncio.sleep(STREAM_CHECK_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recheck.wait(), STREAM_CHECK_S)
+            self._recheck.clear()
             ids = list(self._streams)
             if not ids:
                 continue
