@@ -7,6 +7,10 @@ A group is a module with `async def run(ctx: Context) -> dict[str, dict]` (bench
 -> result), registered in GROUPS. The exit code is 0 when every benchmark ran, whether or
 not it met its goal (a miss is printed as MISSED); it is 1 when a benchmark broke.
 
+PostgreSQL runs with its durable defaults (fsync and synchronous_commit on) for every
+benchmark, restored before each one; every entry records the settings it ran with
+(`postgres`), and the report and the README headline state them.
+
 heartbeat_load and send_to_receipt also measure, in the same run, the same server
 serving TLS (*_tls) and one that trusts every caller (*_plain, bench/plain_server.py, for
 measurement only); *_auth_cost compares the three. `--only heartbeat_load` (or the name
@@ -47,6 +51,10 @@ async def _run(groups: list[str], only: set[str]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     async with common.environment() as ctx:
         ctx.only = only
+        shown = await common.postgres_settings(ctx.admin_url)
+        print(
+            f"PostgreSQL: {common.describe_postgres(shown)}; data on {common.filesystem(ctx.tmp)}"
+        )
         if not ctx.pg_stat_statements:
             print("note: pg_stat_statements unavailable; statement counts come from metrics")
         for group in groups:
@@ -94,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown group {', '.join(unknown)}; known: {', '.join(GROUPS)}")
     signal.signal(signal.SIGTERM, _terminate)
+    # Thousands of connections (liveness_capacity): servers and generators inherit this.
+    common.raise_nofile()
     started = time.monotonic()
     try:
         results = asyncio.run(_run(groups, set(args.only)))

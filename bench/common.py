@@ -617,10 +617,99 @@ def _start_postgres(root: Path) -> tuple[EmbeddedPostgres, str, bool]:
     return server, url, pss
 
 
+# -- durability ---------------------------------------------------------------------
+
+# The settings that make a commit durable; the bench runs with PostgreSQL's defaults
+# (both on), as users do. Recorded with every entry (`postgres`), and shown in the report.
+DURABLE = {"fsync": "on", "synchronous_commit": "on"}
+SHOWN_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes", "wal_sync_method")
+
+
+async def postgres_settings(url: str) -> dict[str, str]:
+    """What a new connection to `url` gets for SHOWN_SETTINGS."""
+    conn = await asyncpg.connect(url)
+    try:
+        return {k: str(await conn.fetchval(f"SHOW {k}")) for k in SHOWN_SETTINGS}
+    finally:
+        await conn.close()
+
+
+def is_durable(settings: Mapping[str, Any] | None) -> bool:
+    return settings is not None and all(settings.get(k) == v for k, v in DURABLE.items())
+
+
+async def make_durable(admin_url: str) -> dict[str, str]:
+    """PostgreSQL's own defaults for fsync and synchronous_commit (on): any ALTER SYSTEM
+    override removed and the configuration reloaded (a benchmark that switched them,
+    e.g. bench/throughput.py's `_durable` on its way out, is undone). Returns the settings
+    a new connection then gets; raises if they are not durable within 10 s."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        for k in DURABLE:
+            await conn.execute(f"ALTER SYSTEM RESET {k}")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()
+    deadline = time.monotonic() + 10
+    while True:
+        now = await postgres_settings(admin_url)
+        if is_durable(now):
+            return now
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"PostgreSQL did not return to durable settings: {now}")
+        await asyncio.sleep(0.05)
+
+
+def filesystem(path: Path) -> str:
+    """The file system holding `path` (type and device), from /proc/self/mounts."""
+    best = ("", "?", "?")
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            dev, mount, fstype, *_ = line.split()
+            if str(path.resolve()).startswith(mount) and len(mount) >= len(best[0]):
+                best = (mount, fstype, dev)
+    return f"{best[1]} on {best[2]}"
+
+
+def describe_postgres(settings: Mapping[str, Any] | None) -> str:
+    """'durable (fsync on, synchronous_commit on, ...)', or the mode, labelled."""
+    if not settings:
+        return "NOT DURABLE (settings not recorded: a run before durable benchmarks, fsync off)"
+    shown = ", ".join(f"{k} {v}" for k, v in settings.items() if k in SHOWN_SETTINGS)
+    return f"durable ({shown})" if is_durable(settings) else f"NOT DURABLE ({shown})"
+
+
+# -- processes' limits and connections ------------------------------------------------
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise this process's open-file limit to its hard limit (children inherit it);
+    returns (soft, hard) as now set."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def tcp_established(port: int) -> int:
+    """TCP connections ESTABLISHED whose local port is `port` (a server's accepted
+    connections), from /proc/net/tcp and tcp6."""
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    n += 1
+    return n
+
+
 @contextlib.asynccontextmanager
 async def environment() -> AsyncIterator[Context]:
-    """An embedded PostgreSQL in a temporary directory with a migrated template; on exit,
-    every child process is ended, PostgreSQL stopped and its data deleted."""
+    """An embedded PostgreSQL in a temporary directory with a migrated template, with
+    PostgreSQL's durable defaults (fsync, synchronous_commit on); on exit, every child
+    process is ended, PostgreSQL stopped and its data deleted."""
     tmp = Path(tempfile.mkdtemp(prefix="vigil-bench-"))
     reaper = Reaper()
     atexit.register(reaper.kill_all)  # even when the loop dies without running `finally`
@@ -628,8 +717,8 @@ async def environment() -> AsyncIterator[Context]:
     try:
         started, url, pss = await asyncio.to_thread(_start_postgres, tmp)
         server = started
-        # Throwaway data: durability buys the benchmark nothing (as in the tests).
-        await harness.not_durable(url)
+        # Durable, as users run it: the figures include what a commit costs on this disk.
+        await make_durable(url)
         await harness.create_template(url, TEMPLATE)
         pm = Postmaster.read(started.pgdata)
         assert pm is not None
@@ -714,6 +803,11 @@ def print_table(results: Mapping[str, Mapping[str, Any]]) -> None:
     print()
 
 
+# Benchmarks that no longer exist (their last entries are dropped from the results file):
+# streams_scaling (1 s beats, 50 streams per connection) became liveness_capacity.
+RETIRED = ("streams_scaling",)
+
+
 def write_results(results: Mapping[str, Any], path: Path) -> None:
     """Update `path` with these results: benchmarks not run this time keep their last
     entry (each entry carries its own date)."""
@@ -722,6 +816,8 @@ def write_results(results: Mapping[str, Any], path: Path) -> None:
     with contextlib.suppress(OSError, ValueError):
         doc = json.loads(path.read_text())
     machine = machine_info()
+    for name in RETIRED:
+        doc.pop(name, None)
     for name, r in results.items():
         doc[name] = {**r, "date": machine["date"]}
     doc["machine"] = machine
@@ -760,10 +856,16 @@ async def run_group(
         print(f"[{group}] {name} ...", flush=True)
         t = time.monotonic()
         try:
+            # Every benchmark starts durable (whatever the previous one left), and its
+            # entries record the settings they ran with.
+            settings = await make_durable(ctx.admin_url)
+            settings["data directory on"] = filesystem(ctx.tmp)
             entry = await bench(ctx)
             extra = entry.pop(EXTRA_ENTRIES, {})
             results[name] = entry
             results.update(extra)
+            for r in (entry, *extra.values()):
+                r.setdefault("postgres", settings)
         except Exception as exc:
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}", "pass": False}

@@ -11,10 +11,13 @@ heartbeat_load   1,000 participants heartbeating every second on one server proc
                  in interleaved rounds: the real one (this entry), the same with TLS
                  (heartbeat_load_tls), and one that trusts every caller
                  (heartbeat_load_plain); heartbeat_load_auth_cost compares them.
-streams_scaling  one server, participants added step by step (500, 1,000, 1,500, ...)
-                 until heartbeat ack p99 passes 100 ms: the most streams it sustains, its
-                 heartbeats/s, and server RSS per stream (each participant with a token
-                 of its own, as in heartbeat_load).
+liveness_capacity  one `vigil liveness serve` in the shape users run it: every agent its
+                 own client and TCP connection (HTTP/2 keepalive at its defaults), the
+                 default heartbeat interval (30 s) and TTL, a token of its own; agents
+                 added step by step (1,000, 2,500, 5,000, 10,000), each step measured
+                 over one heartbeat interval: the most agents held with heartbeat ack
+                 p99 ≤ 100 ms, server RSS per agent, open connections, and kill → offline
+                 of agent processes SIGKILLed while loaded. Goal: 10,000 agents.
 """
 
 from __future__ import annotations
@@ -515,19 +518,28 @@ async def heartbeat_load(ctx: Context) -> dict[str, Any]:
     }
 
 
-# -- streams_scaling ---------------------------------------------------------------------
+# -- liveness_capacity --------------------------------------------------------------------
 
-SCALE_STEPS = (500, 1000, 1500, 2000, 3000, 4000, 6000, 8000, 12000, 16000)
-SCALE_PER_PROCESS = 500  # streams per load-generator process (each step adds processes)
-SCALE_PER_CHANNEL = 50  # streams per TCP connection
-SCALE_SETTLE_S = 3.0
-SCALE_WINDOW_S = 10.0
-SCALE_ACK_GRACE_S = 1.0  # after the window, for its last acks, before the samples are read
-SCALE_BUDGET_S = 150.0  # no new step starts after this long
-SCALE_P99_MS = 100.0
-SCALE_MIN_RATE = 0.95  # heartbeats/s achieved vs offered, for a step to count as sustained
-SCALE_MIN_STREAMS = 1000
-SCALE_CHATROOM = "bench-scale"
+# The shape users run: every agent its own client and TCP connection (HTTP/2 keepalive on,
+# at its defaults: TTL/3 and TTL/6), the default heartbeat interval and TTL, a token of
+# its own; one `vigil liveness serve` process. Agents are added step by step; each step is
+# measured over one whole heartbeat interval, so every agent beats once in the window.
+CAP_ENV = {"VIGIL_HEARTBEAT_INTERVAL_MS": "30000", "VIGIL_HEARTBEAT_TTL_MS": "60000"}
+CAP_STEPS = (1000, 2500, 5000, 10000)
+CAP_PER_PROCESS = 1250  # agents per load-generator process (each step adds processes)
+CAP_JOIN_CONCURRENCY = 100  # joins in flight per generator process
+CAP_SETTLE_S = 3.0
+CAP_WINDOW_S = 30.0  # one heartbeat interval: every agent beats once
+CAP_ACK_GRACE_S = 1.0  # after the window, for its last acks, before the samples are read
+CAP_JOIN_TIMEOUT_S = 150.0
+CAP_BUDGET_S = 240.0  # no new step starts after this long
+CAP_P99_MS = 100.0
+CAP_MIN_RATE = 0.95  # heartbeats/s achieved vs offered, for a step to count as sustained
+CAP_GOAL_AGENTS = 10_000
+CAP_KILLS = 5  # per step: agent processes holding one participant each, SIGKILLed in the window
+CAP_KILL_MAX_MS = 100.0
+CAP_CHATROOM = "bench-capacity"
+CAP_VICTIM_OFFSET = 900_000  # role numbers of the killed agents (p900000, ...)
 
 
 def _take_part(path: Path) -> dict[str, Any] | None:
@@ -561,76 +573,195 @@ async def _dump_parts(
     return docs
 
 
-async def streams_scaling(ctx: Context) -> dict[str, Any]:
+def _joined_line(log: Path) -> tuple[int, int] | None:
+    """(joined, join errors) once a generator printed its JOINED line."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    for line in text.splitlines():
+        if line.startswith("JOINED"):
+            parts = line.split()
+            return int(parts[1]), int(parts[3])
+    return None
+
+
+async def _wait_joined_counts(
+    clients: list[tuple[subprocess.Popen[bytes], Path]], timeout: float
+) -> tuple[int, int, bool]:
+    """(joined, join errors, every generator reported in time)."""
+    deadline = time.monotonic() + timeout
+    counts: dict[int, tuple[int, int]] = {}
+    while len(counts) < len(clients):
+        for i, (proc, log) in enumerate(clients):
+            if i in counts:
+                continue
+            got = _joined_line(log)
+            if got is not None:
+                counts[i] = got
+            elif proc.poll() is not None:
+                raise RuntimeError(f"load client exited {proc.returncode}:\n{common.log_tail(log)}")
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    joined = sum(c[0] for c in counts.values())
+    errors = sum(c[1] for c in counts.values())
+    return joined, errors, len(counts) == len(clients)
+
+
+async def _kill_victim(
+    conn: asyncpg.Connection, wake: asyncio.Event, proc: subprocess.Popen[bytes], role: str
+) -> tuple[float, str]:
+    """SIGKILL an agent process holding one participant; (kill -> offline_at ms, reason)."""
+    wake.clear()
+    t_kill = time.time()
+    os.kill(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), 0.05)
+        wake.clear()
+        row = await conn.fetchrow(PARTICIPANT_SQL, CAP_CHATROOM, role)
+        if row is not None and row["status"] == "offline":
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{role}: still {row and row['status']} 30 s after SIGKILL")
+    await asyncio.to_thread(proc.wait, 5)
+    return (row["offline_at"].timestamp() - t_kill) * 1000, str(row["offline_reason"])
+
+
+def _chunks(add: int) -> list[int]:
+    out = [CAP_PER_PROCESS] * (add // CAP_PER_PROCESS)
+    if add % CAP_PER_PROCESS:
+        out.append(add % CAP_PER_PROCESS)
+    return out
+
+
+async def liveness_capacity(ctx: Context) -> dict[str, Any]:
     url = await ctx.new_database()
-    server = await ctx.start_server(url, LOAD_ENV, "scale")
+    server = await ctx.start_server(url, CAP_ENV, "capacity")
     clients: list[tuple[subprocess.Popen[bytes], Path]] = []
     outs: list[Path] = []
     parts: list[int] = []
     steps: list[dict[str, Any]] = []
     step_acks: list[list[float]] = []
     started = time.monotonic()
-    stopped_because = f"reached the last step ({SCALE_STEPS[-1]})"
+    stopped_because = f"reached the last step ({CAP_STEPS[-1]:,})"
+    conn = await asyncpg.connect(url)
+    wake = asyncio.Event()
+    await conn.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
+    client_env = ctx.client_env(server, CAP_ENV)
     try:
         await asyncio.sleep(1.0)
         rss_idle = common.rss_mb(server.proc.pid)
         participants = 0
-        for target in SCALE_STEPS:
-            if time.monotonic() - started > SCALE_BUDGET_S:
-                stopped_because = f"time budget ({SCALE_BUDGET_S:.0f} s) spent"
+        for step_no, target in enumerate(CAP_STEPS):
+            if time.monotonic() - started > CAP_BUDGET_S:
+                stopped_because = f"time budget ({CAP_BUDGET_S:.0f} s) spent"
                 break
-            print(f"[liveness] streams_scaling: {target} participants", flush=True)
+            print(f"[liveness] liveness_capacity: {target:,} agents", flush=True)
             new_clients = []
-            add = target - participants
-            chunks = [SCALE_PER_PROCESS] * (add // SCALE_PER_PROCESS)
-            if add % SCALE_PER_PROCESS:
-                chunks.append(add % SCALE_PER_PROCESS)
+            chunks = _chunks(target - participants)
             t_join = time.monotonic()
             for k, count in enumerate(chunks):
                 idx = len(clients)
-                out = ctx.tmp / f"scale-{idx}.json"
-                name = f"scale-client-{idx}"
+                out = ctx.tmp / f"capacity-{idx}.json"
+                name = f"capacity-client-{idx}"
+                offset = participants + sum(chunks[:k])
+                roles = [f"p{offset + i:05d}" for i in range(count)]
+                tokens = await common.role_tokens(url, CAP_CHATROOM, roles)
                 cmd = common.python_cmd(
                     "bench.load_client",
                     "--addr", server.addr,
-                    "--chatroom", SCALE_CHATROOM,
-                    "--shard", str(k),
-                    "--shards", str(len(chunks)),
+                    "--chatroom", CAP_CHATROOM,
+                    "--shard", "0",
+                    "--shards", "1",
                     "--count", str(count),
-                    "--channels", str(max(1, count // SCALE_PER_CHANNEL)),
-                    "--interval-ms", LOAD_ENV["VIGIL_HEARTBEAT_INTERVAL_MS"],
-                    "--join-timeout", "120",
+                    "--own-connections",
+                    "--join-concurrency", str(CAP_JOIN_CONCURRENCY),
+                    "--interval-ms", CAP_ENV["VIGIL_HEARTBEAT_INTERVAL_MS"],
+                    "--join-timeout", str(CAP_JOIN_TIMEOUT_S),
+                    "--role-offset", str(offset),
+                    "--token-file", str(_token_files(ctx, tokens, name, roles)),
                     "--out", str(out),
                 )  # fmt: skip
-                # Roles must not collide with the earlier steps' participants.
-                offset = participants + sum(chunks[:k])
-                cmd += ["--role-offset", str(offset)]
-                # Each participant with a token of its own, as in heartbeat_load.
-                roles = [f"p{offset + i * len(chunks) + k:05d}" for i in range(count)]
-                tokens = await common.role_tokens(url, SCALE_CHATROOM, roles)
-                cmd += ["--token-file", str(_token_files(ctx, tokens, name, roles))]
-                proc = ctx.spawn(cmd, ctx.client_env(server), name)
+                proc = ctx.spawn(cmd, client_env, name)
                 clients.append((proc, ctx.tmp / f"{name}.log"))
                 new_clients.append(clients[-1])
                 outs.append(out)
                 parts.append(0)
-            await _wait_joined(new_clients, timeout=150)
+            # The agents killed in this step's window: one participant per process.
+            victims: list[tuple[subprocess.Popen[bytes], Path, str]] = []
+            v_roles = [f"p{CAP_VICTIM_OFFSET + step_no * 100 + i:05d}" for i in range(CAP_KILLS)]
+            v_tokens = await common.role_tokens(url, CAP_CHATROOM, v_roles)
+            for i, role in enumerate(v_roles):
+                name = f"capacity-victim-{step_no}-{i}"
+                cmd = common.python_cmd(
+                    "bench.load_client",
+                    "--addr", server.addr,
+                    "--chatroom", CAP_CHATROOM,
+                    "--count", "1",
+                    "--own-connections",
+                    "--interval-ms", CAP_ENV["VIGIL_HEARTBEAT_INTERVAL_MS"],
+                    "--role-offset", str(CAP_VICTIM_OFFSET + step_no * 100 + i),
+                    "--token-file", str(_token_files(ctx, v_tokens, name, [role])),
+                    "--out", str(ctx.tmp / f"{name}.json"),
+                )  # fmt: skip
+                proc = ctx.spawn(cmd, client_env, name)
+                victims.append((proc, ctx.tmp / f"{name}.log", role))
+            joined, join_errors, reported = await _wait_joined_counts(
+                new_clients, CAP_JOIN_TIMEOUT_S
+            )
+            v_joined, _v_errors, _ = await _wait_joined_counts(
+                [(p, log) for p, log, _r in victims], 60
+            )
             join_s = time.monotonic() - t_join
+            added = target - participants
             participants = target
-            await asyncio.sleep(SCALE_SETTLE_S)
+            if not reported or joined < added:
+                steps.append(
+                    {
+                        "participants": target,
+                        "joined": joined,
+                        "join_errors": join_errors,
+                        "join_s": round(join_s, 1),
+                        "sustained": False,
+                    }
+                )
+                stopped_because = (
+                    f"{target:,} agents: {joined:,} of {added:,} new agents joined "
+                    f"({join_errors} errors) within {CAP_JOIN_TIMEOUT_S:.0f} s"
+                )
+                print(f"[liveness] liveness_capacity: {stopped_because}", flush=True)
+                break
+            await asyncio.sleep(CAP_SETTLE_S)
+            # Discard what the generators sampled while joining.
+            await _dump_parts(clients, outs, parts)
 
             m0 = await common.scrape(server.metrics_port)
-            meter = common.CpuMeter(
-                ctx, server.proc.pid, {"load generators": [proc.pid for proc, _ in clients]}
-            )
+            gen_pids = [proc.pid for proc, _ in clients]
+            meter = common.CpuMeter(ctx, server.proc.pid, {"load generators": gen_pids})
             meter.start()
             t0 = time.time()
-            await asyncio.sleep(SCALE_WINDOW_S)
+
+            async def kills(
+                victims: list[tuple[subprocess.Popen[bytes], Path, str]] = victims,
+            ) -> list[tuple[float, str]]:
+                out = []
+                for proc, _log, role in victims:
+                    await asyncio.sleep(CAP_WINDOW_S / (len(victims) + 1))
+                    if proc.poll() is None:
+                        out.append(await _kill_victim(conn, wake, proc, role))
+                return out
+
+            killing = asyncio.create_task(kills())
+            await asyncio.sleep(CAP_WINDOW_S)
             t1 = time.time()
             cpu_pct = meter.stop()
             m1 = await common.scrape(server.metrics_port)
             rss = common.rss_mb(server.proc.pid)
-            await asyncio.sleep(SCALE_ACK_GRACE_S)
+            gen_rss = sum(common.rss_mb(pid) for pid in gen_pids)
+            connections = common.tcp_established(server.port)
+            killed = await killing
+            ctx.reaper.forget_finished()
+            await asyncio.sleep(CAP_ACK_GRACE_S)
             docs = await _dump_parts(clients, outs, parts)
 
             acks: list[float] = []
@@ -653,16 +784,24 @@ async def streams_scaling(ctx: Context) -> dict[str, Any]:
             expired = delta("vigil_participant_offline_total", reason="ttl_expired")
             ack = common.summarize(acks)
             lag = common.summarize(lags)
+            kill_ms = [k[0] for k in killed]
+            kill = common.summarize(kill_ms)
+            offered = participants / (int(CAP_ENV["VIGIL_HEARTBEAT_INTERVAL_MS"]) / 1000)
             sustained = (
-                ack.get("p99_ms", math.inf) <= SCALE_P99_MS
-                and beats_s >= SCALE_MIN_RATE * participants
+                ack.get("p99_ms", math.inf) <= CAP_P99_MS
+                and beats_s >= CAP_MIN_RATE * offered
                 and not_ok == 0
                 and stream_errors == 0
                 and expired == 0
             )
             step = {
                 "participants": participants,
+                "joined": joined,
+                "join_errors": join_errors,
+                "join_s": round(join_s, 1),
+                "joins_per_s": round(added / join_s, 1),
                 "heartbeats_per_s": round(beats_s, 1),
+                "heartbeats_offered_per_s": round(offered, 1),
                 "acks": ack.get("n", 0),
                 "ack_median_ms": ack.get("median_ms"),
                 "ack_p90_ms": ack.get("p90_ms"),
@@ -670,27 +809,35 @@ async def streams_scaling(ctx: Context) -> dict[str, Any]:
                 "ack_max_ms": ack.get("max_ms"),
                 "generator_lag_p99_ms": lag.get("p99_ms"),
                 "server_rss_mb": round(rss, 1),
-                "rss_per_stream_kib": round((rss - rss_idle) * 1024 / participants, 1),
+                "rss_per_agent_kib": round((rss - rss_idle) * 1024 / participants, 1),
+                "generators_rss_mb": round(gen_rss, 1),
+                "generator_rss_per_agent_kib": round(gen_rss * 1024 / participants, 1),
+                "open_connections": connections,
                 "open_streams": common.metric(m1, "vigil_session_streams"),
+                "kill_to_offline_ms": [round(x, 2) for x in kill_ms],
+                "kill_to_offline_median_ms": kill.get("median_ms"),
+                "kill_to_offline_max_ms": kill.get("max_ms"),
+                "kill_reasons": dict(Counter(k[1] for k in killed)),
+                "victims_joined": v_joined,
                 "not_ok": not_ok,
                 "stream_errors": stream_errors,
                 "ttl_expired": expired,
                 "generator_processes": len(clients),
-                "join_s": round(join_s, 1),
                 "cpu_pct": cpu_pct,
                 "sustained": sustained,
             }
             steps.append(step)
             step_acks.append(acks)
             print(
-                f"[liveness] streams_scaling: {participants} participants, "
-                f"{beats_s:.0f} beats/s, ack p50 {ack.get('median_ms')} / p99 "
-                f"{ack.get('p99_ms')} ms, RSS {rss:.0f} MiB, "
-                f"{'sustained' if sustained else 'NOT sustained'}",
+                f"[liveness] liveness_capacity: {participants:,} agents, {connections:,} "
+                f"connections, {beats_s:.0f} beats/s, ack p50 {ack.get('median_ms')} / p99 "
+                f"{ack.get('p99_ms')} ms, kill → offline max {kill.get('max_ms')} ms, RSS "
+                f"{rss:.0f} MiB ({step['rss_per_agent_kib']} KiB/agent), joins "
+                f"{step['joins_per_s']}/s, {'sustained' if sustained else 'NOT sustained'}",
                 flush=True,
             )
             if not sustained:
-                stopped_because = f"{participants} participants not sustained"
+                stopped_because = f"{participants:,} agents not sustained"
                 break
 
         for proc, _ in clients:
@@ -703,48 +850,103 @@ async def streams_scaling(ctx: Context) -> dict[str, Any]:
         print(f"server log (tail):\n{common.log_tail(server.log)}")
         raise
     finally:
+        await conn.close()
         for proc, _ in clients:
             if proc.poll() is None:
                 proc.kill()
                 await asyncio.to_thread(proc.wait, 5)
+        await asyncio.to_thread(ctx.reaper.kill_all)
         await ctx.stop_server(server)
     elapsed = time.monotonic() - started
+    return _capacity_result(steps, step_acks, rss_idle, stopped_because, elapsed)
 
+
+def _capacity_result(
+    steps: list[dict[str, Any]],
+    step_acks: list[list[float]],
+    rss_idle: float,
+    stopped_because: str,
+    elapsed: float,
+) -> dict[str, Any]:
     good = [i for i, st in enumerate(steps) if st["sustained"]]
     best = steps[good[-1]] if good else None
     acks = step_acks[good[-1]] if good else []
+    kills_at_best = best["kill_to_offline_ms"] if best else []
+    all_kills = [x for st in steps for x in st.get("kill_to_offline_ms", [])]
+    interval_s = int(CAP_ENV["VIGIL_HEARTBEAT_INTERVAL_MS"]) / 1000
     notes = [
-        f"one `vigil liveness serve` process; participants heartbeat every "
-        f"{LOAD_ENV['VIGIL_HEARTBEAT_INTERVAL_MS']} ms, added step by step by load-generator "
-        f"processes of up to {SCALE_PER_PROCESS} streams ({SCALE_PER_CHANNEL} per connection) "
-        f"on the same machine; each step measured over {SCALE_WINDOW_S:.0f} s",
-        f"a step is sustained when ack p99 ≤ {SCALE_P99_MS:g} ms, heartbeats/s ≥ "
-        f"{SCALE_MIN_RATE:.0%} of participants, every beat OK and nobody expired; "
-        f"stopped: {stopped_because} ({elapsed:.0f} s)",
-        f"server RSS idle {rss_idle:.1f} MiB; RSS per stream = (RSS - idle) / participants",
+        f"one `vigil liveness serve` process (one Python process: one core at most); every "
+        f"agent a client of its own, its own TCP connection (gRPC use_local_subchannel_pool) "
+        f"with HTTP/2 keepalive on at its defaults (time TTL/3, timeout TTL/6) and the health "
+        f"check watch every client channel opens, a chatroom token of its own role; default "
+        f"heartbeat interval {interval_s:.0f} s and TTL "
+        f"{int(CAP_ENV['VIGIL_HEARTBEAT_TTL_MS']) / 1000:.0f} s",
+        f"agents added step by step ({', '.join(f'{x:,}' for x in CAP_STEPS)}) by load-"
+        f"generator processes of up to {CAP_PER_PROCESS:,} agents each, on the same machine; "
+        f"each step measured over {CAP_WINDOW_S:.0f} s, one heartbeat interval, so every "
+        "agent's beat falls in the window once (beats spread evenly over the interval)",
+        f"a step is sustained when heartbeat ack p99 ≤ {CAP_P99_MS:g} ms, heartbeats/s ≥ "
+        f"{CAP_MIN_RATE:.0%} of agents / interval, every beat OK, no stream error and nobody "
+        f"expired; stopped: {stopped_because} ({elapsed:.0f} s)",
+        f"kill → offline while loaded: in each step's window, {CAP_KILLS} more agent processes "
+        "holding one participant each (own connection) are SIGKILLed one by one, spaced over "
+        "the window; latency = the server's offline_at - the kill",
+        f"server RSS idle {rss_idle:.1f} MiB; RSS per agent = (RSS - idle) / agents; "
+        "open connections = TCP connections ESTABLISHED to the server's port",
         f"the load generators compete with the server for the machine's {os.cpu_count()} "
-        "cores: the limit found is the machine's (server + generators), a floor for the "
-        "server alone",
+        "cores (and their RSS is on the same machine: see the steps): the figure found is "
+        "the machine's (server + generators + PostgreSQL), a floor for a replica on a "
+        "machine of its own",
     ]
+    for st in steps:
+        if "acks" not in st:
+            notes.append(
+                f"{st['participants']:,} agents: only {st['joined']:,} joined "
+                f"({st['join_errors']} errors) in {st['join_s']} s"
+            )
+            continue
+        cpu = st["cpu_pct"]
+        notes.append(
+            f"{st['participants']:,} agents: {st['open_connections']:,} connections, "
+            f"{st['heartbeats_per_s']:.0f} beats/s, ack median {st['ack_median_ms']} / p99 "
+            f"{st['ack_p99_ms']} / max {st['ack_max_ms']} ms (n {st['acks']}), kill → offline "
+            f"{st['kill_to_offline_ms']} ms, server RSS {st['server_rss_mb']} MiB "
+            f"({st['rss_per_agent_kib']} KiB/agent), generators {st['generators_rss_mb']} MiB, "
+            f"joins {st['joins_per_s']}/s; CPU % of a core: server {cpu.get('server', 0):.0f}, "
+            f"postgres {cpu.get('postgres', 0):.0f}, generators "
+            f"{cpu.get('load generators', 0):.0f}, other work {max(0.0, cpu.get('others', 0)):.0f}"
+            + (" (NOISY)" if cpu.get("others", 0) > common.NOISY_PCT else "")
+            + f"; {'sustained' if st['sustained'] else 'NOT sustained'}"
+        )
     if best is not None:
         notes.insert(
             0,
-            f"max sustained: {best['participants']} streams, {best['heartbeats_per_s']:.0f} "
-            f"heartbeats/s, ack p50 {best['ack_median_ms']} / p99 {best['ack_p99_ms']} ms, "
-            f"{best['rss_per_stream_kib']} KiB RSS per stream",
+            f"max sustained: {best['participants']:,} agents on {best['open_connections']:,} "
+            f"connections, {best['heartbeats_per_s']:.0f} heartbeats/s, ack p50 "
+            f"{best['ack_median_ms']} / p99 {best['ack_p99_ms']} ms, "
+            f"{best['rss_per_agent_kib']} KiB server RSS per agent, kill → offline max "
+            f"{best['kill_to_offline_max_ms']} ms",
         )
     return common.result(
         acks,
         Goal(),
         checks={
-            f"≥ {SCALE_MIN_STREAMS} streams with ack p99 ≤ {SCALE_P99_MS:g} ms": bool(
-                best and best["participants"] >= SCALE_MIN_STREAMS
-            )
+            f"≥ {CAP_GOAL_AGENTS:,} agents with ack p99 ≤ {CAP_P99_MS:g} ms": bool(
+                best and best["participants"] >= CAP_GOAL_AGENTS
+            ),
+            f"kill → offline ≤ {CAP_KILL_MAX_MS:g} ms at that load (every kill)": bool(
+                kills_at_best and max(kills_at_best) <= CAP_KILL_MAX_MS
+            ),
         },
         notes=notes,
-        max_streams=best["participants"] if best else 0,
+        max_agents=best["participants"] if best else 0,
+        goal_agents=CAP_GOAL_AGENTS,
         max_heartbeats_per_s=best["heartbeats_per_s"] if best else 0.0,
-        rss_per_stream_kib=best["rss_per_stream_kib"] if best else None,
+        rss_per_agent_kib=best["rss_per_agent_kib"] if best else None,
+        open_connections=best["open_connections"] if best else 0,
+        kill_to_offline=common.summarize(kills_at_best),
+        kill_to_offline_all_steps=common.summarize(all_kills),
+        heartbeat_interval_ms=int(CAP_ENV["VIGIL_HEARTBEAT_INTERVAL_MS"]),
         server_rss_idle_mb=round(rss_idle, 1),
         steps=steps,
         stopped_because=stopped_because,
@@ -757,7 +959,7 @@ async def streams_scaling(ctx: Context) -> dict[str, Any]:
 BENCHMARKS: dict[str, Callable[[Context], Awaitable[dict[str, Any]]]] = {
     "kill_to_offline": kill_to_offline,
     "heartbeat_load": heartbeat_load,
-    "streams_scaling": streams_scaling,
+    "liveness_capacity": liveness_capacity,
 }
 
 

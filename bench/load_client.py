@@ -16,8 +16,12 @@ Credentials as for any client (VIGIL_TOKEN, ...; VIGIL_TLS_CA for a TLS server).
 authenticates with its own token instead, as deployed agents do, over the connection it
 shares with the other streams of its client.
 
+With --own-connections every participant has a client (channel, TCP connection, HTTP/2
+keepalive) of its own, made just before it joins, as each agent of a real deployment
+does; --channels is then ignored.
+
 On SIGUSR1 it writes the samples taken since the previous SIGUSR1 to `OUT.partN` (N
-counting from 1) and prints `DUMPED N`, and goes on (streams_scaling reads its windows
+counting from 1) and prints `DUMPED N`, and goes on (liveness_capacity reads its windows
 this way while the load keeps running).
 """
 
@@ -30,6 +34,7 @@ import copy
 import gc
 import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -59,7 +64,7 @@ def _acting_as(client: Client, token: str) -> Client:
 
 
 async def _hold(
-    client: Client,
+    client: Client | ClientConfig,
     chatroom: str,
     index: int,
     total: int,
@@ -69,9 +74,12 @@ async def _hold(
     running_sessions: list[asyncio.Task[object]],
     role_offset: int = 0,
     tokens: dict[str, str] | None = None,
+    own_clients: list[Client] | None = None,
 ) -> ParticipantSession | None:
     """Join one participant (gated) whose beats fall at its own phase of the interval;
-    every acknowledged beat lands in `samples`. Returns the running session."""
+    every acknowledged beat lands in `samples`. Returns the running session. Given a
+    config instead of a client, it opens a client of its own (kept in `own_clients`)."""
+    own_clients = [] if own_clients is None else own_clients
 
     def beat(b: Beat) -> None:
         samples.send_wall.append(b.sent_wall)
@@ -85,17 +93,26 @@ async def _hold(
             samples.stream_errors.append(f"{index}: {line}")
 
     role = f"p{role_offset + index:05d}"
-    if tokens is not None:
-        client = _acting_as(client, tokens[role])
-    session = client.session(
-        chatroom,
-        role,
-        AgentKind.CUSTOM,
-        say=said,
-        on_heartbeat=beat,
-        beat_offset=interval * index / total,
-    )
     async with join_gate:
+        if isinstance(client, ClientConfig):  # a connection of its own, opened now
+            config = client if tokens is None else replace(client, token=tokens[role])
+            client = Client(config)
+            own_clients.append(client)
+            try:
+                await client.wait_ready(30)
+            except Exception as not_ready:
+                samples.join_errors.append(f"{index}: {not_ready}")
+                return None
+        elif tokens is not None:
+            client = _acting_as(client, tokens[role])
+        session = client.session(
+            chatroom,
+            role,
+            AgentKind.CUSTOM,
+            say=said,
+            on_heartbeat=beat,
+            beat_offset=interval * index / total,
+        )
         running = asyncio.create_task(session.run())
         joined = asyncio.create_task(session.joined.wait())
         await asyncio.wait({running, joined}, return_when=asyncio.FIRST_COMPLETED)
@@ -119,7 +136,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         ClientConfig.from_env(addr=args.addr),
         channel_options=(("grpc.use_local_subchannel_pool", 1),),
     )
-    clients = [Client(config) for _ in range(args.channels)]
+    clients = [] if args.own_connections else [Client(config) for _ in range(args.channels)]
+    own_clients: list[Client] = []
     tokens: dict[str, str] | None = args.tokens
     samples = Samples()
     dumped = {"parts": 0, "upto": 0}
@@ -154,7 +172,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             tasks.append(
                 asyncio.create_task(
                     _hold(
-                        clients[i % len(clients)],
+                        config if args.own_connections else clients[i % len(clients)],
                         args.chatroom,
                         i * args.shards + args.shard,
                         total,
@@ -164,6 +182,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         session_tasks,
                         args.role_offset,
                         tokens,
+                        own_clients,
                     )
                 )
             )
@@ -186,7 +205,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             await asyncio.wait_for(
                 asyncio.gather(*tasks, *session_tasks, return_exceptions=True), 5
             )
-        for client in clients:
+        for client in [*clients, *own_clients]:
             with contextlib.suppress(Exception):
                 await client.close()
     return {
@@ -216,8 +235,17 @@ def main() -> int:
     p.add_argument("--join-timeout", type=float, default=60)
     p.add_argument("--role-offset", type=int, default=0, help="added to role numbers")
     p.add_argument("--token-file", help="JSON object role -> bearer token (owner-only file)")
+    p.add_argument(
+        "--own-connections",
+        action="store_true",
+        help="a client and TCP connection of its own for every participant",
+    )
     p.add_argument("--out", required=True)
     args = p.parse_args()
+    # One socket per participant with --own-connections: as many files as allowed.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     args.tokens = None
     if args.token_file:
         with open(args.token_file) as f:

@@ -12,14 +12,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bench.common import DURABLE, SHOWN_SETTINGS, is_durable
 from vigil import testing as harness
+
+DURABLE_KEYS = tuple(DURABLE)
 
 DOCS_DIR = harness.ROOT / "docs" / "bench"
 README = harness.ROOT / "README.md"
 README_START = "<!-- bench:headline (written by python -m bench; do not edit) -->"
 README_END = "<!-- /bench:headline -->"
 REPORT = "REPORT.md"
-SCALING_PNG = "streams_scaling.png"
+CAPACITY_PNG = "liveness_capacity.png"
 
 # The order of the report's table; benchmarks not listed follow in the file's order.
 ORDER = (
@@ -28,7 +31,7 @@ ORDER = (
     "heartbeat_load_plain",
     "heartbeat_load_tls",
     "heartbeat_load_auth_cost",
-    "streams_scaling",
+    "liveness_capacity",
     "send_to_receipt",
     "send_to_receipt_plain",
     "send_to_receipt_tls",
@@ -45,7 +48,8 @@ LATENCY_PLOTS = {
     "send_to_receipt": "SendMessage → the waiting agent holds the task",
     "kill_to_recorded": "SIGKILL of a daemon's agent → exit recorded by the server",
     "deadline_lag": "task deadline → its notification created (10,000 deadlines)",
-    "tasks_lifecycle_rate": "one full task lifecycle through gRPC (4 concurrent)",
+    "tasks_lifecycle_rate": "one full task lifecycle through gRPC (32 concurrent roles)",
+    "liveness_capacity": "heartbeat ack at the most agents one replica sustained (30 s beats)",
 }
 # The comparisons of a benchmark's server variants (plain, auth, auth+TLS): the cost
 # entry -> (the benchmark, what it measures, its entries by variant label).
@@ -128,25 +132,91 @@ def _latency_goal(r: Mapping[str, Any]) -> str:
     return str(r.get("goal", "")).split(";")[0]
 
 
+def postgres_of(r: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The PostgreSQL settings an entry ran with (None: not recorded, an older run)."""
+    settings = r.get("postgres") or r.get("durability")
+    return dict(settings) if isinstance(settings, Mapping) else None
+
+
+def durable(r: Mapping[str, Any]) -> bool:
+    return is_durable(postgres_of(r))
+
+
+def pg_label(r: Mapping[str, Any], short: bool = False) -> str:
+    """'' for an entry measured durable; else a label saying how it ran."""
+    if durable(r):
+        return ""
+    if short:
+        return " (NOT DURABLE)"
+    settings = postgres_of(r)
+    if settings is None:
+        return " [NOT DURABLE: fsync and synchronous_commit off (an older run)]"
+    mode = ", ".join(f"{k} {settings.get(k)}" for k in DURABLE_KEYS)
+    return f" [NOT DURABLE: {mode}]"
+
+
+def settings_line(doc: Mapping[str, Any], names: list[str]) -> str:
+    """How PostgreSQL ran for these entries, in one sentence."""
+    entries = [doc[n] for n in names if n in doc and "error" not in doc[n]]
+    sample = next((postgres_of(r) for r in entries if durable(r)), None)
+    shown = (
+        ", ".join(f"{k} {v}" for k, v in sample.items() if k in SHOWN_SETTINGS)
+        if sample
+        else "fsync on, synchronous_commit on"
+    )
+    disk = (
+        f", data on {sample['data directory on']}"
+        if sample and sample.get("data directory on")
+        else ""
+    )
+    if entries and all(durable(r) for r in entries):
+        return f"PostgreSQL with its durable defaults ({shown}{disk})"
+    return (
+        f"PostgreSQL with its durable defaults ({shown}{disk}) except where a figure is "
+        "labelled NOT DURABLE"
+    )
+
+
 def headline(doc: Mapping[str, Any]) -> list[str]:
-    """The figures the README quotes, one Markdown bullet each."""
-    out = []
+    """The figures the README quotes, one Markdown bullet each (a figure measured with
+    PostgreSQL not durable is labelled so)."""
+    out: list[str] = []
+
+    def add(name: str, text: str) -> None:
+        out.append(text + pg_label(doc.get(name, {})))
 
     def lat(name: str, label: str) -> None:
         r = doc.get(name)
         if r and "median_ms" in r:
-            out.append(
+            add(
+                name,
                 f"{label}: median {fmt_ms(r['median_ms'])} ms, p99 {fmt_ms(r['p99_ms'])} ms "
-                f"({verdict(r)}; goal {_latency_goal(r)})"
+                f"({verdict(r)}; goal {_latency_goal(r)})",
             )
+
+    cap = doc.get("liveness_capacity")
+    if cap and "max_agents" in cap:
+        kill = cap.get("kill_to_offline") or {}
+        add(
+            "liveness_capacity",
+            f"agents one liveness replica holds with heartbeat ack p99 ≤ 100 ms, each agent "
+            f"on its own connection with HTTP/2 keepalive, heartbeats every "
+            f"{cap.get('heartbeat_interval_ms', 30000) / 1000:.0f} s: "
+            f"**{cap['max_agents']:,}** (goal {cap.get('goal_agents', 10000):,}; "
+            f"{verdict(cap)}); {cap.get('rss_per_agent_kib')} KiB server RSS per agent, "
+            f"{cap.get('open_connections', 0):,} connections; kill → offline while loaded: "
+            f"median {fmt_ms(kill.get('median_ms'))} ms, max {fmt_ms(kill.get('max_ms'))} ms",
+        )
 
     lat("kill_to_offline", "kill → offline")
     hb = doc.get("heartbeat_load")
     if hb and "median_ms" in hb:
-        out.append(
-            f"heartbeat ack at 1,000 participants: median {fmt_ms(hb['median_ms'])} ms, "
+        add(
+            "heartbeat_load",
+            f"heartbeat ack at 1,000 participants beating every second (10 streams per "
+            f"connection): median {fmt_ms(hb['median_ms'])} ms, "
             f"p99 {fmt_ms(hb['p99_ms'])} ms, {hb.get('heartbeats_per_s', 0):.0f} heartbeats/s "
-            f"({verdict(hb)}; goal {_latency_goal(hb)})"
+            f"({verdict(hb)}; goal {_latency_goal(hb)})",
         )
     lat("send_to_receipt", "send → receipt")
     for name, (_bench, label, _entries) in AUTH_COSTS.items():
@@ -157,42 +227,67 @@ def headline(doc: Mapping[str, Any]) -> list[str]:
         added = c.get("added_median_pct", {})
         medians = " / ".join(fmt_ms(v[k].get("median_ms")) for k in ("plain", "auth", "auth+TLS"))
         p99s = " / ".join(fmt_ms(v[k].get("p99_ms")) for k in ("plain", "auth", "auth+TLS"))
-        out.append(
+        add(
+            _bench,
             f"{label}, plain / auth / auth+TLS: median {medians} ms, p99 {p99s} ms; "
             f"median added by auth {_pct(added.get('auth'))}, by auth+TLS "
             f"{_pct(added.get('auth+TLS'))} ({verdict(c)}; goal ≤ "
-            f"{c.get('goal_added_median_pct', 10):g} %)"
+            f"{c.get('goal_added_median_pct', 10):g} %)",
         )
     lat("kill_to_recorded", "kill → recorded (daemon)")
     dl = doc.get("deadline_lag")
     if dl and "p99_ms" in dl:
-        out.append(
+        add(
+            "deadline_lag",
             f"deadline lag: p99 {fmt_ms(dl['p99_ms'])} ms over {dl.get('n'):,} deadlines "
-            f"({verdict(dl)}; goal {_latency_goal(dl)})"
+            f"({verdict(dl)}; goal {_latency_goal(dl)})",
         )
     sp = doc.get("scheduler_pass_flat")
     if sp and "ratio" in sp:
         sizes = sp.get("sizes", {})
         small, big = (sizes.get(k, {}).get("median_ms") for k in ("10000", "1000000"))
-        out.append(
+        add(
+            "scheduler_pass_flat",
             f"scheduler pass, 1,000,000 vs 10,000 rows: ratio {sp['ratio']:.2f} "
-            f"(medians {fmt_ms(big)} / {fmt_ms(small)} ms; {verdict(sp)}, goal ≤ 2)"
-        )
-    sc = doc.get("streams_scaling")
-    if sc and "max_streams" in sc:
-        out.append(
-            f"streams held by one liveness server with ack p99 ≤ 100 ms: {sc['max_streams']:,} "
-            f"({sc.get('max_heartbeats_per_s', 0):.0f} heartbeats/s, "
-            f"{sc.get('rss_per_stream_kib')} KiB RSS per stream; generators on the same machine)"
+            f"(medians {fmt_ms(big)} / {fmt_ms(small)} ms; {verdict(sp)}, goal ≤ 2)",
         )
     lc = doc.get("tasks_lifecycle_rate")
     if lc and "grpc_lifecycles_per_s" in lc:
         g, s = lc["grpc_lifecycles_per_s"], lc["sql_lifecycles_per_s"]
-        out.append(
-            f"task lifecycles/s (send → claim → start → complete): {g:.1f} through gRPC, "
-            f"{s:.1f} as the bare statements through asyncpg (ratio {s / g:.1f}x)"
+        if "ratio" in lc:
+            add(
+                "tasks_lifecycle_rate",
+                f"task lifecycles/s (send → claim → start → complete), {lc.get('workers', 32)} "
+                f"concurrent roles: {g:.1f} through gRPC vs {s:.1f} for the same statements "
+                f"through bare asyncpg, ratio {lc['ratio']:.2f} (goal ≥ "
+                f"{lc.get('goal_ratio', 0.5):g}; {verdict(lc)}); statements per lifecycle "
+                f"{_num(lc.get('statements_per_lifecycle_grpc'))} via gRPC, "
+                f"{_num(lc.get('statements_per_lifecycle_sql'))} bare",
+            )
+        else:  # an older entry
+            add(
+                "tasks_lifecycle_rate",
+                f"task lifecycles/s (send → claim → start → complete): {g:.1f} through gRPC, "
+                f"{s:.1f} as the bare statements through asyncpg (ratio {s / g:.1f}x)",
+            )
+    tp = doc.get("task_throughput")
+    if tp and tp.get("tasks_per_s") is not None:
+        add(
+            "task_throughput",
+            f"tasks/s end to end, 20 senders and 20 agents on long-lived sessions: "
+            f"{tp['tasks_per_s']:.1f} vs procrastinate's "
+            f"{_num(tp.get('procrastinate_jobs_per_s'))} jobs/s on the same PostgreSQL, "
+            f"ratio {_num(tp.get('ratio_to_procrastinate'))}; "
+            f"{_num(tp.get('statements_per_lifecycle'))} statements per lifecycle "
+            f"({verdict(tp)})",
         )
     return out
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
 def _pct(value: Any) -> str:
@@ -278,32 +373,36 @@ def plot_variants(title: str, entries: Mapping[str, Mapping[str, Any]], path: Pa
     plt.close(fig)
 
 
-def plot_scaling(r: Mapping[str, Any], path: Path) -> None:
+def plot_capacity(r: Mapping[str, Any], path: Path) -> None:
     plt = _plt()
-    steps = r["steps"]
+    steps = [s for s in r["steps"] if "acks" in s]
     x = [s["participants"] for s in steps]
     fig, (lat, mem) = plt.subplots(1, 2, figsize=(10, 3.6))
     lat.plot(x, [s["ack_p99_ms"] for s in steps], "o-", label="ack p99", color="#cc6677")
     lat.plot(x, [s["ack_median_ms"] for s in steps], "o-", label="ack median", color="#4477aa")
+    lat.plot(
+        x, [s["kill_to_offline_max_ms"] for s in steps], "^:", label="kill → offline, max",
+        color="#228833",
+    )  # fmt: skip
     lat.axhline(100, color="grey", linestyle="--", label="100 ms")
     lat.set_yscale("log")
-    lat.set_xlabel("participants (1 heartbeat/s each)")
-    lat.set_ylabel("heartbeat ack, ms")
-    lat.legend()
-    rate = lat.twinx()
-    rate.plot(x, [s["heartbeats_per_s"] for s in steps], "s:", color="#228833")
-    rate.set_ylabel("heartbeats/s achieved", color="#228833")
-    mem.plot(x, [s["server_rss_mb"] for s in steps], "o-", color="#4477aa")
-    mem.set_xlabel("participants")
-    mem.set_ylabel("server RSS, MiB")
+    interval_s = r.get("heartbeat_interval_ms", 30000) / 1000
+    lat.set_xlabel(f"agents (own connection each, a beat every {interval_s:.0f} s)")
+    lat.set_ylabel("ms")
+    lat.legend(fontsize=8)
+    mem.plot(x, [s["server_rss_mb"] for s in steps], "o-", color="#4477aa", label="server")
+    mem.plot(x, [s["generators_rss_mb"] for s in steps], "s--", color="#aaaaaa", label="generators")
+    mem.set_xlabel("agents")
+    mem.set_ylabel("RSS, MiB")
+    mem.legend(loc="upper left", fontsize=8)
     per = mem.twinx()
-    per.plot(x, [s["rss_per_stream_kib"] for s in steps], "s:", color="#ccbb44")
-    per.set_ylabel("RSS per stream, KiB", color="#aa9922")
-    per.set_ylim(0, max(s["rss_per_stream_kib"] for s in steps) * 1.3)
+    per.plot(x, [s["rss_per_agent_kib"] for s in steps], "s:", color="#ccbb44")
+    per.set_ylabel("server RSS per agent, KiB", color="#aa9922")
+    per.set_ylim(0, max([s["rss_per_agent_kib"] for s in steps] or [1]) * 1.3)
     for ax in (lat, mem):
         ax.grid(alpha=0.3)
     fig.suptitle(
-        f"streams_scaling: one liveness server; max sustained {r.get('max_streams')} streams",
+        f"liveness_capacity: one liveness replica; max sustained {r.get('max_agents', 0):,} agents",
         fontsize=10,
     )
     fig.tight_layout()
@@ -324,27 +423,36 @@ def _table(doc: Mapping[str, Any], names: list[str]) -> list[str]:
         cells = [fmt_ms(r.get(k)) for k in ("median_ms", "p90_ms", "p99_ms", "max_ms")]
         goal = str(r.get("goal", "")).replace("|", "\\|")
         lines.append(
-            f"| {name} | {r.get('n', '-')} | {' | '.join(cells)} | {goal} | {verdict(r)} |"
+            f"| {name}{pg_label(r, short=True)} | {r.get('n', '-')} | {' | '.join(cells)} | {goal} "
+            f"| {verdict(r)} |"
         )
     return lines
 
 
-def _scaling_table(r: Mapping[str, Any]) -> list[str]:
+def _capacity_table(r: Mapping[str, Any]) -> list[str]:
     lines = [
-        "| participants | heartbeats/s | ack median ms | ack p99 ms | ack max ms "
-        "| generator lag p99 ms | server RSS MiB | RSS/stream KiB | CPU server / generators "
-        "/ other work (% of a core) | sustained |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| agents | connections | joins/s | heartbeats/s | ack median ms | ack p99 ms "
+        "| ack max ms | kill → offline ms | server RSS MiB | RSS/agent KiB | generators RSS MiB "
+        "| CPU server / postgres / generators / other work (% of a core) | sustained |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---|",
     ]
     for s in r["steps"]:
+        if "acks" not in s:
+            lines.append(
+                f"| {s['participants']:,} | | | | | | | | | | | only {s['joined']:,} joined "
+                f"({s['join_errors']} errors) in {s['join_s']} s | **no** |"
+            )
+            continue
         cpu = s.get("cpu_pct", {})
+        kills = ", ".join(f"{x:.1f}" for x in s.get("kill_to_offline_ms", []))
         lines.append(
-            f"| {s['participants']} | {s['heartbeats_per_s']:.0f} | {fmt_ms(s['ack_median_ms'])} "
-            f"| {fmt_ms(s['ack_p99_ms'])} | {fmt_ms(s['ack_max_ms'])} "
-            f"| {fmt_ms(s['generator_lag_p99_ms'])} | {s['server_rss_mb']:.1f} "
-            f"| {s['rss_per_stream_kib']:.1f} "
-            f"| {cpu.get('server', 0):.0f} / {cpu.get('load generators', 0):.0f} "
-            f"/ {max(0.0, cpu.get('others', 0)):.0f} "
+            f"| {s['participants']:,} | {s['open_connections']:,} | {s['joins_per_s']:.0f} "
+            f"| {s['heartbeats_per_s']:.0f} | {fmt_ms(s['ack_median_ms'])} "
+            f"| {fmt_ms(s['ack_p99_ms'])} | {fmt_ms(s['ack_max_ms'])} | {kills} "
+            f"| {s['server_rss_mb']:.1f} | {s['rss_per_agent_kib']:.1f} "
+            f"| {s['generators_rss_mb']:.0f} "
+            f"| {cpu.get('server', 0):.0f} / {cpu.get('postgres', 0):.0f} "
+            f"/ {cpu.get('load generators', 0):.0f} / {max(0.0, cpu.get('others', 0)):.0f} "
             f"| {'yes' if s['sustained'] else '**no**'} |"
         )
     return lines
@@ -369,9 +477,10 @@ def write(results_path: Path, out_dir: Path = DOCS_DIR) -> Path:
         f"- **Machine:** {machine_line(machine)}",
         f"- **Run:** {' … '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else '?'} (UTC; "
         "the date each benchmark's figures were written)",
-        "- **Setup:** everything on one machine over loopback: an embedded PostgreSQL "
-        "(fsync off), the Vigil server processes, and the load generators and agents, "
-        "which compete with the server for the same cores.",
+        f"- **PostgreSQL:** {settings_line(doc, names)}.",
+        "- **Setup:** everything on one machine over loopback: the embedded PostgreSQL, "
+        "the Vigil server processes, and the load generators and agents, which compete "
+        "with the server for the same cores.",
         "",
         "## Headline figures",
         "",
@@ -383,29 +492,40 @@ def write(results_path: Path, out_dir: Path = DOCS_DIR) -> Path:
         "",
         "Latencies are per sample, in milliseconds; percentiles interpolate between closest "
         "ranks. A benchmark whose goal is not a latency (scheduler_pass_flat, "
-        "tasks_lifecycle_rate, streams_scaling) still reports the latency it measured.",
+        "tasks_lifecycle_rate, liveness_capacity) still reports the latency it measured.",
         "",
     ]
 
     md += _auth_cost_section(doc, out_dir)
 
-    sc = doc.get("streams_scaling")
-    if sc and sc.get("steps"):
-        plot_scaling(sc, out_dir / SCALING_PNG)
+    cap = doc.get("liveness_capacity")
+    if cap and cap.get("steps"):
+        if any("acks" in st for st in cap["steps"]):
+            plot_capacity(cap, out_dir / CAPACITY_PNG)
+        kill = cap.get("kill_to_offline") or {}
         md += [
-            "## Streams held by one liveness server",
+            "## Agents held by one liveness replica",
             "",
-            f"Participants added step by step until heartbeat ack p99 passed 100 ms: the last "
-            f"sustained step is **{sc['max_streams']:,} streams at "
-            f"{sc['max_heartbeats_per_s']:.0f} heartbeats/s**, "
-            f"{sc.get('rss_per_stream_kib')} KiB of server RSS per stream "
-            f"(idle server {sc.get('server_rss_idle_mb')} MiB). Stopped: "
-            f"{sc.get('stopped_because')}.",
+            "In the shape users run: every agent a client of its own on its own TCP "
+            "connection with HTTP/2 keepalive at its defaults, the default heartbeat "
+            f"interval ({cap.get('heartbeat_interval_ms', 30000) / 1000:.0f} s) and TTL, a "
+            "token of its own; agents added step by step, each step measured over one "
+            "heartbeat interval (every agent beats once in it) while a few more agent "
+            "processes are SIGKILLed. The last step with heartbeat ack p99 ≤ 100 ms is "
+            f"**{cap['max_agents']:,} agents** (goal {cap.get('goal_agents', 10000):,}; "
+            f"{verdict(cap)}), {cap.get('rss_per_agent_kib')} KiB of server RSS per agent "
+            f"(idle server {cap.get('server_rss_idle_mb')} MiB), kill → offline at that load "
+            f"median {fmt_ms(kill.get('median_ms'))} / max {fmt_ms(kill.get('max_ms'))} ms"
+            f"{pg_label(cap)}. Stopped: {cap.get('stopped_because')}. The load generators "
+            "run on the same 2 cores (their CPU and RSS are in the table).",
             "",
-            *_scaling_table(sc),
+            *_capacity_table(cap),
             "",
-            f"![streams scaling]({SCALING_PNG})",
-            "",
+            *(
+                [f"![liveness capacity]({CAPACITY_PNG})", ""]
+                if (out_dir / CAPACITY_PNG).exists()
+                else []
+            ),
         ]
 
     plots = [n for n in names if n in LATENCY_PLOTS and doc[n].get("samples_ms")]
@@ -535,8 +655,9 @@ def readme_block(doc: Mapping[str, Any]) -> list[str]:
     return [
         README_START,
         f"From [the latest report](docs/bench/{REPORT}) ({when}), measured on "
-        f"{machine_line(doc.get('machine', {}))}, with the load generators, agents and "
-        "PostgreSQL on the same machine:",
+        f"{machine_line(doc.get('machine', {}))}; {settings_line(doc, names)}; the load "
+        "generators, agents and PostgreSQL share the machine with the server (a floor for a "
+        "server on a machine of its own):",
         "",
         *[f"- {line}" for line in headline(doc)],
         README_END,

@@ -29,10 +29,10 @@ sends/s = TASKS / (last send answered - just before the first send). Each round 
 checked: every task (job) sent once, completed once (one claim, start and complete each;
 one start and success event each), by exactly one agent (worker), nothing left over.
 
-PostgreSQL runs durable for this group (fsync and synchronous_commit on, checked on the
-benchmark's own connections to each database); the rest of the bench runs with both off,
-restored afterwards. Statements per lifecycle: pg_stat_statements over a round, reset
-just before it, for the system's database only, the benchmark's own statements excluded.
+PostgreSQL runs durable (fsync and synchronous_commit on, its defaults, as for the whole
+bench; checked again on the benchmark's own connections to each database).
+Statements per lifecycle: pg_stat_statements over a round, reset just before it, for
+the system's database only, the benchmark's own statements excluded.
 """
 
 from __future__ import annotations
@@ -630,27 +630,12 @@ async def _settings(url: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def _durable(ctx: Context) -> AsyncIterator[None]:
-    """fsync and synchronous_commit on (PostgreSQL's defaults) for the block; the bench's
-    throwaway settings (both off) again afterwards."""
-    conn = await asyncpg.connect(ctx.admin_url)
-    try:
-        for k, v in DURABLE.items():
-            await conn.execute(f"ALTER SYSTEM SET {k} = {v}")
-        await conn.execute("SELECT pg_reload_conf()")
-    finally:
-        await conn.close()
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            now = await _settings(ctx.admin_url)
-            if all(now[k] == v for k, v in DURABLE.items()):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("PostgreSQL did not take fsync/synchronous_commit on")
-            await asyncio.sleep(0.05)
-        yield
-    finally:
-        await harness.not_durable(ctx.admin_url)
+    """fsync and synchronous_commit on (PostgreSQL's defaults) for the block, checked."""
+    await common.make_durable(ctx.admin_url)
+    now = await _settings(ctx.admin_url)
+    if any(now[k] != v for k, v in DURABLE.items()):
+        raise RuntimeError(f"PostgreSQL is not durable: {now}")
+    yield
 
 
 def _filesystem(path: Path) -> str:
