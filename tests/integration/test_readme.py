@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import venv
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,6 +232,11 @@ def test_the_installed_wheel_runs_the_two_minute_tour(wheel_venv: Path, tmp: Pat
                 waiter.kill()
         assert waiter.returncode == 0, err
         assert json.loads(out)["text"] == "ship it"
+        # What the process runs, for a fleet's dashboards: the same version as --version.
+        page = urllib.request.urlopen(f"http://{env['VIGIL_METRICS_ADDR']}/metrics").read()
+        info = re.search(r"^vigil_build_info\{([^}]*)\} 1\.0$", page.decode(), re.M)
+        assert info is not None, "no vigil_build_info"
+        assert f'version="{version.stdout.split()[-1]}"' in info.group(1), info.group(1)
     finally:
         up.send_signal(signal.SIGTERM)
         rc = up.wait(60)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import platform
 import signal
 from collections.abc import Callable
 from typing import Protocol
@@ -13,8 +14,9 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Info, start_http_server
 
+import vigil
 from vigil.core.auth.tls import ServerTls
 from vigil.core.config import parse_addr
 from vigil.core.errors import ConfigError
@@ -169,8 +171,16 @@ async def create_server(
 
 
 def start_metrics(addr: str, registry: CollectorRegistry, tls: ServerTls | None = None) -> int:
-    """Serve /metrics over HTTP (HTTPS with `tls`); returns the bound port."""
+    """Serve /metrics over HTTP (HTTPS with `tls`), `vigil_build_info` included; returns
+    the bound port."""
     host, port = parse_addr(addr, "VIGIL_METRICS_ADDR")
+    Info("vigil_build", "What this process runs", registry=registry).info(
+        {
+            "version": vigil.__version__,
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+        }
+    )
     try:
         httpd, _thread = start_http_server(
             port,
