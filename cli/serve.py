@@ -9,6 +9,7 @@ owns the same data folder. `vigil migrate` attaches to a running one instead."""
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
 import sys
@@ -28,6 +29,9 @@ from vigil.server import ADMIN_TOKEN_FILE, SERVICES, all_migrations, running, se
 from vigil.server import migrate as vigil_migrate
 
 log = logging.getLogger("vigil")
+
+# A graceful shutdown takes the grace (5 s) and a few seconds more; past this it hangs.
+SHUTDOWN_DUMP_S = 45.0
 
 
 async def serve(
@@ -133,6 +137,9 @@ async def _serve(
         if view is not None:
             view.cancel()
         _say(f"vigil: signal {sig}: shutting down gracefully")
+        # A shutdown that hangs says where, on stderr, instead of hanging silently.
+        faulthandler.dump_traceback_later(SHUTDOWN_DUMP_S)
+    faulthandler.cancel_dump_traceback_later()
     return 0
 
 

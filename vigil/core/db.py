@@ -24,6 +24,8 @@ from vigil.core.errors import (
 
 log = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 10.0  # longest a shutdown waits for connections in use to be released
+
 
 async def resolve_url(
     database_url: str | None, data_dir: Path
@@ -153,7 +155,15 @@ class Database:
             raise db_error(exc) from exc
 
     async def close(self) -> None:
-        await self.pool.close()
+        """Close gracefully (every connection released first), but never hang a
+        shutdown on one that is not: after CLOSE_TIMEOUT_S the rest are terminated."""
+        try:
+            await asyncio.wait_for(self.pool.close(), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning(
+                "database connections still in use after %.0f s; closing them", CLOSE_TIMEOUT_S
+            )
+            self.pool.terminate()
 
 
 async def open_database(url: str, *, min_size: int = 2, max_size: int = 10) -> Database:
