@@ -634,17 +634,38 @@ def inv6_exits_recorded_once(log: Log) -> list[Violation]:
 
 
 def inv7_every_task_resolved(log: Log) -> list[Violation]:
-    """Every sent task ends completed or closed, or needs attention with a notification
-    naming it: none lost, none stuck unseen."""
+    """Every sent task ends completed or closed, or is stuck visibly: a notification
+    names it, or names what holds its role (the role's unfinished task, or the role
+    stopped by a person). None lost, none stuck unseen."""
     out = []
     notified = {n.get("task") for n in log.kind("notification") if n.get("task")}
+    restarted: dict[tuple[Any, Any], float] = {}  # role -> when a person last started it
+    for f in log.kind("fault"):
+        if f["fault"] == "operator_stop":
+            key = (f.get("chatroom"), f.get("role"))
+            restarted[key] = max(restarted.get(key, 0.0), f.get("end") or 0.0)
+    stopped_roles = {  # still stopped: told so after the last time a person started it
+        (n.get("chatroom"), n.get("role"))
+        for n in log.kind("notification")
+        if n.get("type") == "role_stopped"
+        and n["t"] > restarted.get((n.get("chatroom"), n.get("role")), 0.0)
+    }
+    held_roles = {
+        (f.get("chatroom"), f.get("role"))
+        for t, f in log.final.items()
+        if t in notified and f["status"] not in TERMINAL and f["status"] != "queued"
+    }
     for task, send in sorted(log.sends.items()):
         final = log.final.get(task)
         if final is None:
             out.append(Violation(7, f"task {task} was sent and is not listed any more", [send]))
         elif final["status"] in TERMINAL:
             continue
-        elif final.get("needs_attention") and task in notified:
+        elif task in notified:
+            continue
+        elif final["status"] in ("queued", "pending") and (
+            (final.get("chatroom"), final.get("role")) in stopped_roles | held_roles
+        ):
             continue
         else:
             out.append(

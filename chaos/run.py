@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,18 @@ class Soak:
 
     # -- load -------------------------------------------------------------------------
 
+    async def until_accepted(self, call: Callable[[], Awaitable[object]], what: str) -> None:
+        """An operator's call, repeated while Vigil answers a retryable status (60 s)."""
+        for _ in range(600):
+            try:
+                await call()
+                return
+            except RPCError as exc:
+                if not exc.retryable:
+                    raise
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"the operator's {what} was not accepted within 60 s")
+
     async def send(self, role: str, text: str) -> None:
         for _ in range(300):
             try:
@@ -472,7 +485,12 @@ class Soak:
                 await asyncio.sleep(p.hold)
                 end = time.time()
                 try:
-                    await self.client.start_agent(CHATROOM, target)
+                    # A person starts it again, and tries again while Vigil is away (a
+                    # PostgreSQL restart may overlap): the role must not stay stopped.
+                    await self.until_accepted(
+                        lambda: self.client.start_agent(CHATROOM, target), f"start {target}"
+                    )
+                    end = time.time()
                 finally:
                     self.fault(
                         kind,

@@ -391,3 +391,30 @@ async def test_a_killed_long_lived_session_gives_its_task_back_once(db_url: str)
         finally:
             if agent.poll() is None:
                 agent.kill()
+
+
+async def test_a_cancelled_await_leaves_no_stray_handler_behind(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that gives up on AwaitTask while the server is still checking its claim
+    (no live participant: the server waits up to 2 s for its join to arrive) ends the
+    handler with the call: nothing is left to fail later unobserved."""
+    import gc
+
+    async with local_server(db_url, harness.fast_timings()) as srv:
+        await harness.make_room(srv)
+        async with harness.channel(srv.addr) as ch:
+            call = tpb_grpc.TasksStub(ch).AwaitTask(
+                tpb.AwaitTaskRequest(
+                    chatroom="room", role="builder", connection_id=str(uuid.uuid4()), epoch=1
+                )
+            )
+            reading = asyncio.ensure_future(call.read())
+            await asyncio.sleep(0.3)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+        await asyncio.sleep(2.5)  # past the server's wait for the join
+        gc.collect()
+        await asyncio.sleep(0.1)
+    assert "exception was never retrieved" not in caplog.text

@@ -314,3 +314,25 @@ def test_the_checkers_fsm_is_the_documented_one() -> None:
 def test_invariant_7_waits_for_the_end(log: list[Record]) -> None:
     broken = task_stuck(copy.deepcopy(log))
     assert not [v for v in checker.check(broken, final=False) if v.invariant == 7]
+
+
+def _stuck_behind_a_stopped_role(records: list[Record], started_again: bool) -> list[Record]:
+    task_stuck(records)
+    stuck = next(r for r in of(records, "task") if r["status"] == "pending")
+    t = later(records)
+    records.append({"kind": "notification", "t": t, "id": 9002, "type": "role_stopped",
+                    "chatroom": stuck["chatroom"], "role": stuck["role"], "task": ""})  # fmt: skip
+    if started_again:  # a person started the role after the notification
+        records.append({"kind": "fault", "fault": "operator_stop", "t": t - 5, "end": t + 1,
+                        "chatroom": stuck["chatroom"], "role": stuck["role"],
+                        "machine": "m1", "scope": "role"})  # fmt: skip
+    return records
+
+
+def test_invariant_7_counts_a_role_a_person_left_stopped_as_visible(log: list[Record]) -> None:
+    """Tasks waiting on a role a person stopped (and Vigil said so) are stuck visibly;
+    once the role is started again, a task still waiting is a violation again."""
+    left = _stuck_behind_a_stopped_role(copy.deepcopy(log), started_again=False)
+    assert not [v for v in checker.check(left) if v.invariant == 7]
+    again = _stuck_behind_a_stopped_role(copy.deepcopy(log), started_again=True)
+    assert [v for v in checker.check(again) if v.invariant == 7]

@@ -7,7 +7,7 @@ import asyncpg
 import grpc
 import pytest
 
-from vigil.core.db import db_error
+from vigil.core.db import db_error, mapped_errors
 from vigil.core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -74,9 +74,24 @@ def test_database_errors_by_constraint_first() -> None:
     assert db_error(pg("23505", constraint="other_key"), declared).code == grpc.StatusCode.INTERNAL
 
 
-@pytest.mark.parametrize("exc", [OSError("refused"), asyncpg.InterfaceError("closed pool")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError("refused"),
+        asyncpg.InterfaceError("closed pool"),
+        asyncpg.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress"
+        ),
+    ],
+)
 def test_an_unreachable_database_is_unavailable(exc: Exception) -> None:
     assert db_error(exc).code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_driver_error_leaves_a_store_block_unavailable() -> None:
+    with pytest.raises(StorageError):
+        async with mapped_errors():
+            raise asyncpg.InternalClientError("another operation is in progress")
 
 
 def test_messages_quote_only_a_prefix_of_input() -> None:

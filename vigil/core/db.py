@@ -74,6 +74,9 @@ DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    # The driver's "another operation is in progress": a connection caught mid-error
+    # by a server going away (seen while PostgreSQL restarted). The store is away.
+    asyncpg.InternalClientError,
     TimeoutError,
 )
 # A constraint name -> the domain error its violation means (each store declares its own).

@@ -70,6 +70,7 @@ def rpc(fn: F) -> F:
                 return
             gone = asyncio.ensure_future(revoked.wait())
             items = fn(self, request, context)
+            nxt: asyncio.Future[Any] | None = None
             try:
                 while True:
                     nxt = asyncio.ensure_future(anext(items))
@@ -92,6 +93,12 @@ def rpc(fn: F) -> F:
             finally:
                 gone.cancel()
                 self.auth.unwatch(principal, revoked)
+                if nxt is not None and not nxt.done():
+                    # The call ended (the client cancelled it) while the handler was
+                    # working: stop the handler too, and take its outcome ourselves.
+                    nxt.cancel()
+                    with contextlib.suppress(BaseException):
+                        await nxt
                 with contextlib.suppress(BaseException):
                     await items.aclose()
 
