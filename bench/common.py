@@ -660,6 +660,14 @@ async def make_durable(admin_url: str) -> dict[str, str]:
         await asyncio.sleep(0.05)
 
 
+def write_json(path: str | Path, doc: Any) -> None:
+    """`doc` to `path`, whole or not at all (a benchmark reads it once its writer ends)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, path)
+
+
 def filesystem(path: Path) -> str:
     """The file system holding `path` (type and device), from /proc/self/mounts."""
     best = ("", "?", "?")

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 from typing import Any
 
 import procrastinate
+
+from bench.common import write_json
 
 TASK_NAME = "bench_noop"
 QUEUE = "bench"
@@ -57,14 +58,6 @@ async def run(args: argparse.Namespace) -> int:
         )
     write_json(args.out, {"executed": executed})
     return 0
-
-
-def write_json(path: str, doc: Any) -> None:
-    """`doc` to `path`, whole or not at all (the benchmark reads it once the process ends)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -638,17 +638,6 @@ async def _durable(ctx: Context) -> AsyncIterator[None]:
     yield
 
 
-def _filesystem(path: Path) -> str:
-    """The file system holding `path` (type and device), from /proc/self/mounts."""
-    best = ("", "?", "?")
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            dev, mount, fstype, *_ = line.split()
-            if str(path.resolve()).startswith(mount) and len(mount) >= len(best[0]):
-                best = (mount, fstype, dev)
-    return f"{best[1]} on {best[2]}"
-
-
 async def _wal_fsyncs(ctx: Context) -> float | None:
     """WAL fsyncs PostgreSQL counted so far (pg_stat_io, PostgreSQL 18), or None."""
     conn = await asyncpg.connect(ctx.admin_url)
@@ -858,7 +847,7 @@ def _results(
     durability = [
         f"PostgreSQL durable for this benchmark: {shown} (SHOW on new connections to both "
         f"databases{', identical' if same else ', DIFFERENT: ' + str(dict(settings))}); data "
-        f"directory on {_filesystem(ctx.tmp)}",
+        f"directory on {common.filesystem(ctx.tmp)}",
         "WAL fsyncs over the benchmark (pg_stat_io): "
         + (
             f"{fsyncs1 - fsyncs0:.0f}, {(fsyncs1 - fsyncs0) / lifecycles:.2f} per task or job"

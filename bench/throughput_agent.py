@@ -25,13 +25,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bench.common import write_json
 from vigil.client import ClientConfig, connect
 
 # A connection of its own for each agent's client (channels with equal arguments would
@@ -119,14 +119,6 @@ async def run(args: argparse.Namespace, tokens: dict[str, str]) -> int:
         return 1
     write_json(args.out, {"done": done})
     return 0
-
-
-def write_json(path: str, doc: Any) -> None:
-    """`doc` to `path`, whole or not at all (the benchmark reads it once the process ends)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

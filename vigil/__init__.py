@@ -5,9 +5,6 @@ API it wraps. The services (`vigil.liveness_service`, `vigil.task_service`), the
 daemon (`vigil.daemon`) and the command line (`vigil.cli`) are the rest of the program.
 """
 
-from importlib import metadata as _metadata
+from vigil.core.version import VERSION as __version__
 
-try:
-    __version__ = _metadata.version("vigil")
-except _metadata.PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
+__all__ = ["__version__"]

@@ -6,13 +6,11 @@ healthy client on the same server is untouched."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,30 +40,6 @@ BOUND_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000
 LOWER_S = KEEPALIVE_TIMEOUT_MS / 1000 - 0.25
 
 
-class _Failures(logging.Handler):
-    """When the client's session stream failed (the client noticed the dead path)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.at: list[float] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "session stream failed" in record.getMessage():
-            self.at.append(time.monotonic())
-
-
-@pytest.fixture
-def failures() -> Iterator[_Failures]:
-    handler = _Failures()
-    logger = logging.getLogger("vigil.client")
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old)
-
-
 def start_proxy(target: str) -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "vigil.testing.proxy", target],
@@ -92,7 +66,7 @@ def client_of(addr: str, srv_addr: str) -> Client:
 
 
 async def test_a_client_behind_a_frozen_proxy_is_dropped_at_keepalive_and_others_are_untouched(
-    db_url: str, tmp: Path, failures: _Failures
+    db_url: str, tmp: Path, stream_failures: harness.StreamFailures
 ) -> None:
     async with harness.local_server(db_url, TIMINGS) as srv:
         await harness.make_room(srv, "room", "frozen", "healthy")
@@ -118,9 +92,9 @@ async def test_a_client_behind_a_frozen_proxy_is_dropped_at_keepalive_and_others
             row = await harness.wait_offline(db_url, "room", "frozen", timeout=BOUND_S + 3)
             server_s = (row["offline_at"] - frozen_at_wall).total_seconds()
             await harness.wait_for(
-                lambda: _async(bool(failures.at)), BOUND_S + 3, what="the client noticed"
+                lambda: _async(bool(stream_failures.at)), BOUND_S + 3, what="the client noticed"
             )
-            client_s = failures.at[0] - frozen_at
+            client_s = stream_failures.at[0] - frozen_at
             healthy_row = await harness.participant_row(db_url, "room", "healthy")
             beats_during = len(healthy_beats) - beats_before
             print(

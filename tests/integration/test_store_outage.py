@@ -5,8 +5,6 @@ everything works again once the store is back."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -14,18 +12,6 @@ import pytest
 from vigil import testing as harness
 from vigil.core.embedded import EmbeddedPostgres
 from vigil.v1 import liveness_pb2 as pb
-
-
-@pytest.fixture
-async def own_pg(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedPostgres, str]]:
-    pg = EmbeddedPostgres(tmp_path / "own")
-    url = await asyncio.to_thread(pg.start)
-    await harness.not_durable(url)
-    await harness.create_template(url, "vigil_outage")
-    try:
-        yield pg, harness.with_database(url, "vigil_outage")
-    finally:
-        await asyncio.to_thread(pg.stop)
 
 
 async def test_a_stream_refused_by_a_stopped_store_ends_unavailable(

@@ -8,12 +8,10 @@ the outage is expired."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -39,40 +37,6 @@ TIMINGS = Timings.from_env(SERVER_ENV)
 AGENTS = 20
 OUTAGE_S = 15.0
 WORK_S = 3.0  # each task takes this long: the first ones are in flight when the store stops
-
-
-class _StreamFailures(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.at: list[float] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "session stream failed" in record.getMessage():
-            self.at.append(time.monotonic())
-
-
-@pytest.fixture
-def stream_failures() -> Iterator[_StreamFailures]:
-    handler = _StreamFailures()
-    logger = logging.getLogger("vigil.client")
-    old = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(old)
-
-
-@pytest.fixture
-async def own_pg(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedPostgres, str]]:
-    pg = EmbeddedPostgres(tmp_path / "own")
-    url = await asyncio.to_thread(pg.start)
-    await harness.not_durable(url)
-    await harness.create_template(url, "vigil_outage")
-    try:
-        yield pg, harness.with_database(url, "vigil_outage")
-    finally:
-        await asyncio.to_thread(pg.stop)
 
 
 def own_client(addr: str) -> Client:
@@ -109,7 +73,7 @@ async def health(addr: str) -> int:
 
 
 async def test_a_store_outage_kills_no_agent_and_loses_nothing(
-    own_pg: tuple[EmbeddedPostgres, str], tmp: Path, stream_failures: _StreamFailures
+    own_pg: tuple[EmbeddedPostgres, str], tmp: Path, stream_failures: harness.StreamFailures
 ) -> None:
     pg, url = own_pg
     roles = [f"a{i:02d}" for i in range(AGENTS)]

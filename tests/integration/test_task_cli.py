@@ -4,6 +4,7 @@ send, listing, one task's life and history, refusals as one line, notifications.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -28,6 +29,7 @@ from vigil.v1 import tasks_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.slow
 
 TIMINGS = harness.fast_timings()
+_BEATING: set[asyncio.Future[None]] = set()  # the claimers' heartbeat loops
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 TASK_KEYS = {
@@ -260,6 +262,19 @@ async def _claim(addr: str, chatroom: str, role: str) -> tuple[grpc.aio.Channel,
     await session.write(lpb.SessionRequest(join=join))
     first = await session.read()
     assert first.WhichOneof("msg") == "joined"
+
+    async def beat() -> None:
+        # Alive for as long as the test holds the claim: a claim goes with its
+        # participant (one that stops beating is expired and its task recovered).
+        with contextlib.suppress(Exception):
+            while True:
+                await session.write(lpb.SessionRequest(heartbeat=lpb.SessionRequest.Beat()))
+                await session.read()
+                await asyncio.sleep(TIMINGS.heartbeat_interval / 2)
+
+    beating = asyncio.ensure_future(beat())
+    _BEATING.add(beating)
+    beating.add_done_callback(_BEATING.discard)
     call = pb_grpc.TasksStub(ch).AwaitTask(
         pb.AwaitTaskRequest(
             chatroom=chatroom,

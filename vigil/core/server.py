@@ -16,11 +16,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Info, start_http_server
 
-import vigil
 from vigil.core.auth.tls import ServerTls
 from vigil.core.config import parse_addr
 from vigil.core.errors import ConfigError
 from vigil.core.timings import Timings
+from vigil.core.version import VERSION
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def start_metrics(addr: str, registry: CollectorRegistry, tls: ServerTls | None 
     host, port = parse_addr(addr, "VIGIL_METRICS_ADDR")
     Info("vigil_build", "What this process runs", registry=registry).info(
         {
-            "version": vigil.__version__,
+            "version": VERSION,
             "python": platform.python_version(),
             "grpcio": grpc.__version__,
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -564,6 +565,34 @@ def join_request(
     chatroom: str, role: str, kind: common_pb2.AgentKind.ValueType = common_pb2.AGENT_KIND_CUSTOM
 ) -> pb.JoinRequest:
     return pb.JoinRequest(chatroom=chatroom, role=role, kind=kind, connection_id=str(uuid.uuid4()))
+
+
+class StreamFailures(logging.Handler):
+    """When (monotonic) the client package logged that a session stream failed: the
+    moments a client noticed its connection was gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "session stream failed" in record.getMessage():
+            self.at.append(time.monotonic())
+
+
+@contextlib.contextmanager
+def stream_failures() -> Iterator[StreamFailures]:
+    """Record this process's clients' session stream failures for the block."""
+    handler = StreamFailures()
+    logger = logging.getLogger("vigil.client")
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
 
 
 def free_port() -> int:
