@@ -362,24 +362,6 @@ def _start_plain_server(services: str, env: Mapping[str, str], log: Path) -> Ser
     raise RuntimeError(f"plain server did not start:\n{log.read_text()}")
 
 
-class _Bearer:
-    def __init__(self, token: str) -> None:
-        self.header = ("authorization", f"Bearer {token}")
-
-    def _details(self, details: Any) -> Any:
-        return details._replace(metadata=[*(details.metadata or ()), self.header])
-
-
-class _BearerUU(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-
-class _BearerUS(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
-
-
 def channel(server: Server, token: str | None = None) -> grpc.aio.Channel:
     """A raw channel to `server` as its admin (or with `token`), as `harness.channel`
     makes one, over TLS (verified with the server's CA) when the server serves TLS."""
@@ -387,8 +369,9 @@ def channel(server: Server, token: str | None = None) -> grpc.aio.Channel:
         return harness.channel(server.addr, token)
     token = harness.ADMIN_TOKENS.get(server.addr) if token is None else token
     creds = grpc.ssl_channel_credentials(root_certificates=server.ca.read_bytes())
-    interceptors: list[Any] = [_BearerUU(token), _BearerUS(token)] if token else []
-    return grpc.aio.secure_channel(server.addr, creds, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        server.addr, creds, interceptors=harness.bearer_interceptors(token)
+    )
 
 
 async def role_tokens(url: str, chatroom: str, roles: Sequence[str]) -> dict[str, str]:

@@ -211,9 +211,13 @@ def channel(addr: str, token: str | None = None) -> grpc.aio.Channel:
     """A raw channel (for tests of the wire contract) authenticated as the server's
     admin, or with `token` (\"\" for none at all)."""
     token = ADMIN_TOKENS.get(addr) if token is None else token
+    return grpc.aio.insecure_channel(addr, interceptors=bearer_interceptors(token))
+
+
+def bearer_interceptors(token: str | None) -> list[Any]:
+    """Interceptors adding `Bearer token` to every call of a raw channel (none without)."""
     shapes = (_BearerUU, _BearerUS, _BearerSU, _BearerSS)
-    interceptors: list[Any] = [shape(token) for shape in shapes] if token else []
-    return grpc.aio.insecure_channel(addr, interceptors=interceptors)
+    return [shape(token) for shape in shapes] if token else []
 
 
 async def make_room(srv: LocalServer, name: str = "room", *custom_roles: str) -> None:
