@@ -3,10 +3,13 @@ independent checker over what Vigil showed.
 
     python -m chaos --seed 7 --duration 60s [--remote-roles 10] [--out chaos/results]
 
-Topology: one embedded PostgreSQL, two `vigil up` replicas on it (clients get both
-addresses, VIGIL_ADDR=A,B), two machines' daemons (each its own state dir) running the
-bundled example agent for the remote roles, custom roles driven by scripted one-shot
-`wait-for-task` loops (chaos/custom_agent.py), senders at a steady rate plus bursts.
+Topology: one embedded PostgreSQL, two `vigil up` replicas on it serving TLS (clients
+get both addresses, VIGIL_ADDR=A,B), two machines' daemons (each its own state dir)
+running the bundled example agent for the remote roles, custom roles driven by scripted
+one-shot `wait-for-task` loops (chaos/custom_agent.py), senders at a steady rate plus
+bursts. Machine m2's daemon (so its agents) and the last custom role's driver run in a
+network namespace of the soak's own (chaos/netns.py), reaching the replicas over a veth
+pair: the partitions and the slow network act on that link.
 
 The fault schedule is drawn from `--seed` alone (printed; the same seed gives the same
 schedule, listed in the report). Faults overlap; each heals itself. After `--duration`
@@ -40,8 +43,9 @@ from typing import Any
 
 from chaos import checker
 from chaos.collect import EventLog, collect_final, sample, sampler, watch_presence
+from chaos.netns import SLOW_QUEUE, SLOW_RATE, Netns
 from vigil import testing as harness
-from vigil.client import Client, RPCError
+from vigil.client import Client, RPCError, TlsConfig
 from vigil.core.auth.principal import new_token
 from vigil.core.embedded import EmbeddedPostgres
 from vigil.core.vocab import TaskStatus, TokenKind
@@ -50,12 +54,19 @@ from vigil.v1 import tasks_pb2 as tpb
 
 CHATROOM = "chaos"
 MACHINES = ("m1", "m2")
-TTL_S = 1.0
+CUT_MACHINE = "m2"  # its daemon and agents run in the soak's network namespace
+TTL_S = 2.0
+# HTTP/2 keepalive derived from the TTL (vigil/core/timings.py): a ping every TTL/3,
+# answered within TTL/6. A process stopped for longer than the timeout may miss a ping
+# and be dropped (keepalive cannot tell a frozen process from a dead link); a shorter
+# stop must be survived.
+KEEPALIVE_TIMEOUT_S = TTL_S / 6
 GRACE_S = 3.0
 # Fast timings so that minutes of soak cover many recoveries, restarts and deadlines.
 ENV = {
     **harness.FAST_ENV,
     "VIGIL_HEARTBEAT_TTL_MS": str(int(TTL_S * 1000)),
+    "VIGIL_HEARTBEAT_INTERVAL_MS": str(int(TTL_S * 1000 / 4)),
     "VIGIL_TASK_PENDING_TIMEOUT_MS": "8000",
     "VIGIL_TASK_ACK_TIMEOUT_MS": "8000",
     "VIGIL_COMMAND_DEADLINE_MS": "4000",
@@ -83,6 +94,8 @@ FAULTS = {
     "pg_restart": 1,
     "operator_stop": 2,
     "burst": 1,
+    "partition": 2,
+    "slow_network": 1,
 }
 
 
@@ -112,7 +125,7 @@ def plan(seed: int, duration: float, remote: list[str], custom: list[str]) -> li
         elif kind.startswith("agent") or kind in ("operator_stop", "burst"):
             target = rng.choice(remote)
             hold = {
-                "agent_pause_short": TTL_S * 0.3,
+                "agent_pause_short": KEEPALIVE_TIMEOUT_S * 0.5,
                 "agent_pause_long": TTL_S * 2.5,
                 "operator_stop": rng.uniform(2, 5),
             }.get(kind, 0.0)
@@ -120,6 +133,10 @@ def plan(seed: int, duration: float, remote: list[str], custom: list[str]) -> li
             target, hold = rng.choice(MACHINES), rng.uniform(0.5, 3)
         elif kind.startswith("replica"):
             target, hold = str(rng.randrange(2)), rng.uniform(0.2, 2)
+        elif kind == "partition":  # from one replica, or (1 in 4) from both
+            target, hold = rng.choice(("0", "1", "0", "1", "both")), rng.uniform(0.5, 6)
+        elif kind == "slow_network":
+            target, hold = "netns", rng.uniform(3, 10)
         else:  # pg_restart
             target, hold = "pg", rng.uniform(1, 3)
         out.append(Planned(round(t, 3), kind, target, round(hold, 3), rng.random() < 0.5))
@@ -190,6 +207,7 @@ class Soak:
         self.t0 = time.time()
         self.remote = [f"r{i}" for i in range(self.remote_roles)]
         self.custom = [f"c{i}" for i in range(self.custom_roles)]
+        self.cut_custom = self.custom[-1]  # its driver runs in the network namespace
         self.role_machine = {r: MACHINES[i % len(MACHINES)] for i, r in enumerate(self.remote)}
         self.log = EventLog(self.tmp / "events.jsonl")
         self.log.add("clock", proc_start_offset=proc_start_offset())
@@ -197,22 +215,41 @@ class Soak:
         self.url = await asyncio.to_thread(self.pg.start)
         await harness.not_durable(self.url)
         self.admin = new_token()[1]
+        # The replicas listen on the host's end of the namespace's veth pair: not loopback,
+        # so over TLS (certificates from `vigil tls dev-ca` for those addresses).
+        self.net = await asyncio.to_thread(Netns(replicas=2).create)
+        certs = self.tmp / "certs"
+        hosts = [self.net.replica_host(i) for i in range(2)]
+        await asyncio.to_thread(
+            subprocess.run,
+            harness.vigil_cmd(
+                "tls", "dev-ca", "--out", str(certs), *(a for h in hosts for a in ("--host", h))
+            ),
+            env=harness.child_env(),
+            check=True,
+            capture_output=True,
+        )
+        tls_env = {"VIGIL_TLS_CA": str(certs / "ca.pem")}
         env = {
             "DATABASE_URL": self.url,
             "VIGIL_METRICS_ADDR": "127.0.0.1:0",
             "VIGIL_BOOTSTRAP_TOKEN": self.admin,
+            "VIGIL_SERVER_TLS_CERT": str(certs / "server.pem"),
+            "VIGIL_SERVER_TLS_KEY": str(certs / "server.key"),
             **ENV,
         }
         self.replicas = []
-        for i in range(2):
+        for i, host in enumerate(hosts):
             port = harness.free_port()
-            renv = harness.child_env({**env, "VIGIL_ADDR": f"127.0.0.1:{port}"})
+            renv = harness.child_env({**env, "VIGIL_ADDR": f"{host}:{port}"})
             self.replicas.append(Replica(i, port, renv, self.tmp))
         for rep in self.replicas:  # one after the other: the first migrates
             await asyncio.to_thread(rep.start)
-        self.addrs = ",".join(f"127.0.0.1:{r.port}" for r in self.replicas)
+        self.addrs = ",".join(f"{h}:{r.port}" for h, r in zip(hosts, self.replicas, strict=True))
         config = replace(
-            harness.client_config(self.addrs, self.admin), channel_options=OWN_CONNECTION
+            harness.client_config(self.addrs, self.admin),
+            channel_options=OWN_CONNECTION,
+            tls=TlsConfig(ca_file=certs / "ca.pem"),
         )
         self.client = Client(config)
         self.watcher_client = Client(config)
@@ -225,7 +262,14 @@ class Soak:
         self.daemons: dict[str, harness.MachineDaemon] = {}
         for m in MACHINES:
             reply = await self.client.register_machine(m, "chaos")
-            d = harness.MachineDaemon(self.addrs, m, reply.credential, self.tmp, env=ENV)
+            d = harness.MachineDaemon(
+                self.addrs,
+                m,
+                reply.credential,
+                self.tmp,
+                env={**ENV, **tls_env},
+                prefix=tuple(self.net.exec_prefix()) if m == CUT_MACHINE else (),
+            )
             self.daemons[m] = d.start()
         roles = [
             tpb.Role(
@@ -242,23 +286,30 @@ class Soak:
             token = await self.client.create_token(
                 TokenKind.CHATROOM, f"chaos {r}", chatroom=CHATROOM, role=r
             )
-            denv = harness.child_env({"VIGIL_ADDR": self.addrs, "VIGIL_TOKEN": token.secret, **ENV})
-            self.drivers[r] = self._spawn_driver(r, denv)
+            denv = harness.child_env(
+                {"VIGIL_ADDR": self.addrs, "VIGIL_TOKEN": token.secret, **ENV, **tls_env}
+            )
+            self.drivers[r] = self._spawn_driver(r, denv, inside=r == self.cut_custom)
         for r in self.remote:
             await self.client.start_agent(CHATROOM, r)
         self.agents: dict[str, dict[str, Any]] = {}
         self.sent: dict[str, str] = {}  # task id -> role
         self.paused: set[int] = set()
         self.locks: dict[str, asyncio.Lock] = {}
+        self.active: dict[object, float] = {}  # faults going on -> when they began
+        self.live_violations: list[dict[str, Any]] = []
         self.say(
             f"topology: PostgreSQL, 2 replicas ({self.addrs}), daemons {list(MACHINES)}, "
             f"{len(self.remote)} remote roles (example agent), {len(self.custom)} custom roles"
         )
 
-    def _spawn_driver(self, role: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def _spawn_driver(
+        self, role: str, env: dict[str, str], inside: bool
+    ) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"driver-{role}.log").open("ab")
         proc = subprocess.Popen(
             [
+                *(self.net.exec_prefix() if inside else []),
                 sys.executable,
                 "-m",
                 "chaos.custom_agent",
@@ -371,6 +422,8 @@ class Soak:
         return pid if _runs(pid, b"wait-for-task") else None
 
     async def inject(self, p: Planned) -> None:
+        key = object()
+        self.active[key] = time.time()  # logged when it ends: the live check waits for it
         try:
             await self._inject(p)
         except RPCError as exc:
@@ -379,6 +432,50 @@ class Soak:
         except Exception as exc:  # the run itself broke (exit 2), not Vigil
             self.errors.append(f"fault {p.fault} {p.target} at {p.at}s: {exc!r}"[:2000])
             self.say(self.errors[-1])
+        finally:
+            del self.active[key]
+
+    async def live_checks(self, every: float = 30.0, settle: float = 10.0) -> None:
+        """The checker during the run (`checker.LIVE_CHECKS`), every `every` seconds on
+        the records older than `settle` seconds and than any fault still going on (a
+        fault is logged when it ends); each violation printed when first seen."""
+        seen: set[str] = set()
+        while True:
+            await asyncio.sleep(every)
+            cut = min([time.time() - settle, *(t - 1.0 for t in self.active.values())])
+            snapshot = [r for r in self.log.records if r["t"] < cut]
+            snapshot += [self.run_record(cut), *self.role_records()]
+            found = await asyncio.to_thread(checker.check, snapshot, final=False, live=True)
+            self.counts["live_checks"] += 1
+            for v in found:
+                if v.message not in seen:
+                    seen.add(v.message)
+                    self.live_violations.append({**v.to_json(), "seen_at": time.time()})
+                    self.say(f"checker (live): invariant {v.name}: {v.message}")
+
+    def role_records(self) -> list[dict[str, Any]]:
+        """The roles as this run created them (the final collection reads them back from
+        `GetChatroom`; the live check needs them before)."""
+        return [
+            {"kind": "role", "t": self.start, "chatroom": CHATROOM, "role": r,
+             "role_kind": "remote" if r in self.role_machine else "custom",
+             "machine": self.role_machine.get(r, "")}
+            for r in [*self.remote, *self.custom]
+        ]  # fmt: skip
+
+    def run_record(self, end: float) -> dict[str, Any]:
+        return {
+            "kind": "run",
+            "t": self.start,
+            "seed": self.seed,
+            "start": self.start,
+            "end": end,
+            "duration_s": self.duration,
+            "ttl_s": TTL_S,
+            "grace_s": GRACE_S,
+            "kill_offline_ms": 100,
+            "pending_idle_s": 1.0,
+        }
 
     async def _inject(self, p: Planned) -> None:
         kind, target = p.fault, p.target
@@ -501,6 +598,47 @@ class Soak:
                         machine=self.role_machine[target],
                         scope="role",
                     )
+        elif kind == "partition":
+            indexes = [0, 1] if target == "both" else [int(target)]
+            async with contextlib.AsyncExitStack() as held:
+                for i in indexes:  # in order: two partitions never wait on each other
+                    await held.enter_async_context(self.lock(f"net:{i}"))
+                t = time.time()
+                try:
+                    for i in indexes:
+                        await asyncio.to_thread(self.net.partition, i)
+                    await asyncio.sleep(p.hold)
+                finally:
+                    for i in indexes:
+                        await asyncio.to_thread(self.net.heal, i)
+                    self.fault(
+                        kind,
+                        t,
+                        time.time(),
+                        target="replicas" if target == "both" else f"replica-{target}",
+                        machine=CUT_MACHINE,
+                        roles=[f"{CHATROOM}/{self.cut_custom}"],
+                        scope="group",
+                    )
+                self.counts["partitions"] += 1
+        elif kind == "slow_network":
+            # Slow, not cut: nobody may be marked offline for it.
+            async with self.lock("net:slow"):
+                t = time.time()
+                try:
+                    await asyncio.to_thread(self.net.slow_down)
+                    await asyncio.sleep(p.hold)
+                finally:
+                    await asyncio.to_thread(self.net.speed_up)
+                    self.fault(
+                        kind,
+                        t,
+                        time.time(),
+                        machine=CUT_MACHINE,
+                        rate=SLOW_RATE,
+                        queue=SLOW_QUEUE,
+                        scope="",
+                    )
         elif kind == "burst":
             t = time.time()
             await asyncio.gather(*(self.send(target, f"burst {t:.0f} {i}") for i in range(100)))
@@ -554,8 +692,9 @@ class Soak:
             flush=True,
         )
         stop_sampling = asyncio.Event()
-        self.bg.append(asyncio.create_task(sampler(self.client, self.log, stop_sampling)))
         self.start = time.time()
+        self.bg.append(asyncio.create_task(sampler(self.client, self.log, stop_sampling)))
+        self.bg.append(asyncio.create_task(self.live_checks()))
         until = self.start + self.duration
         await asyncio.gather(self.senders(until), self.faults(schedule))
         self.say("faults over: draining")
@@ -579,19 +718,8 @@ class Soak:
                 for line in (self.tmp / f"ops-{r}.jsonl").read_text().splitlines():
                     rec = json.loads(line)
                     self.log.add(rec.pop("kind"), rec.pop("t"), **rec)
-        self.log.add(
-            "run",
-            self.start,
-            seed=self.seed,
-            start=self.start,
-            end=end,
-            duration_s=self.duration,
-            ttl_s=TTL_S,
-            grace_s=GRACE_S,
-            kill_offline_ms=100,
-            pending_idle_s=1.0,
-            schedule=digest,
-        )
+        run = self.run_record(end)
+        self.log.add(run.pop("kind"), run.pop("t"), **run, schedule=digest)
         records = self.log.records
         violations = checker.check(records)
         figures = checker.figures(records)
@@ -602,8 +730,10 @@ class Soak:
         figures["agents_killed"] = self.counts["agents_killed"]
         figures["replica_restarts"] = self.counts["replica_restarts"]
         figures["pg_restarts"] = figures["faults"].get("pg_restart", 0)
-        figures["partitions"] = 0
+        figures["partitions"] = self.counts["partitions"]
         figures["tasks_left_open_after_drain"] = left
+        figures["live_checks"] = self.counts["live_checks"]
+        figures["live_violations"] = len(self.live_violations)
         return {
             "seed": self.seed,
             "schedule_digest": digest,
@@ -617,15 +747,25 @@ class Soak:
                 "remote_roles": len(self.remote),
                 "custom_roles": len(self.custom),
                 "steady_rate_per_s": self.rate,
+                "ttl_s": TTL_S,
                 "env": ENV,
             },
             "figures": figures,
             "errors": self.errors,
             "violations": [v.to_json() for v in violations],
+            "live_violations": self.live_violations,
             "timeline": timeline(records, self.start, end),
         }
 
     async def teardown(self) -> None:
+        try:
+            await self._teardown()
+        finally:  # the namespace goes whatever else failed
+            net = getattr(self, "net", None)
+            if net is not None:
+                await asyncio.to_thread(net.close)
+
+    async def _teardown(self) -> None:
         for proc in self.drivers.values():
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -706,9 +846,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"({len(result['schedule'])} faults planned). Topology: PostgreSQL, 2 `vigil up` "
         f"replicas, daemons {', '.join(result['topology']['machines'])}, "
         f"{result['topology']['remote_roles']} remote roles (example agent), "
-        f"{result['topology']['custom_roles']} custom roles (wait-for-task loops).",
+        f"{result['topology']['custom_roles']} custom roles (wait-for-task loops); "
+        f"TTL {result['topology'].get('ttl_s', TTL_S)} s. Machine {CUT_MACHINE}'s daemon and "
+        "agents and one custom role run in a network namespace: the partitions and the "
+        "slow network act on its link.",
         "",
         f"**Violations: {len(result['violations'])}**",
+        "",
+        f"Checked during the run too (invariants 1 and 5, every 30 s): {f['live_checks']} "
+        f"checks, {f['live_violations']} violations seen live.",
         "",
     ]
     for v in result["violations"][:20]:
@@ -722,7 +868,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"| agents killed (SIGKILL) | {f['agents_killed']} |",
         f"| replica restarts (graceful + SIGKILL) | {f['replica_restarts']} |",
         f"| PostgreSQL restarts | {f['pg_restarts']} |",
-        f"| network partitions | {f['partitions']} (not implemented) |",
+        f"| network partitions | {f['partitions']} |",
         f"| tasks sent | {f['tasks_sent']} |",
         f"| tasks at the end | {f['tasks_final']} |",
         f"| audit rows checked | {f['transitions']} |",

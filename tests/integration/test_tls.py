@@ -235,3 +235,33 @@ def test_plaintext_off_loopback_refuses_to_start_without_insecure(tmp: Path) -> 
         "vigil: error: VIGIL_ADDR 0.0.0.0:0 is not a loopback address: serve it with TLS "
         "(--tls-cert and --tls-key) or, knowing what that exposes, --insecure"
     ]
+
+
+async def test_several_endpoints_over_tls_check_one_name(db_url: str, tmp: Path) -> None:
+    """`VIGIL_ADDR=A:P,B:Q` over TLS: gRPC would check the certificate against the whole
+    list as one name; the client checks the first address (or VIGIL_TLS_SERVER_NAME)."""
+    certs = tmp / "certs"
+    dev_ca(certs, "--host", "127.0.0.2", "--host", "127.0.0.3")
+    server = harness.start_server_process(
+        ["up", "--addr", "127.0.0.2:0", "--tls-cert", str(certs / "server.pem"),
+         "--tls-key", str(certs / "server.key")],
+        harness.child_env({"DATABASE_URL": db_url, "VIGIL_METRICS_ADDR": "127.0.0.1:0"}),
+        tmp / "up.log",
+    )  # fmt: skip
+    try:
+        token = harness.ADMIN_TOKENS[server.addr]
+        both = f"127.0.0.2:{server.port},127.0.0.2:{server.port}"
+        env = {"VIGIL_TOKEN": token, **tls_env(certs, None)}
+        done = vigil_run(both, env, "chatroom", "create", "tls-room", "--role", "r=custom")
+        assert done.returncode == 0, done.stderr
+        # A name no certificate carries is still refused, in one line.
+        done = vigil_run(
+            both,
+            {**env, "VIGIL_TLS_SERVER_NAME": "elsewhere.example"},
+            "chatroom",
+            "show",
+            "tls-room",
+        )
+        assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    finally:
+        server.stop()

@@ -336,3 +336,53 @@ def test_invariant_7_counts_a_role_a_person_left_stopped_as_visible(log: list[Re
     assert not [v for v in checker.check(left) if v.invariant == 7]
     again = _stuck_behind_a_stopped_role(copy.deepcopy(log), started_again=True)
     assert [v for v in checker.check(again) if v.invariant == 7]
+
+
+def _partition(records: list[Record], t: float, machine: str, roles: list[str]) -> Record:
+    return {"kind": "fault", "t": t, "end": t + 2, "fault": "partition", "scope": "group",
+            "machine": machine, "roles": roles, "target": "replica-0"}  # fmt: skip
+
+
+def test_a_partition_excuses_its_group_and_nobody_else(log: list[Record]) -> None:
+    """A death inside a partitioned group (its machine's agents, its own clients) is not
+    false, nor is a late kill → offline there; a role outside the group is not excused."""
+    remote = role_of_kind(log, "remote")
+    t = later(log)
+    # the same false death, inside a partition window of its machine: excused
+    inside = false_death(copy.deepcopy(log))
+    inside.append(_partition(inside, t + 1, remote["machine"], []))
+    assert not [v for v in checker.check(inside) if v.invariant == 5]
+    # a late kill → offline of an agent of the partitioned machine: excused
+    late = slow_kill_detection(copy.deepcopy(log))
+    late.append(_partition(late, t, remote["machine"], []))
+    assert not [v for v in checker.check(late) if v.invariant == 5]
+    # a partition of another machine excuses nothing of this one
+    other = false_death(copy.deepcopy(log))
+    other.append(_partition(other, t + 1, "elsewhere", ["chaos/someone-else"]))
+    assert [v for v in checker.check(other) if v.invariant == 5]
+    # a custom role excused by name, as one of the group's own clients
+    custom = role_of_kind(log, "custom")["role"]
+    named = copy.deepcopy(log)
+    named += [
+        {"kind": "presence", "t": t, "revision": 10**9, "type": "joined", "chatroom": "chaos",
+         "role": custom, "epoch": 999, "status": "live", "reason": "", "principal": "p"},
+        {"kind": "presence", "t": t + 2, "revision": 10**9 + 1, "type": "offline",
+         "chatroom": "chaos", "role": custom, "epoch": 999, "status": "offline",
+         "reason": "stream_dropped", "principal": "p"},
+    ]  # fmt: skip
+    extend_run(named, t + 3)
+    assert [v for v in checker.check(named) if v.invariant == 5]
+    named.append(_partition(named, t + 1, "elsewhere", [f"chaos/{custom}"]))
+    assert not [v for v in checker.check(named) if v.invariant == 5]
+
+
+def test_the_live_check_runs_the_invariants_whose_inputs_arrive_during_the_run(
+    log: list[Record],
+) -> None:
+    assert {fn.__name__ for fn in checker.LIVE_CHECKS} == {
+        "inv1_one_open_start",
+        "inv5_no_false_death",
+    }
+    assert {v.invariant for v in checker.check(false_death(copy.deepcopy(log)), live=True)} == {5}
+    # an input collected only at the end (the exits) is not judged live
+    assert checker.check(exit_recorded_twice(copy.deepcopy(log)), live=True) == []

@@ -78,6 +78,17 @@ def _credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
     )
 
 
+def _first_host(target: str) -> str | None:
+    """The name to check the certificates against when the target lists several
+    endpoints (`ipv4:A:P,B:P`): gRPC would check the whole list as one name, which no
+    certificate carries. It is the first endpoint's address, so every replica's
+    certificate must name it (or set VIGIL_TLS_SERVER_NAME to a name they all carry)."""
+    if not target.startswith(("ipv4:", "ipv6:")) or "," not in target:
+        return None
+    first = target.split(":", 1)[1].split(",", 1)[0]
+    return first.rsplit(":", 1)[0].strip("[]")
+
+
 def open_channel(
     addr: str, config: ClientConfig, health_service: str, var: str = "VIGIL_ADDR"
 ) -> grpc.aio.Channel:
@@ -85,6 +96,7 @@ def open_channel(
     options = channel_options(config.timings, health_service) + list(config.channel_options)
     if not config.tls.enabled:
         return grpc.aio.insecure_channel(target, options=options)
-    if config.tls.server_name:
-        options.append(("grpc.ssl_target_name_override", config.tls.server_name))
+    server_name = config.tls.server_name or _first_host(target)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.aio.secure_channel(target, _credentials(config.tls), options=options)

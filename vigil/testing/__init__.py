@@ -302,7 +302,9 @@ class MachineDaemon:
         metrics: bool = False,
         extra_args: tuple[str, ...] = (),
         env: Mapping[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
+        """`prefix` goes in front of the command (e.g. `ip netns exec NAME`)."""
         self.addr = addr
         self.machine_id = machine_id
         self.credential = credential
@@ -316,6 +318,7 @@ class MachineDaemon:
         self.log = tmp / f"daemon-{machine_id}.log"
         self.extra_args = extra_args
         self.env = dict(env or {})
+        self.prefix = prefix
         self.proc: subprocess.Popen[bytes] | None = None
 
     def args(self) -> list[str]:
@@ -339,7 +342,7 @@ class MachineDaemon:
     def start(self, addr: str | None = None) -> MachineDaemon:
         self.proc = _track(
             subprocess.Popen(
-                vigil_cmd(*self.args()),
+                [*self.prefix, *vigil_cmd(*self.args())],
                 env=child_env({"VIGIL_ADDR": addr or self.addr, **self.env}),
                 stdout=subprocess.DEVNULL,
                 stderr=self.log.open("ab"),
