@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from vigil.core.db import DRIVER_ERRORS
 from vigil.core.errors import StorageError
 from vigil.liveness_service.model import PresenceEvent
 from vigil.liveness_service.store import NOTIFY_CHANNEL, LivenessStore
@@ -65,7 +66,7 @@ class EventHub:
         try:
             self._conn = await asyncpg.connect(self._url)
             await self._conn.add_listener(NOTIFY_CHANNEL, self._notified)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except DRIVER_ERRORS as exc:
             self._conn = None
             raise StorageError(f"cannot listen for presence events: {exc}") from exc
 

@@ -57,6 +57,7 @@ def test_status_for(exc: Exception, code: grpc.StatusCode) -> None:
         ("40P01", grpc.StatusCode.ABORTED),  # deadlock: retry
         ("57P01", grpc.StatusCode.UNAVAILABLE),  # admin shutdown
         ("08006", grpc.StatusCode.UNAVAILABLE),  # connection failure
+        ("25006", grpc.StatusCode.UNAVAILABLE),  # a standby refusing a write (a switch)
         ("53300", grpc.StatusCode.UNAVAILABLE),  # too many connections
         ("23505", grpc.StatusCode.INTERNAL),  # a unique violation nobody declared: a bug
         ("42P01", grpc.StatusCode.INTERNAL),  # undefined table: a bug

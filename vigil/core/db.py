@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
 from vigil.core.embedded import EmbeddedPostgres
 from vigil.core.errors import (
     Aborted,
+    ConfigError,
     FailedPrecondition,
     Internal,
     InvalidArgument,
@@ -53,7 +56,26 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def check_hosts(url: str) -> None:
+    """A URL that names several hosts (`postgresql://u@h1:p1,h2:p2/db`, or `?host=h1,h2`)
+    must say which of them to use with `target_session_attrs` (or PGTARGETSESSIONATTRS):
+    asyncpg's default, `any`, takes the first host that answers, which after a primary
+    switch can be a standby that refuses every write and every LISTEN. Every connection
+    Vigil opens (pool, LISTEN, migrations) uses the same URL, so it honours the choice."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    hosts = parts.netloc.rsplit("@", 1)[-1].split(",") + ",".join(query.get("host", [])).split(",")
+    if len([h for h in hosts if h]) < 2:
+        return
+    if "target_session_attrs" not in query and not os.environ.get("PGTARGETSESSIONATTRS"):
+        raise ConfigError(
+            "the database URL names several hosts but no target_session_attrs: add "
+            "?target_session_attrs=read-write so Vigil always connects to the primary"
+        )
+
+
 async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    check_hosts(url)
     try:
         pool = await asyncpg.create_pool(
             url, min_size=min_size, max_size=max_size, command_timeout=30, reset=_reset
@@ -68,6 +90,9 @@ async def create_pool(url: str, *, min_size: int = 2, max_size: int = 10) -> asy
 
 # SQLSTATE classes that mean the server or the connection, not the request.
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+# "Read-only SQL transaction": what a standby answers to a write or a LISTEN, so the
+# primary is not there (yet). (Vigil's own read-only transactions only read.)
+_UNAVAILABLE_STATES = {"25006"}
 _RETRY_STATES = {"40001", "40P01"}  # serialization failure, deadlock
 FSM_REFUSED = "VG001"  # raised by the task FSM guard (tasks schema)
 DRIVER_ERRORS: tuple[type[BaseException], ...] = (
@@ -98,7 +123,7 @@ def db_error(exc: BaseException, constraints: Constraints | None = None) -> Vigi
         return constraints[constraint](exc)
     if state == FSM_REFUSED:
         return FailedPrecondition(f"refused by the database: {exc.message}")
-    if state.startswith(_UNAVAILABLE_CLASSES):
+    if state.startswith(_UNAVAILABLE_CLASSES) or state in _UNAVAILABLE_STATES:
         return StorageError(f"the database is unavailable: {exc.message}")
     if state in _RETRY_STATES:
         return Aborted(f"the change lost a race; retry it ({exc.message})")

@@ -296,6 +296,24 @@ class EmbeddedPostgres:
             self.owner = False
             raise
 
+    def make_standby(self, primary_host: str, primary_port: int) -> None:
+        """Fill this (new) data folder with a base backup of the server at
+        `primary_host:primary_port` (`pg_basebackup -R`, which also writes the standby
+        settings): `start()` then runs it as that server's streaming-replication hot
+        standby. For tests and trials of a primary switch."""
+        self._prepare_folders()
+        self._run(
+            "pg_basebackup",
+            *("-h", primary_host, "-p", str(primary_port), "-U", "postgres"),
+            *("-R", "-X", "stream", "-c", "fast"),
+            timeout=START_TIMEOUT_S,
+        )
+
+    def promote(self) -> None:
+        """Make this running standby a primary (`pg_ctl promote`, waited for)."""
+        wait = str(int(START_TIMEOUT_S))
+        self._run("pg_ctl", "-w", "-t", wait, "promote", timeout=START_TIMEOUT_S + 5)
+
     def _attach(self) -> str:
         """Use the server of the live owner (waiting while it is starting it)."""
         deadline = time.monotonic() + START_TIMEOUT_S

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import asyncpg
 
+from vigil.core.db import DRIVER_ERRORS
+
 log = logging.getLogger(__name__)
 
 
@@ -52,8 +54,11 @@ class Listener:
                 for handler in self._handlers.values():
                     handler("")
                 await lost.wait()
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("LISTEN connection failed: %s; retrying", exc)
+            except DRIVER_ERRORS as exc:
+                # Whatever the driver raises (a refused connection, a standby refusing
+                # LISTEN, no host of several being the primary) is retried: a listener
+                # that gave up would leave its wake-ups to the slow paths for good.
+                log.warning("LISTEN connection failed: %s: %s; retrying", type(exc).__name__, exc)
             finally:
                 self.connected.clear()
                 if conn is not None:
