@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 PROTOS := $(wildcard protos/vigil/v1/*.proto)
 GEN_STAMP := vigil/v1/.generated
 
-.PHONY: run test test-fast bench chaos chaos-short lint typecheck proto install clean prometheus-tools promcheck
+.PHONY: run test test-fast bench chaos chaos-short lint typecheck proto install clean prometheus-tools net-tools promcheck
 
 run: $(STAMP) $(GEN_STAMP)
 	$(BIN)/vigil up
 
-test: $(STAMP) $(GEN_STAMP) prometheus-tools
+test: $(STAMP) $(GEN_STAMP) prometheus-tools net-tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -27,10 +27,10 @@ bench: $(STAMP) $(GEN_STAMP)
 # The chaos soak (chaos/): `make chaos DURATION=30m [SEED=N]`; report in chaos/results/.
 DURATION ?= 30m
 # The 60-90 s soak as a test, alone (`make test` runs it too).
-chaos-short: $(STAMP) $(GEN_STAMP)
+chaos-short: $(STAMP) $(GEN_STAMP) net-tools
 	$(BIN)/pytest -q -m soak tests/integration/test_chaos_short.py
 
-chaos: $(STAMP) $(GEN_STAMP)
+chaos: $(STAMP) $(GEN_STAMP) net-tools
 	$(BIN)/python -m chaos --duration $(DURATION) $(if $(SEED),--seed $(SEED))
 
 lint: $(STAMP) $(GEN_STAMP)
@@ -53,6 +53,17 @@ prometheus-tools:
 		echo "installing Debian's prometheus package (prometheus, promtool)"; \
 		$$SUDO apt-get update -q && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; \
+	fi
+
+# `ip` and `tc` (Debian's iproute2) for the chaos soak's network namespace, partitions and
+# slow network; the soak needs root for them.
+net-tools:
+	@if command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; then :; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		echo "installing Debian's iproute2 package (ip, tc)"; \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends iproute2; \
 	fi
 
 # Prometheus scrape config and alert rules: syntax, and the rules' unit tests.

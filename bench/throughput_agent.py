@@ -6,7 +6,8 @@ the chatroom token of its role, as separately deployed agents hold them.
         --mode session --chatroom room --roles r0,r1 --tokens FILE --ready FILE --out FILE
 
 --mode session   the client package's long-lived agent session: joined once, task after
-                 task (`next_task`, `start`, `complete`) for as long as it runs.
+                 task (`async for task in agent.tasks()`, `start`, `complete`) for as
+                 long as it runs.
 --mode oneshot   as `vigil wait-for-task` and the commands after it do: join, wait for
                  one task and leave with `task_received` (`receive_one`), then start and
                  complete it, then join again for the next. The client (its connection)
@@ -60,8 +61,7 @@ async def _session_agent(
         client.agent(chatroom, role, handle_signals=False) as agent,
     ):
         ready.joined()
-        while True:
-            task = await agent.next_task()
+        async for task in agent.tasks():
             await task.start()
             await task.complete()
             done.append([task.id, task.attempt])

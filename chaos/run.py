@@ -43,7 +43,7 @@ from typing import Any
 
 from chaos import checker
 from chaos.collect import EventLog, collect_final, sample, sampler, watch_presence
-from chaos.netns import SLOW_QUEUE, SLOW_RATE, Netns
+from chaos.netns import SLOW_QUEUE, SLOW_RATE, Netns, NetnsError
 from vigil import testing as harness
 from vigil.client import Client, RPCError, TlsConfig
 from vigil.core.auth.principal import new_token
@@ -961,5 +961,10 @@ def main(argv: list[str] | None = None) -> int:
         args.seed = random.SystemRandom().randrange(1, 1_000_000)
     try:
         return asyncio.run(soak(args))
+    except NetnsError as exc:
+        print(
+            f"chaos: cannot make the soak's network namespace (it needs root and iproute2): {exc}"
+        )
+        return 2
     finally:
         harness.kill_leftovers()

@@ -463,3 +463,15 @@ SELECT * FROM tasks.start_task($1, $2, $3, $4, $5, $6);
 -- name: complete_task_fast
 -- As start_task_fast, and $7 the promoted task's pending deadline
 SELECT * FROM tasks.complete_task($1, $2, $3, $4, $5, $6, $7);
+
+-- name: take_task_fast
+-- As claim_task_fast, and $10 start it at once (0010_session_steps.sql)
+SELECT * FROM tasks.take_task($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
+
+-- name: complete_and_claim_fast
+-- $1 id, $2 attempt, $3 claimer's token or NULL (admin), $4 chatroom scope or NULL,
+-- $5 actor, $6 now, $7 the promoted task's pending deadline, $8 chatroom, $9 role,
+-- $10 connection_id, $11 epoch, $12 acknowledged deadline, $13 claim reason,
+-- $14 claimed_by_token, $15 start, $16 claim
+SELECT * FROM tasks.complete_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                                       $13, $14, $15, $16);

@@ -442,17 +442,24 @@ class TaskService:
         return task
 
     async def await_task(
-        self, chatroom: str, role: str, connection_id: str, epoch: int, by: Principal
+        self,
+        chatroom: str,
+        role: str,
+        connection_id: str,
+        epoch: int,
+        by: Principal,
+        start: bool = False,
     ) -> Task:
         """Wait (pushed, not polled) until a task of the role can be claimed for this
-        participant; claim it atomically and return it. The participant must be live with
-        this connection and epoch and held by the caller: a claim is bound to liveness."""
+        participant; claim it atomically (with `start`, claim and start it in one
+        transaction) and return it. The participant must be live with this connection
+        and epoch and held by the caller: a claim is bound to liveness."""
         validation.name(chatroom, "chatroom")
         validation.name(role, "role")
         connection_id = validation.uuid_str(connection_id, "connection_id")
         validation.positive(epoch, "epoch")
         await self._held_by(chatroom, role, connection_id, epoch, by, wait=PRESENCE_WAIT_S)
-        ready = await self._claim(chatroom, role, connection_id, epoch, by)
+        ready = await self._claim(chatroom, role, connection_id, epoch, by, start)
         if ready is not None:
             return ready  # the common case: no need to look the role up
         await self._role(chatroom, role)
@@ -464,7 +471,7 @@ class TaskService:
             while True:
                 woken.clear()
                 await self._held_by(chatroom, role, connection_id, epoch, by)
-                task = await self._claim(chatroom, role, connection_id, epoch, by)
+                task = await self._claim(chatroom, role, connection_id, epoch, by, start)
                 if task is not None:
                     return task
                 with contextlib.suppress(TimeoutError):
@@ -504,12 +511,28 @@ class TaskService:
             await asyncio.sleep(0.02)
 
     async def _claim(
-        self, chatroom: str, role: str, connection_id: str, epoch: int, by: Principal
+        self,
+        chatroom: str,
+        role: str,
+        connection_id: str,
+        epoch: int,
+        by: Principal,
+        start: bool = False,
     ) -> Task | None:
         now = self.clock.now()
         fsm.transition(fsm.PENDING, "claimTask")
         deadline = policy.deadline_for(fsm.ACKNOWLEDGED, now, self.timings)
         reason = f"claimed by connection {connection_id} epoch {epoch}"
+        if start:
+            fsm.transition(fsm.ACKNOWLEDGED, "startTask")
+            rows = await self.store.take_fast(
+                chatroom, role, connection_id, epoch, now, deadline, by.display, by.token_id,
+                reason,
+            )  # fmt: skip
+            effects = Effects()
+            taken = self._taken(rows, now, by, reason, effects)
+            self.after_commit(effects)
+            return taken
         # One call: the task this participant holds already (asked again: its first
         # answer was lost on the way, so the same claim, not a second task), else the
         # role's oldest pending one.
@@ -524,6 +547,92 @@ class TaskService:
         self.metrics.transitions.labels("claimTask").inc()
         self.poke(deadline)  # the acknowledged deadline may be the earliest now
         return task
+
+    def _taken(
+        self, rows: list[Task], now: datetime, by: Principal, reason: str, effects: Effects
+    ) -> Task | None:
+        """The task a claim (`take_fast`'s rows) handed the participant, None if none;
+        the transitions made now are added to `effects`."""
+        for row in rows:
+            if row.status == fsm.ACKNOWLEDGED and row.acknowledged_at == now:
+                effects.transitions.append((row, "claimTask", by.display, reason))
+                self.metrics.transitions.labels("claimTask").inc()
+            elif row.status == fsm.IN_PROGRESS and row.started_at == now:
+                effects.transitions.append((row, "startTask", by.display, "started"))
+                self.metrics.transitions.labels("startTask").inc()
+        if not rows:
+            return None
+        taken = rows[-1]
+        if taken.status == fsm.ACKNOWLEDGED and taken.acknowledged_at == now:
+            self.poke(taken.deadline_at)  # the acknowledged deadline may be the earliest now
+        return taken
+
+    async def complete_and_claim_next(
+        self,
+        chatroom: str,
+        role: str,
+        connection_id: str,
+        epoch: int,
+        task_id: str,
+        attempt: int,
+        start: bool,
+        by: Principal,
+    ) -> tuple[Task, Task | None]:
+        """A long-lived session's step, in one transaction: complete the task it holds
+        (fenced as `complete_task`) and claim the role's next pending task for the same
+        participant (with `start`, started too) if one is pending now. Never waits.
+        Returns (the completed task, the claimed one or None)."""
+        validation.name(chatroom, "chatroom")
+        validation.name(role, "role")
+        connection_id = validation.uuid_str(connection_id, "connection_id")
+        validation.positive(epoch, "epoch")
+        task_id = check_task_id(task_id)
+        try:
+            await self._held_by(chatroom, role, connection_id, epoch, by)
+            live = True
+        except FailedPrecondition:
+            live = False  # complete all the same; claim nothing (a claim needs liveness)
+        token = None if by.is_admin else by.token_id
+        rows: list[Task] = []
+        now = self.clock.now()
+        reason = f"claimed by connection {connection_id} epoch {epoch}"
+        if (token is not None or by.is_admin) and 0 <= attempt <= MAX_ATTEMPT:
+            scope = None if by.kind in (TokenKind.ADMIN, TokenKind.READONLY) else by.chatroom
+            rows = await self.store.complete_and_claim_fast(
+                task_id, attempt, token, scope, by.display, now,
+                policy.deadline_for(fsm.PENDING, now, self.timings), chatroom, role,
+                connection_id, epoch, policy.deadline_for(fsm.ACKNOWLEDGED, now, self.timings),
+                reason, by.token_id, start, live,
+            )  # fmt: skip
+        if not rows:
+            # The general path says precisely why (or completes what the fast path does
+            # not handle); the session then waits for its next task with AwaitTask.
+            task = await self.get_task(task_id, by)
+            if (task.chatroom, task.role) != (chatroom, role):
+                raise InvalidArgument(
+                    f"task {task_id} is of {task.chatroom}/{task.role}, not of the "
+                    f"participant {chatroom}/{role}"
+                )
+            return await self.complete_task(task_id, attempt, by), None
+        done = rows[0]
+        effects = Effects()
+        effects.transitions.append((done, "completeTask", by.display, "completed"))
+        self.metrics.transitions.labels("completeTask").inc()
+        promoted = [r for r in rows[1:] if r.status == fsm.PENDING]
+        for p in promoted:
+            effects.transitions.append(
+                (p, "promoteNextTask", SYSTEM, "the role's active task ended")
+            )
+            self.metrics.transitions.labels("promoteNextTask").inc()
+        taken = self._taken(rows[1 + len(promoted) :], now, by, reason, effects)
+        for p in promoted:
+            if taken is None or taken.id != p.id:  # left pending: its waiters, its deadline
+                effects.woken_roles.add((p.chatroom, p.role))
+                self.poke(p.deadline_at)
+        self.after_commit(effects)
+        if taken is not None:
+            self.delivered(taken)
+        return done, taken
 
     def delivered(self, task: Task) -> None:
         self.metrics.delivery.observe((self.clock.now() - task.created_at).total_seconds())

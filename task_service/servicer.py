@@ -84,7 +84,12 @@ class TasksServicer(pb_grpc.TasksServicer):
         self, request: pb.AwaitTaskRequest, context: Ctx
     ) -> AsyncIterator[pb.AwaitTaskResponse]:
         task = await self.svc.await_task(
-            request.chatroom, request.role, request.connection_id, request.epoch, caller()
+            request.chatroom,
+            request.role,
+            request.connection_id,
+            request.epoch,
+            caller(),
+            start=request.start,
         )
         try:
             yield pb.AwaitTaskResponse(task=codec.task(task))
@@ -101,6 +106,24 @@ class TasksServicer(pb_grpc.TasksServicer):
     @rpc
     async def CompleteTask(self, request: pb.TaskRef, context: Ctx) -> pb.Task:
         return codec.task(await self.svc.complete_task(request.id, request.attempt, caller()))
+
+    @rpc
+    async def CompleteAndClaimNext(
+        self, request: pb.CompleteAndClaimNextRequest, context: Ctx
+    ) -> pb.CompleteAndClaimNextResponse:
+        done, taken = await self.svc.complete_and_claim_next(
+            request.chatroom,
+            request.role,
+            request.connection_id,
+            request.epoch,
+            request.id,
+            request.attempt,
+            request.start,
+            caller(),
+        )
+        return pb.CompleteAndClaimNextResponse(
+            completed=codec.task(done), next=codec.task(taken) if taken is not None else None
+        )
 
     @rpc
     async def CancelTask(self, request: pb.TaskRef, context: Ctx) -> pb.Task:

@@ -321,6 +321,34 @@ class TaskStore:
             "complete_task_fast", task_id, attempt, token, scope, actor, now, pending_deadline
         )
 
+    # -- a long-lived session's steps (0010_session_steps.sql) -------------------------
+
+    async def take_fast(
+        self, chatroom: str, role: str, connection_id: str, epoch: int, now: datetime,
+        deadline: datetime | None, by: str, token_id: str | None, reason: str,
+    ) -> list[Task]:  # fmt: skip
+        """Claim and start for this participant in one transaction: [the claim (made
+        now), the started task], or [the task it holds, started if it was not]; []
+        when there is nothing to take."""
+        return await self._fast(
+            "take_task_fast", chatroom, role, connection_id, epoch, now, deadline, by,
+            token_id, reason, True,
+        )  # fmt: skip
+
+    async def complete_and_claim_fast(
+        self, task_id: str, attempt: int, token: str | None, scope: str | None, actor: str,
+        now: datetime, pending_deadline: datetime | None, chatroom: str, role: str,
+        connection_id: str, epoch: int, ack_deadline: datetime | None, reason: str,
+        claim_token: str | None, start: bool, claim: bool,
+    ) -> list[Task]:  # fmt: skip
+        """[completed, promoted (pending), then what the claim took (`take_fast`'s
+        rows)], or [] when the claim, attempt, status or role do not allow completing."""
+        return await self._fast(
+            "complete_and_claim_fast", task_id, attempt, token, scope, actor, now,
+            pending_deadline, chatroom, role, connection_id, epoch, ack_deadline, reason,
+            claim_token, start, claim,
+        )  # fmt: skip
+
     async def list_chatrooms(self, only: str | None, page: Page) -> list[Chatroom]:
         async with mapped_errors(), self.db.pool.acquire() as conn:
             rows = await conn.fetch(Q["list_chatrooms"], only, page.arg(0), page.fetch)

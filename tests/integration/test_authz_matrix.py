@@ -190,6 +190,18 @@ def requests(fx: dict[str, Any]) -> dict[str, Call]:
         ),
         "vigil.v1.Tasks/StartTask": lambda ch: tasks(ch).StartTask(done),
         "vigil.v1.Tasks/CompleteTask": lambda ch: tasks(ch).CompleteTask(done),
+        # The participant's own claimer only (its token): a stale attempt changes nothing.
+        "vigil.v1.Tasks/CompleteAndClaimNext": lambda ch: tasks(ch).CompleteAndClaimNext(
+            tpb.CompleteAndClaimNextRequest(
+                chatroom="A",
+                role="builder",
+                connection_id=conn,
+                epoch=epoch,
+                id=task_id,
+                attempt=7,
+                start=True,
+            )
+        ),
         "vigil.v1.Tasks/ReleaseTask": lambda ch: tasks(ch).ReleaseTask(done),
         "vigil.v1.Tasks/CancelTask": lambda ch: tasks(ch).CancelTask(
             tpb.TaskRef(id=str(uuid.uuid4()))

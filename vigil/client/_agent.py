@@ -12,6 +12,14 @@ runs: the block is cancelled, ends quietly, and `agent.signalled` names the sign
 `error` when an exception escapes. A task the agent received but never started is
 handed back by the server if the session drops; once started, it is the agent's until it
 completes it or releases it (or its process exits, for a remote agent).
+
+`tasks()` takes one round trip per task where it can (`pipelined`, the default): a task
+is claimed and started in one step (it arrives in progress; `start()` then has nothing
+left to do), and completing a task claims and starts the role's next pending one for the
+same session in the same transaction, handed out by the next turn of the loop. A task
+claimed that way and not yet handed out when the session ends is handed back (released,
+not recovered); if the process dies, it is recovered with the session, as any claim.
+`next_task()` and `receive_one()` claim one task at a time, as `vigil wait-for-task`.
 """
 
 from __future__ import annotations
@@ -56,10 +64,13 @@ class Superseded(RPCError):
 @dataclass
 class ClaimedTask:
     """A task claimed for this agent, with the attempt that fences it: `start`,
-    `complete` and `release` present that attempt, so a stale claim changes nothing."""
+    `complete` and `release` present that attempt, so a stale claim changes nothing.
+    `session`: the pipelined agent session it came from (`AgentSession.tasks()`), whose
+    next task its completion claims."""
 
     client: Client
     message: tpb.Task
+    session: AgentSession | None = None
 
     @property
     def id(self) -> str:
@@ -86,10 +97,15 @@ class ClaimedTask:
         return TaskStatus.from_pb(self.message.status)
 
     async def start(self) -> None:
+        if self.session is not None and self.status == TaskStatus.IN_PROGRESS:
+            return  # claimed and started in one step: it arrived in progress
         await self._fenced(self.client.start_task, (TaskStatus.IN_PROGRESS, TaskStatus.COMPLETED))
 
     async def complete(self) -> None:
-        await self._fenced(self.client.complete_task, (TaskStatus.COMPLETED,))
+        call = self.client.complete_task
+        if self.session is not None:
+            call = self.session._complete_and_claim_next
+        await self._fenced(call, (TaskStatus.COMPLETED,))
 
     async def _fenced(
         self,
@@ -143,10 +159,14 @@ class AgentSession:
         *,
         handle_signals: bool = True,
         say: Callable[[str], None] | None = None,
+        pipelined: bool = True,
     ) -> None:
         self.client = client
         self.session = ParticipantSession(client, chatroom, role, kind, say=say)
         self.handle_signals = handle_signals
+        # tasks(): claim and start in one step, and claim the next task on completing one.
+        self.pipelined = pipelined
+        self._ahead: tuple[int, ClaimedTask] | None = None  # (generation, claimed task)
         self._runner: asyncio.Task[SessionEnd] | None = None
         self._owner: asyncio.Task[Any] | None = None
         self._signalled: int | None = None
@@ -239,6 +259,7 @@ class AgentSession:
                 loop.remove_signal_handler(sig)
         if self._runner is None:
             return None
+        await self._hand_back()
         self.session.stop(reason)
         try:
             return await asyncio.shield(self._runner)
@@ -267,12 +288,55 @@ class AgentSession:
         """Wait for the next task of this role and claim it for this session. If the
         session rejoins meanwhile (it was expired while paused) the wait is renewed
         under the new epoch; a lost connection is retried."""
+        return await self._next(pipelined=False)
+
+    def _take_ahead(self) -> ClaimedTask | None:
+        """The task claimed for this session with the last completion, if its claim
+        still holds (the session has not rejoined since: a rejoin recovers claims)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead[0] != self.session.generation:
+            return None
+        return ahead[1]
+
+    async def _hand_back(self) -> None:
+        """Release a task claimed ahead that the agent never took (the session ends)."""
+        ahead = self._take_ahead()
+        if ahead is None:
+            return
+        with contextlib.suppress(RPCError, TimeoutError):
+            # If this fails the server recovers the claim with the session.
+            await asyncio.wait_for(ahead.release("the session ended before taking it"), 5)
+
+    async def _complete_and_claim_next(self, task_id: str, attempt: int) -> tpb.Task:
+        """Complete a task of this session and claim (and start) the next one with it."""
+        epoch, generation = self.session.epoch, self.session.generation
+        if epoch is None or not self.session.joined.is_set():
+            return await self.client.complete_task(task_id, attempt)
+        reply = await self.client.complete_and_claim_next(
+            self.chatroom,
+            self.role,
+            self.session.connection_id,
+            epoch,
+            task_id,
+            attempt,
+            start=True,
+        )
+        if reply.HasField("next"):
+            self._ahead = (generation, ClaimedTask(self.client, reply.next, self))
+        return reply.completed
+
+    async def _next(self, pipelined: bool) -> ClaimedTask:
+        ahead = self._take_ahead()
+        if ahead is not None:
+            return ahead
         delay = 0.05
         while True:
             epoch = await self._joined_or_ended()
             generation = self.session.generation
             wait = asyncio.ensure_future(
-                self.client.await_task(self.chatroom, self.role, self.session.connection_id, epoch)
+                self.client.await_task(
+                    self.chatroom, self.role, self.session.connection_id, epoch, start=pipelined
+                )
             )
             assert self._runner is not None
             renewed = asyncio.ensure_future(self.session.wait_rejoin(generation))
@@ -288,7 +352,7 @@ class AgentSession:
                     await wait
                 continue  # a new epoch (or the session ended: the top of the loop says)
             try:
-                return ClaimedTask(self.client, wait.result())
+                return ClaimedTask(self.client, wait.result(), self if pipelined else None)
             except RPCError as exc:
                 if not exc.retryable:
                     raise
@@ -296,9 +360,10 @@ class AgentSession:
             delay = min(delay * 2, 1.0)
 
     async def tasks(self) -> AsyncIterator[ClaimedTask]:
-        """Task after task, for as long as the session lasts."""
+        """Task after task, for as long as the session lasts (pipelined, unless the
+        session was made with `pipelined=False`: see the module's docstring)."""
         while True:
-            yield await self.next_task()
+            yield await self._next(pipelined=self.pipelined)
 
     async def receive_one(self) -> ClaimedTask:
         """The one-shot form (`vigil wait-for-task`): wait for one task, then leave with

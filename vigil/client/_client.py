@@ -218,11 +218,12 @@ class Client:
         )
 
     async def await_task(
-        self, chatroom: str, role: str, connection_id: str, epoch: int
+        self, chatroom: str, role: str, connection_id: str, epoch: int, start: bool = False
     ) -> tpb.Task:
-        """Wait until the server claims a task of the role for this participant."""
+        """Wait until the server claims a task of the role for this participant (with
+        `start`, claims and starts it in one step: it arrives in progress)."""
         request = tpb.AwaitTaskRequest(
-            chatroom=chatroom, role=role, connection_id=connection_id, epoch=epoch
+            chatroom=chatroom, role=role, connection_id=connection_id, epoch=epoch, start=start
         )
         task: tpb.Task | None = None
         # Read to the end of the stream: the server ends it right after the one task,
@@ -238,6 +239,32 @@ class Client:
 
     async def complete_task(self, task_id: str, attempt: int) -> tpb.Task:
         return await self.call(self.tasks.CompleteTask, tpb.TaskRef(id=task_id, attempt=attempt))
+
+    async def complete_and_claim_next(
+        self,
+        chatroom: str,
+        role: str,
+        connection_id: str,
+        epoch: int,
+        task_id: str,
+        attempt: int,
+        start: bool = False,
+    ) -> tpb.CompleteAndClaimNextResponse:
+        """Complete a task this participant holds and, in the same transaction, claim
+        (with `start`, and start) its role's next pending task for it, if there is one
+        (`next` unset: none)."""
+        return await self.call(
+            self.tasks.CompleteAndClaimNext,
+            tpb.CompleteAndClaimNextRequest(
+                chatroom=chatroom,
+                role=role,
+                connection_id=connection_id,
+                epoch=epoch,
+                id=task_id,
+                attempt=attempt,
+                start=start,
+            ),
+        )
 
     async def cancel_task(self, task_id: str, reason: str = "") -> tpb.Task:
         return await self.call(self.tasks.CancelTask, tpb.TaskRef(id=task_id, reason=reason))

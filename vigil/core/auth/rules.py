@@ -83,6 +83,8 @@ RULES: dict[str, Rule] = {
     "vigil.v1.Tasks/AwaitTask": Rule(WORKERS, Scope.ROLE, _role),
     "vigil.v1.Tasks/StartTask": Rule(WORKERS, Scope.OWNER),
     "vigil.v1.Tasks/CompleteTask": Rule(WORKERS, Scope.OWNER),
+    # The participant's role, from the request; the task's claimer, by the service.
+    "vigil.v1.Tasks/CompleteAndClaimNext": Rule(WORKERS, Scope.OWNER, _role),
     "vigil.v1.Tasks/ReleaseTask": Rule(WORKERS, Scope.OWNER),
     "vigil.v1.Tasks/CancelTask": Rule(frozenset({ADMIN})),
     "vigil.v1.Tasks/GetTask": Rule(READERS, Scope.OWNER),
