@@ -188,9 +188,15 @@ class LivenessServicer(pb_grpc.LivenessServicer):
                 r.chatroom, r.role, r.epoch, r.connection_id, caller()
             )
             if status != OK or resumed is None:
-                await context.write(
-                    pb.SessionResponse(heartbeat=pb.HeartbeatResponse(status=status.to_pb()))
-                )
+                # Told to rejoin (or that it was superseded). The client may already be
+                # gone (a resume right before its process died): then the write fails
+                # on a finished call and there is nobody left to tell.
+                try:
+                    await context.write(
+                        pb.SessionResponse(heartbeat=pb.HeartbeatResponse(status=status.to_pb()))
+                    )
+                except Exception as exc:  # grpc raises its internal ExecuteBatchError here
+                    log.debug("resume answer not delivered, the call is over: %r", exc)
                 return None
             session = self.live.open_session(resumed)
             session.outbox.put_nowait(Push("joined", participant=resumed))
