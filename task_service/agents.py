@@ -606,9 +606,12 @@ class Agents:
                     by.display,
                 )
                 await self._note_offline(tx, agent, start)
+                # A process still shown (a stop not yet done: it has not exited) keeps
+                # being shown running until its exit is recorded; the start runs after.
+                still_running = agent.status == AgentStatus.RUNNING and agent.pid is not None
                 agent = await atx.update_agent(
                     agent,
-                    status=AgentStatus.STARTING,
+                    status=agent.status if still_running else AgentStatus.STARTING,
                     next_restart_at=None,
                     circuit_opened_at=None,
                     half_open=False,

@@ -405,3 +405,52 @@ async def test_late_commands_expire_and_credentials_are_per_machine(db_url: str,
                 await mpb_grpc.MachinesStub(ch).ReportExit(report)
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert await fetch(db_url, "SELECT * FROM tasks.agent_exits") == []
+
+
+async def test_a_start_while_a_stop_is_pending_shows_the_old_process_until_its_exit(
+    db_url: str, tmp: Path
+) -> None:
+    """A person stops a frozen agent and starts it again at once (the chaos soak's
+    `operator_stop` over an `agent_pause_long`): the old process has not exited, so it is
+    shown running with its pid until the daemon reports its exit; then the new one runs."""
+    async with local_server(db_url, TIMINGS) as srv:
+        m = await register(srv.addr, "m1", tmp)
+        await room(srv.addr, worker("idle"))
+        m.start()
+        try:
+
+            async def running() -> mpb.Agent | None:
+                a = await agent(srv.addr)
+                return a if a.status == AgentStatus.RUNNING.to_pb() and a.pid else None
+
+            async with harness.channel(srv.addr) as ch:
+                await mpb_grpc.MachinesStub(ch).StartAgent(
+                    mpb.AgentRef(chatroom="room", role="builder")
+                )
+            old = await harness.wait_for(running, 15, what="agent running")
+            os.kill(old.pid, signal.SIGSTOP)  # its SIGTERM waits for the SIGCONT
+            try:
+                async with harness.channel(srv.addr) as ch:
+                    stub = mpb_grpc.MachinesStub(ch)
+                    await stub.StopAgent(mpb.AgentRef(chatroom="room", role="builder"))
+                    await stub.StartAgent(mpb.AgentRef(chatroom="room", role="builder"))
+                for _ in range(10):
+                    shown = await agent(srv.addr)
+                    assert (shown.status, shown.pid) == (AgentStatus.RUNNING.to_pb(), old.pid)
+                    await asyncio.sleep(0.1)
+            finally:
+                os.kill(old.pid, signal.SIGCONT)
+
+            async def replaced() -> mpb.Agent | None:
+                a = await running()
+                return a if a is not None and a.pid != old.pid else None
+
+            new = await harness.wait_for(replaced, 15, what="the new agent running")
+            assert new.desired_state == DesiredState.RUNNING.to_pb()
+            async with harness.channel(srv.addr) as ch:
+                exits = await mpb_grpc.MachinesStub(ch).ListExits(
+                    mpb.ListExitsRequest(chatroom="room", role="builder")
+                )
+            assert [x.child.pid for x in exits.exits] == [old.pid]
+        finally:
+            await m.stop()
