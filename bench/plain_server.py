@@ -28,7 +28,7 @@ from typing import Any
 from vigil.core import logs
 from vigil.core.auth import Authenticator, Principal
 from vigil.core.config import Settings, is_loopback_target, parse_addr
-from vigil.core.server import start_metrics, wait_for_signal
+from vigil.core.server import start_metrics, steady_gc, wait_for_signal
 from vigil.core.vocab import TokenKind
 from vigil.server import running
 
@@ -59,9 +59,10 @@ def _refuse_exposure(settings: Settings) -> None:
 
 async def serve(settings: Settings, services: tuple[str, ...]) -> int:
     assert settings.database_url is not None
-    async with running(
-        settings, settings.database_url, services, authenticator=TrustEveryone
-    ) as vigil:
+    async with (
+        running(settings, settings.database_url, services, authenticator=TrustEveryone) as vigil,
+        steady_gc(vigil.registry),  # the same collector policy as `vigil up`
+    ):
         metrics_port = start_metrics(settings.metrics_addr, vigil.registry, None)
         host = settings.addr.rsplit(":", 1)[0]
         mhost = settings.metrics_addr.rsplit(":", 1)[0]

@@ -23,7 +23,7 @@ from vigil.core.config import Settings
 from vigil.core.db import resolve_url
 from vigil.core.embedded import DataDirBusy, EmbeddedPostgres
 from vigil.core.errors import ConfigError, StorageError
-from vigil.core.server import start_metrics, wait_for_signal
+from vigil.core.server import start_metrics, steady_gc, wait_for_signal
 from vigil.core.timefmt import rfc3339
 from vigil.server import ADMIN_TOKEN_FILE, SERVICES, all_migrations, running, service_database_url
 from vigil.server import migrate as vigil_migrate
@@ -108,7 +108,10 @@ async def _serve(
     else:
         where = f"embedded PostgreSQL in {settings.data_dir}/pg"
     token_file = settings.data_dir / ADMIN_TOKEN_FILE
-    async with running(settings, url, services, bootstrap_file=token_file) as vigil:
+    async with (
+        running(settings, url, services, bootstrap_file=token_file) as vigil,
+        steady_gc(vigil.registry),
+    ):
         metrics_port = start_metrics(settings.metrics_addr, vigil.registry, settings.tls)
         host = settings.addr.rsplit(":", 1)[0]
         mhost = settings.metrics_addr.rsplit(":", 1)[0]

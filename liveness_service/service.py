@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
 # VIGIL_ROLE_SERIES_KEPT_MS, and never more than MAX_ROLE_SERIES series (live ones
 # first): joins of made-up roles cannot grow Prometheus's label sets without bound.
 MAX_ROLE_SERIES = 5000
-# How often the participant gauges are rebuilt (Prometheus scrapes every 15 s or so;
-# the rebuild costs in proportion to the roles).
+# How often the participant gauges are read again (Prometheus scrapes every 15 s or so;
+# the read costs in proportion to the roles, only changed series are touched).
 COUNTS_S = 5.0
 
 OK, REJOIN_REQUIRED, SUPERSEDED = (
@@ -647,9 +647,7 @@ class Liveness:
                     self.clock.now() - timedelta(milliseconds=self.timings.role_series_kept_ms),
                     MAX_ROLE_SERIES,
                 )
-                self.metrics.role_live.clear()
-                for chatroom, role, _kind, live in roles:
-                    self.metrics.role_live.labels(chatroom, role).set(1 if live else 0)
+                self.metrics.role_series.show({(c, r): live for c, r, _kind, live in roles})
             except StorageError as exc:
                 log.debug("participant counts: %s", exc)
             await asyncio.sleep(COUNTS_S)

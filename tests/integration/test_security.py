@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -19,6 +19,7 @@ import pytest
 
 from vigil import testing as harness
 from vigil.client import RPCError
+from vigil.core.auth.principal import SYSTEM
 from vigil.core.vocab import CommandStatus, NotificationKind, TokenKind
 from vigil.testing import LocalServer, local_server
 from vigil.v1 import common_pb2
@@ -431,3 +432,33 @@ async def test_the_client_finds_no_token_and_says_how_to_get_one(db_url: str, tm
             async with harness.client(srv.addr, "vigil_0123456789abcdef_" + "x" * 43) as c:
                 await c.list_chatrooms()
         assert exc.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_the_open_streams_check_returns_only_tokens_without_rights(db_url: str) -> None:
+    """The statement every replica runs each second over its open streams' tokens
+    (Authenticator._check_streams): unknown, revoked and expired ones come back; the
+    active ones, whatever their number, do not."""
+    async with local_server(db_url, TIMINGS) as srv:
+        store = srv.auth.store
+        now = datetime.now(UTC)
+        active = [
+            (await store.create(TokenKind.READONLY, f"active {i}", SYSTEM))[0].id for i in range(3)
+        ]
+        later = (
+            await store.create(
+                TokenKind.READONLY, "expires later", SYSTEM, expires_at=now + timedelta(hours=1)
+            )
+        )[0].id
+        expired = (
+            await store.create(
+                TokenKind.READONLY, "expired", SYSTEM, expires_at=now - timedelta(seconds=1)
+            )
+        )[0].id
+        revoked = (await store.create(TokenKind.READONLY, "revoked", SYSTEM))[0].id
+        await store.revoke(revoked, now, "test")
+        ids = [*active, later, expired, revoked, "unknown"]
+        assert sorted(await store.inactive(ids, now)) == sorted([expired, revoked, "unknown"])
+        # The same tokens two hours on: the one that expires later has expired too.
+        in_two_hours = await store.inactive(ids, now + timedelta(hours=2))
+        assert sorted(in_two_hours) == sorted([later, expired, revoked, "unknown"])
+        assert await store.inactive([], now) == []

@@ -191,3 +191,22 @@ async def test_a_beat_before_the_sweep_keeps_the_participant(
     clock.advance(0.2)
     assert await sweeper.sweep_once() == []
     assert store.rows[p.key].live
+
+
+def test_role_series_touch_only_what_changed() -> None:
+    registry = CollectorRegistry()
+    metrics = LivenessMetrics(registry)
+
+    def value(chatroom: str, role: str) -> float | None:
+        return registry.get_sample_value("vigil_role_live", {"chatroom": chatroom, "role": role})
+
+    series = metrics.role_series
+    assert series.show({("c", "a"): True, ("c", "b"): False}) == 2
+    assert (value("c", "a"), value("c", "b")) == (1.0, 0.0)
+    # The same roles again: nothing to do.
+    assert series.show({("c", "a"): True, ("c", "b"): False}) == 0
+    # a goes offline, b drops out of the series, d appears.
+    assert series.show({("c", "a"): False, ("c", "d"): True}) == 3
+    assert (value("c", "a"), value("c", "b"), value("c", "d")) == (0.0, None, 1.0)
+    assert series.show({}) == 2
+    assert (value("c", "a"), value("c", "d")) == (None, None)

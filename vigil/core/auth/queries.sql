@@ -2,9 +2,14 @@
 -- $1 id
 SELECT * FROM auth.tokens WHERE id = $1;
 
--- name: get_tokens
--- $1 ids (array)
-SELECT * FROM auth.tokens WHERE id = ANY($1::text[]);
+-- name: inactive_tokens
+-- $1 ids (array), $2 now: those ids whose token is unknown, revoked or expired at $2
+-- (TokenRecord.active); only these rows come back, usually none.
+SELECT w.id FROM unnest($1::text[]) AS w(id)
+WHERE NOT EXISTS (
+    SELECT 1 FROM auth.tokens t
+    WHERE t.id = w.id AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > $2)
+);
 
 -- name: insert_token
 -- $1 id, $2 secret sha256, $3 kind, $4 name, $5 chatroom, $6 role, $7 machine,
