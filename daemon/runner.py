@@ -36,6 +36,8 @@ log = logging.getLogger("vigil.daemon")
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the server refused this daemon's credential
 _REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+# A command pushed closed: the server withdrew it.
+_CLOSED = {CommandStatus.FAILED.to_pb(), CommandStatus.EXPIRED.to_pb()}
 
 
 def _child_pb(c: Child) -> pb.Child:
@@ -68,6 +70,9 @@ class Daemon:
         self._stopping = asyncio.Event()
         self.exit_code = EXIT_OK
         self._running: set[asyncio.Task[None]] = set()
+        # Starts the server withdrew before they ran (a person stopped the role while
+        # the start waited its turn behind a stop): never run.
+        self._withdrawn: set[int] = set()
 
     def _exited(self, ex: Exit) -> None:
         c = ex.child
@@ -183,6 +188,9 @@ class Daemon:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:
                     return
+                if msg.WhichOneof("msg") == "command" and msg.command.status in _CLOSED:
+                    self._withdrawn.add(msg.command.id)
+                    continue
                 if msg.WhichOneof("msg") == "command" and msg.command.id not in done:
                     done.add(msg.command.id)
                     task = asyncio.create_task(self._execute(call, writing, msg.command))
@@ -210,6 +218,9 @@ class Daemon:
             elif kind == CommandType.STOP:
                 await self.children.stop(key)
                 result.outcome = CommandStatus.DONE.to_pb()
+            elif cmd.id in self._withdrawn:
+                log.info("command %d (start %s/%s) was withdrawn: not run", cmd.id, *key)
+                return
             else:
                 child = self.children.running.get(key)
                 what = cmd.harness or cmd.command

@@ -235,6 +235,10 @@ class Agents:
     async def open_commands(self, machine_id: str) -> list[Command]:
         return await self.store.open_commands(machine_id)
 
+    async def closed_commands(self, machine_id: str, ids: list[int]) -> list[Command]:
+        """Which of these commands (pushed to the daemon, open then) are closed now."""
+        return await self.store.closed_commands(machine_id, ids) if ids else []
+
     async def mark_command(
         self, machine_id: str, command_id: int, status: CommandStatus, message: str | None = None
     ) -> Command | None:
@@ -593,6 +597,17 @@ class Agents:
                     agent, CommandType.STOP, None, self._deadline(), "stopped by a person",
                     by.display,
                 )  # fmt: skip
+                # A start still waiting its turn (behind the stop of a process that has
+                # not exited yet) would undo this stop: it is withdrawn, and its daemon
+                # told not to run it.
+                withdrawn = await atx.withdraw_starts(
+                    agent, self.clock.now(), f"withdrawn: {by.display} stopped the role first"
+                )
+                for command_id in withdrawn:
+                    revoked = await self.auth.revoke_agent_command(
+                        command_id, self.clock.now(), "its start was withdrawn", conn=tx.conn
+                    )
+                    self._revoked([t.id for t in revoked])
                 agent = await atx.update_agent(
                     agent, next_restart_at=None, circuit_opened_at=None, half_open=False
                 )

@@ -133,6 +133,20 @@ class AgentTx:
             )
         return int(value) if value is not None else None
 
+    async def withdraw_starts(self, agent: Agent, now: datetime, message: str) -> list[int]:
+        """Close the role's open start (failed, with `message`) and wake its daemon's
+        session, which tells the daemon not to run it."""
+        ids = [
+            int(r["id"])
+            for r in await self.conn.fetch(
+                Q["withdraw_starts"], agent.chatroom, agent.role, now, message
+            )
+        ]
+        if ids:
+            await self.conn.execute(Q["notify_machine"], agent.machine_id)
+            self.tx.effects.woken_machines.add(agent.machine_id)
+        return ids
+
     async def stopped_as_stuck(self, agent: Agent, started_at: datetime) -> bool:
         """Whether the role's latest stop since `started_at` restarted it as stuck."""
         return bool(
@@ -205,6 +219,10 @@ class AgentStore:
 
     async def list_commands(self, machine_id: str | None, page: Page) -> list[Command]:
         rows = await self.db.fetch(Q["list_commands"], machine_id, page.arg(0), page.fetch)
+        return [Command.from_row(r) for r in rows]
+
+    async def closed_commands(self, machine_id: str, ids: list[int]) -> list[Command]:
+        rows = await self.db.fetch(Q["closed_commands"], machine_id, ids)
         return [Command.from_row(r) for r in rows]
 
     async def open_commands(self, machine_id: str) -> list[Command]:

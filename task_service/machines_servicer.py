@@ -162,7 +162,8 @@ class MachinesServicer(pb_grpc.MachinesServicer):
         try:
             while not reader.done():
                 woken.clear()
-                for cmd in await self.agents.open_commands(machine):
+                opened = await self.agents.open_commands(machine)
+                for cmd in opened:
                     if cmd.id in sent:
                         continue
                     sent.add(cmd.id)
@@ -170,6 +171,13 @@ class MachinesServicer(pb_grpc.MachinesServicer):
                     if cmd.type == CommandType.START:
                         msg.agent_token = await self.agents.agent_credential(cmd)
                     await context.write(pb.ServerMessage(command=msg))
+                # Pushed and closed since: a start withdrawn before it ran (a person
+                # stopped the role) is pushed again, closed, so the daemon skips it.
+                gone = sent - {c.id for c in opened}
+                for cmd in await self.agents.closed_commands(machine, sorted(gone)):
+                    sent.discard(cmd.id)
+                    if cmd.type == CommandType.START and cmd.status == CommandStatus.FAILED:
+                        await context.write(pb.ServerMessage(command=codec.command(cmd)))
                 waits: set[asyncio.Future[Any]] = {reader, asyncio.ensure_future(woken.wait())}
                 _done, pending = await asyncio.wait(
                     waits, timeout=SESSION_RECHECK_S, return_when=asyncio.FIRST_COMPLETED

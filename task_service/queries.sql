@@ -475,3 +475,15 @@ SELECT * FROM tasks.take_task($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 -- $14 claimed_by_token, $15 start, $16 claim
 SELECT * FROM tasks.complete_and_claim($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                                        $13, $14, $15, $16);
+
+-- name: withdraw_starts
+-- A person stopped the role: its open start, still waiting its turn on the daemon (behind
+-- a stop of a frozen process), must not run. $1 chatroom, $2 role, $3 now, $4 message
+UPDATE tasks.commands SET status = 'failed', finished_at = $3, message = $4
+WHERE chatroom = $1 AND role = $2 AND type = 'start' AND status IN ('pending', 'delivered')
+RETURNING id;
+
+-- name: closed_commands
+-- Which of these commands are closed now, and how. $1 machine_id, $2 ids
+SELECT * FROM tasks.commands
+WHERE machine_id = $1 AND id = ANY($2) AND status NOT IN ('pending', 'delivered');

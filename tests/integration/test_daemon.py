@@ -454,3 +454,60 @@ async def test_a_start_while_a_stop_is_pending_shows_the_old_process_until_its_e
             assert [x.child.pid for x in exits.exits] == [old.pid]
         finally:
             await m.stop()
+
+
+async def test_a_start_waiting_behind_a_frozen_stop_is_not_run_after_a_later_stop(
+    db_url: str, tmp: Path
+) -> None:
+    """stop (the process frozen: the stop waits), start, stop again, then the process
+    thaws: the start, issued before the second stop, must not run (the soak's invariant
+    8 caught it running: a role a person stopped was started)."""
+    async with local_server(db_url, TIMINGS) as srv:
+        m = await register(srv.addr, "m1", tmp)
+        await room(srv.addr, worker("idle"))
+        m.start()
+        try:
+            ref = mpb.AgentRef(chatroom="room", role="builder")
+            async with harness.channel(srv.addr) as ch:
+                await mpb_grpc.MachinesStub(ch).StartAgent(ref)
+
+            async def running() -> mpb.Agent | None:
+                a = await agent(srv.addr)
+                return a if a.status == AgentStatus.RUNNING.to_pb() and a.pid else None
+
+            old = await harness.wait_for(running, 15, what="agent running")
+            os.kill(old.pid, signal.SIGSTOP)
+            try:
+                async with harness.channel(srv.addr) as ch:
+                    stub = mpb_grpc.MachinesStub(ch)
+                    await stub.StopAgent(ref)
+                    await stub.StartAgent(ref)
+                    await stub.StopAgent(ref)
+                await asyncio.sleep(0.5)
+            finally:
+                os.kill(old.pid, signal.SIGCONT)
+
+            async def settled() -> list[asyncpg.Record] | None:
+                cmds = await commands(db_url)
+                return cmds if all(c["status"] in ("done", "failed") for c in cmds) else None
+
+            cmds = await harness.wait_for(settled, 15, what="every command answered")
+            # The second stop finds the first still open (one per role and type): the
+            # start between them is withdrawn, and its daemon does not run it.
+            assert [(c["type"], c["status"]) for c in cmds] == [
+                ("start", "done"),
+                ("stop", "done"),
+                ("start", "failed"),
+            ], cmds
+            assert cmds[-1]["message"].startswith("withdrawn: "), cmds[-1]["message"]
+            await asyncio.sleep(1.0)  # nothing starts later either
+            shown = await agent(srv.addr)
+            assert shown.desired_state == DesiredState.STOPPED.to_pb()
+            assert shown.status == AgentStatus.STOPPED.to_pb() and not shown.pid, shown
+            async with harness.channel(srv.addr) as ch:
+                exits = await mpb_grpc.MachinesStub(ch).ListExits(
+                    mpb.ListExitsRequest(chatroom="room", role="builder")
+                )
+            assert [x.child.pid for x in exits.exits] == [old.pid]  # nothing else ran
+        finally:
+            await m.stop()

@@ -137,9 +137,9 @@ class AuthStore:
         )
 
     async def revoke_agent_command(
-        self, command_id: int, now: datetime, reason: str
+        self, command_id: int, now: datetime, reason: str, conn: asyncpg.Connection | None = None
     ) -> list[TokenRecord]:
-        return await self._revoke("revoke_agent_command", command_id, now, reason)
+        return await self._revoke("revoke_agent_command", command_id, now, reason, conn=conn)
 
     async def revoke_agents_not_running(
         self, machine: str, pids: list[int], now: datetime, reason: str
