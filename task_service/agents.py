@@ -307,7 +307,7 @@ class Agents:
         )
         await atx.update_agent(
             agent,
-            status=AgentStatus.STARTING,
+            status=_restarting(agent),
             next_restart_at=None,
             half_open=False,
             restart_count=agent.restart_count + 1,
@@ -330,7 +330,7 @@ class Agents:
                 )
                 if await self._request_restart(atx, agent, reason, role):
                     await atx.update_agent(
-                        agent, status=AgentStatus.STARTING, restart_count=agent.restart_count + 1
+                        agent, status=_restarting(agent), restart_count=agent.restart_count + 1
                     )
         self._after_commit(tx.effects)
 
@@ -621,12 +621,9 @@ class Agents:
                     by.display,
                 )
                 await self._note_offline(tx, agent, start)
-                # A process still shown (a stop not yet done: it has not exited) keeps
-                # being shown running until its exit is recorded; the start runs after.
-                still_running = agent.status == AgentStatus.RUNNING and agent.pid is not None
                 agent = await atx.update_agent(
                     agent,
-                    status=agent.status if still_running else AgentStatus.STARTING,
+                    status=_restarting(agent),
                     next_restart_at=None,
                     circuit_opened_at=None,
                     half_open=False,
@@ -650,3 +647,12 @@ class Agents:
         if role:
             validation.name(role, "role")
         return await self.store.list_exits(chatroom or None, role or None, page)
+
+
+def _restarting(agent: Agent) -> AgentStatus:
+    """The status of an agent a start was just issued for: `starting`, unless its
+    process is still shown running (a stop before the start has not been carried out:
+    no exit recorded), which it stays until its exit is recorded."""
+    if agent.status == AgentStatus.RUNNING and agent.pid is not None:
+        return AgentStatus.RUNNING
+    return AgentStatus.STARTING
