@@ -211,6 +211,13 @@ class Liveness:
         client, on any replica, has beaten again and been written. Only a participant
         that really stopped beating is past its deadline after that."""
         await self.batcher.flush()
+        if self.store_down_since is not None:
+            # A flush with nothing to write does not reach the store: ask it, so that
+            # the wait starts now, before the first sweep after the outage (without
+            # this, a replica holding no beats expired the clients whose beats another
+            # replica still held, the moment the store answered: the chaos soak).
+            await self.store.next_deadline()  # raises while the store is still away
+            self._store_answered(True)
         return self.clock.monotonic() - self._store_back_at >= self._settle_s
 
     # -- validation -------------------------------------------------------

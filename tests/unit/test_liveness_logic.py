@@ -210,3 +210,27 @@ def test_role_series_touch_only_what_changed() -> None:
     assert (value("c", "a"), value("c", "b"), value("c", "d")) == (0.0, None, 1.0)
     assert series.show({}) == 2
     assert (value("c", "a"), value("c", "d")) == (None, None)
+
+
+async def test_a_replica_holding_no_beats_waits_after_an_outage_before_it_sweeps(
+    live: Liveness, store: FakeLivenessStore, clock: FakeClock
+) -> None:
+    """The store goes away; this replica holds no beats (its flush writes nothing), while
+    the participant's beats are held by another replica. When the store is back, this
+    replica's first sweep must not expire the participant: it waits a whole TTL first."""
+    c = conn_id()
+    p = await live.join("room", "builder", AgentKind.CUSTOM, c)
+    store.down = True
+    with pytest.raises(StorageError):
+        await live.sweeper.sweep_once()  # finds the store away: flush fails
+    live._store_answered(False)  # as the sweeper's loop reports it
+    clock.advance(T.heartbeat_ttl + 1)  # the stored deadline passes during the outage
+    store.down = False
+    assert await live.sweeper.sweep_once() == []  # back: nobody expired yet
+    assert live.sweeper.holding and live.store_ok
+    clock.advance(T.heartbeat_ttl - 0.5)
+    assert await live.sweeper.sweep_once() == []  # still within the wait
+    clock.advance(1.0)  # nobody beat during a whole TTL after the store came back
+    (gone,) = await live.sweeper.sweep_once()
+    assert (gone.role, gone.offline_reason) == ("builder", OfflineReason.TTL_EXPIRED)
+    assert p.epoch == gone.epoch
