@@ -80,6 +80,7 @@ ADMIN_PREFIX = "admin:"
 EPS_S = 0.05
 # A sampled status may lag the audit row's timestamp by the writing transaction's length.
 SAMPLE_SLACK_S = 1.0
+COMMIT_SLACK_S = 0.5  # a recording transaction's time stamp -> its commit
 
 INVARIANTS = {
     1: "one_open_start",
@@ -584,7 +585,9 @@ def inv6_exits_recorded_once(log: Log) -> list[Violation]:
             if running:
                 mp = (a["machine"], int(a["pid"]))
                 ever.setdefault(mp, (s, a))
-                gone = [x for x in recorded.get(mp, []) if x["t"] < s["t0"] - EPS_S]
+                # An exit's `recorded_at` is stamped as its transaction begins; the
+                # listing shows it from the commit on (COMMIT_SLACK_S later at most).
+                gone = [x for x in recorded.get(mp, []) if x["t"] < s["t0"] - COMMIT_SLACK_S]
                 if gone:
                     out.append(
                         Violation(
@@ -648,7 +651,8 @@ def inv6_exits_recorded_once(log: Log) -> list[Violation]:
 def inv7_every_task_resolved(log: Log) -> list[Violation]:
     """Every sent task ends completed or closed, or is stuck visibly: a notification
     names it, or names what holds its role (the role's unfinished task, or the role
-    stopped by a person). None lost, none stuck unseen."""
+    stopped by a person). None lost, none stuck unseen, and none made that nobody sent
+    (a send repeated after its answer was lost must not create a second task)."""
     out = []
     notified = {n.get("task") for n in log.kind("notification") if n.get("task")}
     restarted: dict[tuple[Any, Any], float] = {}  # role -> when a person last started it
@@ -690,6 +694,16 @@ def inv7_every_task_resolved(log: Log) -> list[Violation]:
                         else ""
                     ),
                     [send, final, *log.transitions.get(task, [])[-2:]],
+                )
+            )
+    for task, final in sorted(log.final.items()):
+        if task not in log.sends:
+            out.append(
+                Violation(
+                    7,
+                    f"task {task} exists but was never sent (a send repeated after a lost "
+                    "answer made it twice?)",
+                    [final, *log.transitions.get(task, [])[:2]],
                 )
             )
     return out

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -349,9 +350,12 @@ class Soak:
         raise RuntimeError(f"the operator's {what} was not accepted within 60 s")
 
     async def send(self, role: str, text: str) -> None:
+        """One logical send, repeated with its request id while Vigil is away: it must
+        make one task however many attempts reach the server (the checker's 7)."""
+        request_id = str(uuid.uuid4())
         for _ in range(300):
             try:
-                task = await self.sender.send(CHATROOM, role, text)
+                task = await self.sender.send(CHATROOM, role, text, request_id=request_id)
             except RPCError as exc:
                 if exc.retryable:
                     await asyncio.sleep(0.1)

@@ -447,8 +447,9 @@ SELECT * FROM tasks.transitions WHERE task_id = ANY($1::uuid[]) ORDER BY task_id
 -- The hot paths as one call each (functions in 0009_fast_paths.sql).
 
 -- name: send_task_fast
--- $1 chatroom, $2 role, $3 text, $4 now, $5 pending deadline, $6 sent_by
-SELECT * FROM tasks.send_task($1, $2, $3, $4, $5, $6);
+-- $1 chatroom, $2 role, $3 text, $4 now, $5 pending deadline, $6 sent_by, $7 request id
+-- or NULL (0011_send_once.sql): the task's columns, and whether this call created it
+SELECT (s.task).*, s.created FROM tasks.send_task($1, $2, $3, $4, $5, $6, $7) s;
 
 -- name: claim_task_fast
 -- $1 chatroom, $2 role, $3 connection_id, $4 epoch, $5 now, $6 deadline, $7 claimed_by,

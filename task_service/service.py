@@ -408,22 +408,38 @@ class TaskService:
 
     # -- sending and delivery -------------------------------------------------
 
-    async def send(self, chatroom: str, role: str, text: str, by: Principal) -> Task:
+    async def send(
+        self, chatroom: str, role: str, text: str, by: Principal, request_id: str = ""
+    ) -> Task:
+        """A new task; with a request id, exactly once per (sender, request id): a
+        repeat returns the task the first send created, whatever its status now."""
         validation.name(chatroom, "chatroom")
         validation.name(role, "role")
         validation.text(text, "the message text", validation.MAX_TASK_TEXT)
+        if request_id:
+            validation.request_id(request_id, "request_id")
         now = self.clock.now()
-        task = await self.store.send_fast(
+        sent = await self.store.send_fast(
             chatroom,
             role,
             text,
             now,
             policy.deadline_for(fsm.PENDING, now, self.timings),
             by.display,
+            request_id or None,
         )
-        if task is None:
+        if sent is None:
             await self._role(chatroom, role)  # raises the precise NOT_FOUND
             raise NotFound(f"chatroom {chatroom!r} takes no tasks for role {role!r}")
+        task, created = sent
+        if not created:
+            if (task.chatroom, task.role, task.text) != (chatroom, role, text):
+                raise FailedPrecondition(
+                    f"request_id {request_id!r} was already used for a different message "
+                    "(another chatroom, role or text): a request id names one message, so "
+                    "a new message needs a new request id"
+                )
+            return task  # a repeat (its answer was lost): nothing more happens
         effects = Effects()
         if task.status == fsm.PENDING:
             effects.woken_roles.add((chatroom, role))

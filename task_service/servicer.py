@@ -76,7 +76,9 @@ class TasksServicer(pb_grpc.TasksServicer):
 
     @rpc
     async def SendMessage(self, request: pb.SendMessageRequest, context: Ctx) -> pb.Task:
-        task = await self.svc.send(request.chatroom, request.role, request.text, caller())
+        task = await self.svc.send(
+            request.chatroom, request.role, request.text, caller(), request.request_id
+        )
         return codec.task(task)
 
     @rpc

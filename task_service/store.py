@@ -274,13 +274,16 @@ class TaskStore:
         now: datetime,
         pending_deadline: datetime | None,
         sent_by: str,
-    ) -> Task | None:
-        """A new task (pending, or queued behind the role's active one); None when the
+        request_id: str | None = None,
+    ) -> tuple[Task, bool] | None:
+        """A new task (pending, or queued behind the role's active one) and True; or,
+        when this sender already sent with `request_id`, the task that send created
+        (as it is now, whatever its chatroom, role and text) and False; None when the
         role does not exist or takes no tasks."""
-        found = await self._fast(
-            "send_task_fast", chatroom, role, text, now, pending_deadline, sent_by
+        row = await self.db.fetchrow(
+            Q["send_task_fast"], chatroom, role, text, now, pending_deadline, sent_by, request_id
         )
-        return found[0] if found else None
+        return None if row is None else (Task.from_row(row), bool(row["created"]))
 
     async def claim_fast(
         self,

@@ -219,6 +219,15 @@ def task_stuck(records: list[Record]) -> list[Record]:
     return records
 
 
+def task_made_twice(records: list[Record]) -> list[Record]:
+    """A send answered UNAVAILABLE after its commit, repeated: a second task nobody sent
+    (only the repeat's answer was seen)."""
+    task, _rows = completed_task(records)
+    final = next(r for r in of(records, "task") if r["task"] == task)
+    records.append({**final, "task": "00000000-0000-4000-8000-000000000042"})
+    return records
+
+
 def custom_role_started(records: list[Record]) -> list[Record]:
     role = role_of_kind(records, "custom")["role"]
     t = later(records)
@@ -268,6 +277,7 @@ INJECTIONS: list[tuple[int, Callable[[list[Record]], list[Record]]]] = [
     (6, declared_dead_while_alive),
     (7, task_lost),
     (7, task_stuck),
+    (7, task_made_twice),
     (8, custom_role_started),
     (8, stopped_role_started),
     (8, started_after_deadline),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,6 +36,10 @@ DEFAULT_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 5.0
 MAX_PAGE = 1000  # the largest page a server gives
 AUDIT_TIMEOUT_S = 600.0  # a full audit walk reads every row
+# `send` repeats a request whose answer was lost (the same request id: one task).
+SEND_ATTEMPTS = 4
+SEND_TIMEOUT_S = 30.0
+SEND_RETRIED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 LIVENESS = lpb.DESCRIPTOR.services_by_name["Liveness"].full_name
 TASKS = tpb.DESCRIPTOR.services_by_name["Tasks"].full_name
 
@@ -211,11 +216,37 @@ class Client:
         request = tpb.ListChatroomsRequest(page_size=MAX_PAGE)
         return await self.pages(self.tasks.ListChatrooms, request, "chatrooms")
 
-    async def send(self, chatroom: str, role: str, text: str) -> tpb.Task:
-        """Send a message to a role: it becomes a task (returned, pending or queued)."""
-        return await self.call(
-            self.tasks.SendMessage, tpb.SendMessageRequest(chatroom=chatroom, role=role, text=text)
+    async def send(
+        self, chatroom: str, role: str, text: str, *, request_id: str | None = None
+    ) -> tpb.Task:
+        """Send a message to a role: it becomes a task (returned, pending or queued),
+        exactly once. The request carries an idempotency key, `request_id` (a new UUID
+        unless given), and is sent again, the same, while the answer is lost
+        (UNAVAILABLE, DEADLINE_EXCEEDED): at most SEND_ATTEMPTS times within
+        SEND_TIMEOUT_S. A repeat returns the task the first one created. Give your own
+        `request_id` (unique per sender) to retry across processes or after an RPCError."""
+        request = tpb.SendMessageRequest(
+            chatroom=chatroom, role=role, text=text, request_id=request_id or str(uuid.uuid4())
         )
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + SEND_TIMEOUT_S
+        delay = 0.1
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            left = max(0.1, give_up - loop.time())
+            try:
+                return await self.call(
+                    self.tasks.SendMessage, request, timeout=min(DEFAULT_TIMEOUT_S, left)
+                )
+            except RPCError as exc:
+                if (
+                    exc.code not in SEND_RETRIED
+                    or attempt == SEND_ATTEMPTS
+                    or loop.time() + delay >= give_up
+                ):
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def await_task(
         self, chatroom: str, role: str, connection_id: str, epoch: int, start: bool = False

@@ -11,6 +11,8 @@ from vigil.core.errors import InvalidArgument, quote
 
 MAX_NAME = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_REQUEST_ID = 128
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 # Text may hold tabs and newlines, never NUL or other control characters.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 _LINE_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -61,6 +63,24 @@ def text(
 def truncate(value: str, limit: int) -> str:
     """Text we store from elsewhere (a daemon's error, a reason), cut to `limit`."""
     return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+def request_id(value: str, what: str) -> str:
+    """A client-chosen idempotency key (a UUID, a ULID, `job-42:step-3`): 1 to
+    MAX_REQUEST_ID letters, digits, '.', '_', ':' and '-', starting with a letter or
+    digit."""
+    if not value:
+        raise InvalidArgument(f"{what} is empty")
+    if len(value) > MAX_REQUEST_ID:
+        raise InvalidArgument(
+            f"{what} is {len(value)} characters long; the limit is {MAX_REQUEST_ID}"
+        )
+    if not _REQUEST_ID.fullmatch(value):
+        raise InvalidArgument(
+            f"{what} {quote(value)} may contain only letters, digits, '.', '_', ':' and "
+            "'-', and must start with a letter or digit"
+        )
+    return value
 
 
 def uuid_str(value: str, what: str) -> str:
