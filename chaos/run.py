@@ -966,6 +966,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1, 1_000_000)
+
+    def interrupted(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM too: the teardown runs (namespace, processes)
+
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         return asyncio.run(soak(args))
     except NetnsError as exc:
