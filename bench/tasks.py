@@ -956,7 +956,7 @@ async def _sql_lifecycles(pool: asyncpg.Pool, role: str, window: _Window, out: l
             now = datetime.now(UTC)
             sent = await conn.fetch(
                 Q["send_task_fast"], RATE_CHATROOM, role, "lifecycle", now,
-                now + timedelta(minutes=10), SQL_ACTOR,
+                now + timedelta(minutes=10), SQL_ACTOR, None,
             )  # fmt: skip
             task_id = sent[0]["id"]
             now = datetime.now(UTC)
