@@ -140,10 +140,19 @@ async def _serve(
         if view is not None:
             view.cancel()
         _say(f"vigil: signal {sig}: shutting down gracefully")
-        # A shutdown that hangs says where, on stderr, instead of hanging silently.
+        # A shutdown that hangs says where, on stderr, instead of hanging silently: the
+        # threads' stacks, and what every asyncio task still waits on.
         faulthandler.dump_traceback_later(SHUTDOWN_DUMP_S)
+        asyncio.get_running_loop().call_later(SHUTDOWN_DUMP_S, _dump_tasks)
     faulthandler.cancel_dump_traceback_later()
     return 0
+
+
+def _dump_tasks() -> None:
+    print(f"vigil: still shutting down after {SHUTDOWN_DUMP_S:.0f} s; tasks:", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        task.print_stack(limit=8, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _say(line: str) -> None:
