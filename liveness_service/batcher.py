@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from vigil.core.aio import cancel_and_wait
 from vigil.core.errors import StorageError
 from vigil.core.vocab import HeartbeatStatus
 from vigil.liveness_service.metrics import LivenessMetrics
@@ -62,11 +63,7 @@ class HeartbeatBatcher:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
         await self.flush()
 
     async def _run(self) -> None:

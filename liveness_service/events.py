@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from vigil.core.aio import cancel_and_wait
 from vigil.core.db import DRIVER_ERRORS
 from vigil.core.errors import StorageError
 from vigil.liveness_service.model import PresenceEvent
@@ -87,9 +88,7 @@ class EventHub:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await self._conn.close()

@@ -9,6 +9,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from vigil.core.aio import cancel_and_wait
 from vigil.core.clock import Clock
 from vigil.core.errors import StorageError
 from vigil.liveness_service.model import Participant
@@ -49,9 +50,7 @@ class TtlSweeper:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def sweep_once(self) -> list[Participant]:
         """Expire whoever is past its deadline, unless `may_sweep` says not yet (it writes

@@ -6,13 +6,13 @@ joining or going offline."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from vigil.client import Client, ClientConfig, RPCError
+from vigil.core.aio import cancel_and_wait
 from vigil.core.vocab import OfflineReason, ParticipantStatus, PresenceEventType
 from vigil.v1 import liveness_pb2 as lpb
 
@@ -93,9 +93,7 @@ class PresenceFollower:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         delay = 0.05

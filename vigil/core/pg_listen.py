@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import asyncpg
 
+from vigil.core.aio import cancel_and_wait
 from vigil.core.db import DRIVER_ERRORS
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,7 @@ class Listener:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
 
     def _callback(self, channel: str) -> Callable[..., None]:
         handler = self._handlers[channel]

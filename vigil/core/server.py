@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Histogram, Info, start_http_server
 
+from vigil.core.aio import cancel_and_wait
 from vigil.core.auth.tls import ServerTls
 from vigil.core.config import parse_addr
 from vigil.core.errors import ConfigError
@@ -246,9 +247,7 @@ class GcSchedule:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         if self._saved is not None:
             self._gc.set_threshold(*self._saved)

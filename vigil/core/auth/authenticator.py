@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from vigil.core.aio import cancel_and_wait
 from vigil.core.auth.principal import Principal, TokenRecord, matches, parse
 from vigil.core.auth.store import NOTIFY_CHANNEL, AuthStore
 from vigil.core.auth.tls import machine_from_peer
@@ -61,9 +62,7 @@ class Authenticator:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         await self._listener.stop()
 
     # -- who is calling --------------------------------------------------------------
