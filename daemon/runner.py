@@ -15,6 +15,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from vigil.client import Client, ParticipantSession, RPCError
+from vigil.core.aio import cancel_and_wait
 from vigil.core.clock import Clock, SystemClock
 from vigil.core.timefmt import from_proto, to_proto
 from vigil.core.timings import Timings
@@ -130,10 +131,7 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(tasks[2]), 2)
         for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+            await cancel_and_wait(t)
         return self.exit_code
 
     async def _presence(self, presence: ParticipantSession) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from vigil.core import logs, validation
+from vigil.core.aio import cancel_and_wait
 from vigil.core.auth.principal import SYSTEM, Principal
 from vigil.core.auth.rules import participant_scope
 from vigil.core.clock import Clock
@@ -172,8 +173,7 @@ class Liveness:
             await self.batcher.flush()
 
     async def close(self) -> None:
-        if self._counts_task:
-            self._counts_task.cancel()
+        await cancel_and_wait(self._counts_task)
         await self.sweeper.stop()
         with contextlib.suppress(StorageError):
             await self.batcher.stop()

@@ -12,6 +12,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from vigil.client import ClientConfig
+from vigil.core.aio import cancel_and_wait
 from vigil.core.auth import Authenticator
 from vigil.core.auth.principal import SYSTEM
 from vigil.core.clock import Clock
@@ -120,6 +121,5 @@ class TaskApp:
         await self.svc.presence.stop()
 
     async def close(self) -> None:
-        if self._renewal is not None:
-            self._renewal.cancel()
+        await cancel_and_wait(self._renewal)
         await self.svc.close()

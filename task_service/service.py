@@ -13,6 +13,7 @@ from typing import Any
 
 from vigil.client import ClientConfig
 from vigil.core import logs, validation
+from vigil.core.aio import cancel_and_wait
 from vigil.core.auth.principal import Principal
 from vigil.core.auth.rules import chatroom_scope
 from vigil.core.auth.store import AuthStore
@@ -161,10 +162,7 @@ class TaskService:
 
     async def close(self) -> None:
         for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+            await cancel_and_wait(t)
         if self._background:
             await asyncio.wait(self._background, timeout=2)
         await self.presence.stop()

@@ -109,9 +109,7 @@ class Server:
         wait for the grace -> close the services."""
         grace = self.timings.shutdown_grace_ms / 1000
         stopping: asyncio.Task[None] | None = None
-        self._store_watch.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._store_watch
+        await cancel_and_wait(self._store_watch)
         try:
             await self.health.enter_graceful_shutdown()
             stopping = asyncio.create_task(self.grpc.stop(grace))
