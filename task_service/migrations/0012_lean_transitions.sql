@@ -1,0 +1,323 @@
+-- Leaner transitions: the same FSM guard, the same audit row and hash chain, the same
+-- locks, in fewer statements. Measured (bench/throughput.py, pg_stat_statements with
+-- track = all, perf): a long-lived session's task ran about 50 statements inside
+-- PostgreSQL, 9 per status change, and starting an executor for each was the largest
+-- single cost of the database's CPU. Now:
+--   * the guard and the audit row are one BEFORE UPDATE trigger (was a BEFORE guard and
+--     an AFTER audit trigger): a status change is checked, then its audit row written,
+--     in the same statement as the UPDATE, so they still commit or fail together (a
+--     failing UPDATE, a constraint or the unique active-task index, undoes the row);
+--   * the guard looks the rule up once, and only on a refusal looks again to say why;
+--   * the audit row's previous hash is read inside its INSERT;
+--   * tasks.transition_digest is a single expression PostgreSQL inlines (it ran as a
+--     separate SQL function with its own executor for every row), same bytes;
+--   * declaring a transition (tasks.declare_fsm) and clearing the declaration are
+--     plain expressions (PL/pgSQL evaluates those without starting an executor).
+-- Nothing about what is enforced changes: the messages and codes of every refusal are
+-- the ones 0001_tasks.sql gave.
+
+CREATE OR REPLACE FUNCTION tasks.transition_digest(
+    prev bytea, task_id uuid, from_status text, to_status text, trigger text, actor text,
+    reason text, attempt integer, at timestamptz
+) RETURNS bytea
+LANGUAGE sql STABLE AS $$
+    SELECT sha256(coalesce(prev, ''::bytea) || convert_to(
+        concat(
+            octet_length(task_id::text), ':', task_id::text,
+            octet_length(from_status), ':', from_status,
+            octet_length(to_status), ':', to_status,
+            octet_length(trigger), ':', trigger,
+            octet_length(actor), ':', actor,
+            octet_length(reason), ':', reason,
+            octet_length(attempt::text), ':', attempt::text,
+            octet_length(to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')), ':',
+            to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+        ), 'UTF8'))
+$$;
+
+-- Declare the transaction's next status change: its FSM trigger, actor and reason.
+-- Returns nothing useful; call it in an assignment (`declared := …`).
+CREATE FUNCTION tasks.declare_fsm(p_trigger text, p_actor text, p_reason text) RETURNS text
+LANGUAGE sql VOLATILE AS $$
+    SELECT concat(set_config('vigil.fsm_trigger', p_trigger, true),
+                  set_config('vigil.fsm_actor', p_actor, true),
+                  set_config('vigil.fsm_reason', p_reason, true))
+$$;
+
+CREATE OR REPLACE FUNCTION tasks.guard_task_update() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    -- current_setting(…, true) is '' rather than NULL once a setting was ever set in
+    -- the session, so both read as "not set".
+    fired text := NULLIF(current_setting('vigil.fsm_trigger', true), '');
+    who text;
+    why text;
+    bumps boolean;
+    expected integer;
+    stamp timestamptz;
+BEGIN
+    IF NEW.status = OLD.status THEN
+        IF NEW.attempt <> OLD.attempt THEN
+            RAISE EXCEPTION 'task % attempt % -> % without a status transition',
+                OLD.id, OLD.attempt, NEW.attempt
+                USING ERRCODE = 'VG001',
+                      HINT = 'the attempt changes only by a recovery through the FSM';
+        END IF;
+        RETURN NEW;
+    END IF;
+
+    SELECT r.increments_attempt INTO bumps FROM tasks.fsm_rules r
+    WHERE r.from_status = OLD.status AND r.to_status = NEW.status AND r.trigger = fired;
+    IF NOT FOUND THEN
+        IF NOT EXISTS (SELECT 1 FROM tasks.fsm_rules r
+                       WHERE r.from_status = OLD.status AND r.to_status = NEW.status) THEN
+            RAISE EXCEPTION 'task % cannot go from % to %: no FSM rule allows it',
+                OLD.id, OLD.status, NEW.status
+                USING ERRCODE = 'VG001';
+        END IF;
+        IF fired IS NULL THEN
+            RAISE EXCEPTION 'task % moved % -> % outside the FSM: vigil.fsm_trigger is not set',
+                OLD.id, OLD.status, NEW.status
+                USING ERRCODE = 'VG001',
+                      HINT = 'set_config(''vigil.fsm_trigger'', trigger, true) before the UPDATE';
+        END IF;
+        RAISE EXCEPTION 'task % cannot go from % to % by trigger %: no FSM rule allows it',
+            OLD.id, OLD.status, NEW.status, fired
+            USING ERRCODE = 'VG001';
+    END IF;
+    who := NULLIF(current_setting('vigil.fsm_actor', true), '');
+    IF who IS NULL THEN
+        RAISE EXCEPTION 'task % moved % -> % by no actor: vigil.fsm_actor is not set',
+            OLD.id, OLD.status, NEW.status
+            USING ERRCODE = 'VG001';
+    END IF;
+    expected := OLD.attempt + CASE WHEN bumps THEN 1 ELSE 0 END;
+    IF NEW.attempt <> expected THEN
+        RAISE EXCEPTION 'task % %: attempt must go from % to %, not to %',
+            OLD.id, fired, OLD.attempt, expected, NEW.attempt
+            USING ERRCODE = 'VG001';
+    END IF;
+
+    -- The audit row, chained to the task's previous one (the task's row lock, held
+    -- here, serializes a task's transitions).
+    stamp := clock_timestamp();
+    why := coalesce(current_setting('vigil.fsm_reason', true), '');
+    INSERT INTO tasks.transitions
+        (task_id, from_status, to_status, trigger, actor, reason, attempt, at, prev_hash, hash)
+    SELECT NEW.id, OLD.status, NEW.status, fired, who, why, NEW.attempt, stamp, p.hash,
+           tasks.transition_digest(p.hash, NEW.id, OLD.status, NEW.status, fired, who, why,
+                                   NEW.attempt, stamp)
+    FROM (SELECT (SELECT t.hash FROM tasks.transitions t
+                  WHERE t.task_id = NEW.id ORDER BY t.id DESC LIMIT 1) AS hash) p;
+    RETURN NEW;
+END
+$$;
+
+DROP TRIGGER audit_update ON tasks.tasks;
+DROP FUNCTION tasks.audit_transition();
+
+CREATE OR REPLACE FUNCTION tasks.consume_fsm_settings() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    cleared text;
+BEGIN
+    cleared := tasks.declare_fsm('', '', '');
+    RETURN NULL;
+END
+$$;
+
+-- The hot paths (0009_fast_paths.sql, 0010_session_steps.sql), unchanged but for how
+-- they declare each status change.
+
+CREATE OR REPLACE FUNCTION tasks.claim_task(
+    p_chatroom text, p_role text, p_connection text, p_epoch bigint, p_now timestamptz,
+    p_deadline timestamptz, p_by text, p_token text, p_reason text
+) RETURNS SETOF tasks.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    declared text;
+    t tasks.tasks;
+BEGIN
+    SELECT * INTO t FROM tasks.tasks
+    WHERE assigned_to = p_connection AND claim_epoch = p_epoch AND status = 'acknowledged'
+    ORDER BY acknowledged_at LIMIT 1 FOR UPDATE;
+    IF FOUND THEN
+        RETURN NEXT t;
+        RETURN;
+    END IF;
+    declared := tasks.declare_fsm('claimTask', p_by, p_reason);
+    RETURN QUERY
+    UPDATE tasks.tasks SET status = 'acknowledged', assigned_to = p_connection,
+        claim_epoch = p_epoch, acknowledged_at = p_now, updated_at = p_now,
+        deadline_at = p_deadline, delivered_at = NULL, claimer_dead_at = NULL,
+        claimed_by = p_by, claimed_by_token = p_token
+    WHERE id = (SELECT id FROM tasks.tasks
+                WHERE chatroom = p_chatroom AND role = p_role AND status = 'pending'
+                ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING *;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION tasks.start_task(
+    p_id uuid, p_attempt integer, p_token text, p_scope text, p_actor text, p_now timestamptz
+) RETURNS SETOF tasks.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    declared text;
+BEGIN
+    declared := tasks.declare_fsm('startTask', p_actor, 'started');
+    RETURN QUERY
+    UPDATE tasks.tasks SET status = 'in_progress', started_at = p_now, updated_at = p_now,
+        deadline_at = NULL, delivered_at = coalesce(delivered_at, p_now)
+    WHERE id = p_id AND status = 'acknowledged' AND attempt = p_attempt
+      AND (p_token IS NULL OR claimed_by_token = p_token)
+      AND (p_scope IS NULL OR chatroom = p_scope)
+    RETURNING *;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION tasks.complete_task(
+    p_id uuid, p_attempt integer, p_token text, p_scope text, p_actor text, p_now timestamptz,
+    p_pending_deadline timestamptz
+) RETURNS SETOF tasks.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    declared text;
+    c text;
+    r text;
+    done tasks.tasks;
+    next_id uuid;
+BEGIN
+    SELECT chatroom, role INTO c, r FROM tasks.tasks WHERE id = p_id;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    PERFORM 1 FROM tasks.roles WHERE chatroom = c AND role = r FOR UPDATE;  -- role, then task
+    declared := tasks.declare_fsm('completeTask', p_actor, 'completed');
+    UPDATE tasks.tasks SET status = 'completed', completed_at = p_now, updated_at = p_now,
+        deadline_at = NULL, delivered_at = coalesce(delivered_at, p_now)
+    WHERE id = p_id AND status IN ('acknowledged', 'in_progress') AND attempt = p_attempt
+      AND (p_token IS NULL OR claimed_by_token = p_token)
+      AND (p_scope IS NULL OR chatroom = p_scope)
+    RETURNING * INTO done;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RETURN NEXT done;
+    IF EXISTS (SELECT 1 FROM tasks.tasks WHERE chatroom = c AND role = r
+               AND status IN ('pending', 'acknowledged', 'in_progress')) THEN
+        RETURN;
+    END IF;
+    SELECT id INTO next_id FROM tasks.tasks WHERE chatroom = c AND role = r AND status = 'queued'
+    ORDER BY created_at LIMIT 1 FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    declared := tasks.declare_fsm('promoteNextTask', 'vigil', 'the role''s active task ended');
+    RETURN QUERY
+    UPDATE tasks.tasks SET status = 'pending', updated_at = p_now, deadline_at = p_pending_deadline
+    WHERE id = next_id RETURNING *;
+    PERFORM pg_notify('vigil_tasks', c || '/' || r);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION tasks.take_task(
+    p_chatroom text, p_role text, p_connection text, p_epoch bigint, p_now timestamptz,
+    p_deadline timestamptz, p_by text, p_token text, p_reason text, p_start boolean
+) RETURNS SETOF tasks.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    declared text;
+    t tasks.tasks;
+BEGIN
+    SELECT * INTO t FROM tasks.tasks
+    WHERE assigned_to = p_connection AND claim_epoch = p_epoch
+      AND (status = 'acknowledged' OR (p_start AND status = 'in_progress'))
+    ORDER BY acknowledged_at LIMIT 1 FOR UPDATE;
+    IF NOT FOUND THEN
+        declared := tasks.declare_fsm('claimTask', p_by, p_reason);
+        UPDATE tasks.tasks SET status = 'acknowledged', assigned_to = p_connection,
+            claim_epoch = p_epoch, acknowledged_at = p_now, updated_at = p_now,
+            deadline_at = p_deadline, delivered_at = NULL, claimer_dead_at = NULL,
+            claimed_by = p_by, claimed_by_token = p_token
+        WHERE id = (SELECT id FROM tasks.tasks
+                    WHERE chatroom = p_chatroom AND role = p_role AND status = 'pending'
+                    ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+        RETURNING * INTO t;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+    END IF;
+    IF NOT p_start OR t.status = 'in_progress' THEN
+        RETURN NEXT t;
+        RETURN;
+    END IF;
+    IF t.acknowledged_at = p_now THEN
+        RETURN NEXT t;  -- claimed just now: the claim's row, then the start's
+    END IF;
+    declared := tasks.declare_fsm('startTask', p_by, 'started');
+    RETURN QUERY
+    UPDATE tasks.tasks SET status = 'in_progress', started_at = p_now, updated_at = p_now,
+        deadline_at = NULL, delivered_at = coalesce(delivered_at, p_now)
+    WHERE id = t.id
+    RETURNING *;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION tasks.complete_and_claim(
+    p_id uuid, p_attempt integer, p_token text, p_scope text, p_actor text, p_now timestamptz,
+    p_pending_deadline timestamptz, p_chatroom text, p_role text, p_connection text,
+    p_epoch bigint, p_ack_deadline timestamptz, p_reason text, p_claim_token text,
+    p_start boolean, p_claim boolean
+) RETURNS SETOF tasks.tasks
+LANGUAGE plpgsql AS $$
+DECLARE
+    declared text;
+    done tasks.tasks;
+    t tasks.tasks;
+    next_id uuid;
+    taken uuid;
+BEGIN
+    PERFORM 1 FROM tasks.roles WHERE chatroom = p_chatroom AND role = p_role
+    FOR UPDATE;  -- role, then task
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    declared := tasks.declare_fsm('completeTask', p_actor, 'completed');
+    UPDATE tasks.tasks SET status = 'completed', completed_at = p_now, updated_at = p_now,
+        deadline_at = NULL, delivered_at = coalesce(delivered_at, p_now)
+    WHERE id = p_id AND chatroom = p_chatroom AND role = p_role
+      AND status IN ('acknowledged', 'in_progress') AND attempt = p_attempt
+      AND (p_token IS NULL OR claimed_by_token = p_token)
+      AND (p_scope IS NULL OR chatroom = p_scope)
+    RETURNING * INTO done;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    RETURN NEXT done;
+    IF NOT EXISTS (SELECT 1 FROM tasks.tasks WHERE chatroom = p_chatroom AND role = p_role
+                   AND status IN ('pending', 'acknowledged', 'in_progress')) THEN
+        SELECT id INTO next_id FROM tasks.tasks
+        WHERE chatroom = p_chatroom AND role = p_role AND status = 'queued'
+        ORDER BY created_at LIMIT 1 FOR UPDATE;
+        IF FOUND THEN
+            declared := tasks.declare_fsm('promoteNextTask', 'vigil', 'the role''s active task ended');
+            RETURN QUERY
+            UPDATE tasks.tasks SET status = 'pending', updated_at = p_now,
+                deadline_at = p_pending_deadline
+            WHERE id = next_id RETURNING *;
+        END IF;
+    END IF;
+    IF p_claim THEN
+        FOR t IN SELECT * FROM tasks.take_task(p_chatroom, p_role, p_connection, p_epoch, p_now,
+                                               p_ack_deadline, p_actor, p_claim_token,
+                                               p_reason, p_start) LOOP
+            taken := t.id;
+            RETURN NEXT t;
+        END LOOP;
+    END IF;
+    IF next_id IS NOT NULL AND next_id IS DISTINCT FROM taken THEN
+        PERFORM pg_notify('vigil_tasks', p_chatroom || '/' || p_role);
+    END IF;
+END
+$$;
