@@ -12,9 +12,15 @@
 --   * tasks.transition_digest is a single expression PostgreSQL inlines (it ran as a
 --     separate SQL function with its own executor for every row), same bytes;
 --   * declaring a transition (tasks.declare_fsm) and clearing the declaration are
---     plain expressions (PL/pgSQL evaluates those without starting an executor).
--- Nothing about what is enforced changes: the messages and codes of every refusal are
--- the ones 0001_tasks.sql gave.
+--     plain expressions (PL/pgSQL evaluates those without starting an executor);
+--   * one UPDATE may make several status changes, declared in order as steps
+--     (tasks.declare_fsm_steps): the guard checks each step against the FSM from where
+--     the previous one left the task and writes each its audit row, as separate
+--     UPDATEs would. A session's step uses it: the next queued task is promoted,
+--     claimed and started by one UPDATE, with its three audit rows (was three UPDATEs).
+-- Nothing about what is enforced changes: a single status change is refused with the
+-- messages and codes 0001_tasks.sql gave; a step that is no rule from where the task
+-- stands, or steps that do not end at the status written, are refused (VG001) too.
 
 CREATE OR REPLACE FUNCTION tasks.transition_digest(
     prev bytea, task_id uuid, from_status text, to_status text, trigger text, actor text,
@@ -50,13 +56,17 @@ DECLARE
     -- current_setting(…, true) is '' rather than NULL once a setting was ever set in
     -- the session, so both read as "not set".
     fired text := NULLIF(current_setting('vigil.fsm_trigger', true), '');
+    steps text[] := NULLIF(current_setting('vigil.fsm_steps', true), '')::text[];
+    hops integer := coalesce(array_length(steps, 1), 1);
     who text;
     why text;
+    here text := OLD.status;
+    there text;
     bumps boolean;
-    expected integer;
-    stamp timestamptz;
+    next_attempt integer := OLD.attempt;
+    prev bytea;
 BEGIN
-    IF NEW.status = OLD.status THEN
+    IF steps IS NULL AND NEW.status = OLD.status THEN
         IF NEW.attempt <> OLD.attempt THEN
             RAISE EXCEPTION 'task % attempt % -> % without a status transition',
                 OLD.id, OLD.attempt, NEW.attempt
@@ -66,49 +76,79 @@ BEGIN
         RETURN NEW;
     END IF;
 
-    SELECT r.increments_attempt INTO bumps FROM tasks.fsm_rules r
-    WHERE r.from_status = OLD.status AND r.to_status = NEW.status AND r.trigger = fired;
-    IF NOT FOUND THEN
-        IF NOT EXISTS (SELECT 1 FROM tasks.fsm_rules r
-                       WHERE r.from_status = OLD.status AND r.to_status = NEW.status) THEN
-            RAISE EXCEPTION 'task % cannot go from % to %: no FSM rule allows it',
-                OLD.id, OLD.status, NEW.status
+    FOR i IN 1 .. hops LOOP
+        IF steps IS NULL THEN
+            -- One status change, declared by vigil.fsm_trigger/actor/reason.
+            there := NEW.status;
+            SELECT r.increments_attempt INTO bumps FROM tasks.fsm_rules r
+            WHERE r.from_status = here AND r.to_status = there AND r.trigger = fired;
+            IF NOT FOUND THEN
+                IF NOT EXISTS (SELECT 1 FROM tasks.fsm_rules r
+                               WHERE r.from_status = here AND r.to_status = there) THEN
+                    RAISE EXCEPTION 'task % cannot go from % to %: no FSM rule allows it',
+                        OLD.id, here, there
+                        USING ERRCODE = 'VG001';
+                END IF;
+                IF fired IS NULL THEN
+                    RAISE EXCEPTION 'task % moved % -> % outside the FSM: vigil.fsm_trigger is not set',
+                        OLD.id, here, there
+                        USING ERRCODE = 'VG001',
+                              HINT = 'set_config(''vigil.fsm_trigger'', trigger, true) before the UPDATE';
+                END IF;
+                RAISE EXCEPTION 'task % cannot go from % to % by trigger %: no FSM rule allows it',
+                    OLD.id, here, there, fired
+                    USING ERRCODE = 'VG001';
+            END IF;
+            who := NULLIF(current_setting('vigil.fsm_actor', true), '');
+            why := coalesce(current_setting('vigil.fsm_reason', true), '');
+        ELSE
+            -- Several status changes in one UPDATE (vigil.fsm_steps, declared with
+            -- tasks.declare_fsm_steps): each a rule of the FSM from where the last left.
+            fired := NULLIF(steps[i][1], '');
+            who := NULLIF(steps[i][2], '');
+            why := coalesce(steps[i][3], '');
+            SELECT r.to_status, r.increments_attempt INTO there, bumps FROM tasks.fsm_rules r
+            WHERE r.from_status = here AND r.trigger = fired;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'task % cannot leave % by trigger % (step % of %): no FSM rule allows it',
+                    OLD.id, here, coalesce(fired, '(none)'), i, hops
+                    USING ERRCODE = 'VG001';
+            END IF;
+        END IF;
+        IF who IS NULL THEN
+            RAISE EXCEPTION 'task % moved % -> % by no actor: vigil.fsm_actor is not set',
+                OLD.id, here, there
                 USING ERRCODE = 'VG001';
         END IF;
-        IF fired IS NULL THEN
-            RAISE EXCEPTION 'task % moved % -> % outside the FSM: vigil.fsm_trigger is not set',
-                OLD.id, OLD.status, NEW.status
-                USING ERRCODE = 'VG001',
-                      HINT = 'set_config(''vigil.fsm_trigger'', trigger, true) before the UPDATE';
-        END IF;
-        RAISE EXCEPTION 'task % cannot go from % to % by trigger %: no FSM rule allows it',
-            OLD.id, OLD.status, NEW.status, fired
-            USING ERRCODE = 'VG001';
-    END IF;
-    who := NULLIF(current_setting('vigil.fsm_actor', true), '');
-    IF who IS NULL THEN
-        RAISE EXCEPTION 'task % moved % -> % by no actor: vigil.fsm_actor is not set',
-            OLD.id, OLD.status, NEW.status
-            USING ERRCODE = 'VG001';
-    END IF;
-    expected := OLD.attempt + CASE WHEN bumps THEN 1 ELSE 0 END;
-    IF NEW.attempt <> expected THEN
-        RAISE EXCEPTION 'task % %: attempt must go from % to %, not to %',
-            OLD.id, fired, OLD.attempt, expected, NEW.attempt
-            USING ERRCODE = 'VG001';
-    END IF;
+        next_attempt := next_attempt + CASE WHEN bumps THEN 1 ELSE 0 END;
 
-    -- The audit row, chained to the task's previous one (the task's row lock, held
-    -- here, serializes a task's transitions).
-    stamp := clock_timestamp();
-    why := coalesce(current_setting('vigil.fsm_reason', true), '');
-    INSERT INTO tasks.transitions
-        (task_id, from_status, to_status, trigger, actor, reason, attempt, at, prev_hash, hash)
-    SELECT NEW.id, OLD.status, NEW.status, fired, who, why, NEW.attempt, stamp, p.hash,
-           tasks.transition_digest(p.hash, NEW.id, OLD.status, NEW.status, fired, who, why,
-                                   NEW.attempt, stamp)
-    FROM (SELECT (SELECT t.hash FROM tasks.transitions t
-                  WHERE t.task_id = NEW.id ORDER BY t.id DESC LIMIT 1) AS hash) p;
+        -- The audit row, chained to the task's previous one (the task's row lock, held
+        -- here, serializes a task's transitions).
+        INSERT INTO tasks.transitions
+            (task_id, from_status, to_status, trigger, actor, reason, attempt, at, prev_hash,
+             hash)
+        SELECT NEW.id, here, there, fired, who, why, next_attempt, p.at, p.hash,
+               tasks.transition_digest(p.hash, NEW.id, here, there, fired, who, why, next_attempt,
+                                       p.at)
+        FROM (SELECT clock_timestamp() AS at,
+                     CASE WHEN i = 1 THEN (SELECT t.hash FROM tasks.transitions t
+                                           WHERE t.task_id = NEW.id
+                                           ORDER BY t.id DESC LIMIT 1)
+                          ELSE prev END AS hash) p
+        RETURNING hash INTO prev;
+        here := there;
+    END LOOP;
+
+    IF NEW.attempt <> next_attempt THEN
+        RAISE EXCEPTION 'task % %: attempt must go from % to %, not to %',
+            OLD.id, fired, OLD.attempt, next_attempt, NEW.attempt
+            USING ERRCODE = 'VG001';
+    END IF;
+    IF here <> NEW.status THEN
+        RAISE EXCEPTION 'task % declared steps lead from % to %, but the update writes %',
+            OLD.id, OLD.status, here, NEW.status
+            USING ERRCODE = 'VG001';
+    END IF;
     RETURN NEW;
 END
 $$;
@@ -122,8 +162,17 @@ DECLARE
     cleared text;
 BEGIN
     cleared := tasks.declare_fsm('', '', '');
+    cleared := set_config('vigil.fsm_steps', '', true);
     RETURN NULL;
 END
+$$;
+
+-- Declare several status changes made by the transaction's next UPDATE, in order: an
+-- array of [trigger, actor, reason] (e.g. a queued task promoted, claimed and started at
+-- once). The guard checks each against the FSM and writes one audit row for each.
+CREATE FUNCTION tasks.declare_fsm_steps(p_steps text[]) RETURNS text
+LANGUAGE sql VOLATILE AS $$
+    SELECT set_config('vigil.fsm_steps', p_steps::text, true)
 $$;
 
 -- The hot paths (0009_fast_paths.sql, 0010_session_steps.sql), unchanged but for how
@@ -221,6 +270,13 @@ BEGIN
 END
 $$;
 
+-- The session's steps (0010_session_steps.sql), with a claim and its start one UPDATE
+-- (two declared steps, two audit rows), and in complete_and_claim the next queued
+-- task's promotion, claim and start one UPDATE (three steps, three audit rows): the
+-- same statuses, in the same order, checked by the same guard, as the separate UPDATEs
+-- made. The rows they return are unchanged too: one per status the task passed
+-- through, in order (the task as it ends up, with that status), so a caller still sees
+-- each step.
 CREATE OR REPLACE FUNCTION tasks.take_task(
     p_chatroom text, p_role text, p_connection text, p_epoch bigint, p_now timestamptz,
     p_deadline timestamptz, p_by text, p_token text, p_reason text, p_start boolean
@@ -229,17 +285,26 @@ LANGUAGE plpgsql AS $$
 DECLARE
     declared text;
     t tasks.tasks;
+    passed tasks.tasks;
 BEGIN
     SELECT * INTO t FROM tasks.tasks
     WHERE assigned_to = p_connection AND claim_epoch = p_epoch
       AND (status = 'acknowledged' OR (p_start AND status = 'in_progress'))
     ORDER BY acknowledged_at LIMIT 1 FOR UPDATE;
     IF NOT FOUND THEN
-        declared := tasks.declare_fsm('claimTask', p_by, p_reason);
-        UPDATE tasks.tasks SET status = 'acknowledged', assigned_to = p_connection,
-            claim_epoch = p_epoch, acknowledged_at = p_now, updated_at = p_now,
-            deadline_at = p_deadline, delivered_at = NULL, claimer_dead_at = NULL,
-            claimed_by = p_by, claimed_by_token = p_token
+        IF p_start THEN
+            declared := tasks.declare_fsm_steps(ARRAY[ARRAY['claimTask', p_by, p_reason],
+                                                      ARRAY['startTask', p_by, 'started']]);
+        ELSE
+            declared := tasks.declare_fsm('claimTask', p_by, p_reason);
+        END IF;
+        UPDATE tasks.tasks
+        SET status = CASE WHEN p_start THEN 'in_progress' ELSE 'acknowledged' END,
+            assigned_to = p_connection, claim_epoch = p_epoch, acknowledged_at = p_now,
+            updated_at = p_now, deadline_at = CASE WHEN p_start THEN NULL ELSE p_deadline END,
+            delivered_at = CASE WHEN p_start THEN p_now END, claimer_dead_at = NULL,
+            claimed_by = p_by, claimed_by_token = p_token,
+            started_at = CASE WHEN p_start THEN p_now ELSE started_at END
         WHERE id = (SELECT id FROM tasks.tasks
                     WHERE chatroom = p_chatroom AND role = p_role AND status = 'pending'
                     ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
@@ -247,13 +312,17 @@ BEGIN
         IF NOT FOUND THEN
             RETURN;
         END IF;
+        IF p_start THEN
+            passed := t;
+            passed.status := 'acknowledged';
+            RETURN NEXT passed;  -- the claim's row, then the start's
+        END IF;
+        RETURN NEXT t;
+        RETURN;
     END IF;
     IF NOT p_start OR t.status = 'in_progress' THEN
         RETURN NEXT t;
         RETURN;
-    END IF;
-    IF t.acknowledged_at = p_now THEN
-        RETURN NEXT t;  -- claimed just now: the claim's row, then the start's
     END IF;
     declared := tasks.declare_fsm('startTask', p_by, 'started');
     RETURN QUERY
@@ -275,8 +344,8 @@ DECLARE
     declared text;
     done tasks.tasks;
     t tasks.tasks;
+    passed tasks.tasks;
     next_id uuid;
-    taken uuid;
 BEGIN
     PERFORM 1 FROM tasks.roles WHERE chatroom = p_chatroom AND role = p_role
     FOR UPDATE;  -- role, then task
@@ -300,24 +369,52 @@ BEGIN
         SELECT id INTO next_id FROM tasks.tasks
         WHERE chatroom = p_chatroom AND role = p_role AND status = 'queued'
         ORDER BY created_at LIMIT 1 FOR UPDATE;
-        IF FOUND THEN
-            declared := tasks.declare_fsm('promoteNextTask', 'vigil', 'the role''s active task ended');
-            RETURN QUERY
-            UPDATE tasks.tasks SET status = 'pending', updated_at = p_now,
-                deadline_at = p_pending_deadline
-            WHERE id = next_id RETURNING *;
+    END IF;
+    IF next_id IS NOT NULL AND p_claim THEN
+        -- The role is idle now and the participant live: its next queued task is
+        -- promoted, claimed (and started) for it at once.
+        IF p_start THEN
+            declared := tasks.declare_fsm_steps(ARRAY[
+                ARRAY['promoteNextTask', 'vigil', 'the role''s active task ended'],
+                ARRAY['claimTask', p_actor, p_reason],
+                ARRAY['startTask', p_actor, 'started']]);
+        ELSE
+            declared := tasks.declare_fsm_steps(ARRAY[
+                ARRAY['promoteNextTask', 'vigil', 'the role''s active task ended'],
+                ARRAY['claimTask', p_actor, p_reason]]);
         END IF;
+        UPDATE tasks.tasks
+        SET status = CASE WHEN p_start THEN 'in_progress' ELSE 'acknowledged' END,
+            assigned_to = p_connection, claim_epoch = p_epoch, acknowledged_at = p_now,
+            updated_at = p_now,
+            deadline_at = CASE WHEN p_start THEN NULL ELSE p_ack_deadline END,
+            delivered_at = CASE WHEN p_start THEN p_now END, claimer_dead_at = NULL,
+            claimed_by = p_actor, claimed_by_token = p_claim_token,
+            started_at = CASE WHEN p_start THEN p_now ELSE started_at END
+        WHERE id = next_id
+        RETURNING * INTO t;
+        passed := t;
+        passed.status := 'pending';
+        RETURN NEXT passed;  -- promoted,
+        IF p_start THEN
+            passed.status := 'acknowledged';
+            RETURN NEXT passed;  -- claimed,
+        END IF;
+        RETURN NEXT t;  -- as it ends up
+        RETURN;
     END IF;
-    IF p_claim THEN
-        FOR t IN SELECT * FROM tasks.take_task(p_chatroom, p_role, p_connection, p_epoch, p_now,
-                                               p_ack_deadline, p_actor, p_claim_token,
-                                               p_reason, p_start) LOOP
-            taken := t.id;
-            RETURN NEXT t;
-        END LOOP;
-    END IF;
-    IF next_id IS NOT NULL AND next_id IS DISTINCT FROM taken THEN
+    IF next_id IS NOT NULL THEN
+        declared := tasks.declare_fsm('promoteNextTask', 'vigil', 'the role''s active task ended');
+        RETURN QUERY
+        UPDATE tasks.tasks SET status = 'pending', updated_at = p_now,
+            deadline_at = p_pending_deadline
+        WHERE id = next_id RETURNING *;
         PERFORM pg_notify('vigil_tasks', p_chatroom || '/' || p_role);
+    ELSIF p_claim THEN
+        RETURN QUERY
+        SELECT * FROM tasks.take_task(p_chatroom, p_role, p_connection, p_epoch, p_now,
+                                      p_ack_deadline, p_actor, p_claim_token, p_reason,
+                                      p_start);
     END IF;
 END
 $$;

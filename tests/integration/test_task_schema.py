@@ -256,6 +256,143 @@ async def test_a_whole_lifecycle_is_audited_step_by_step(pool: asyncpg.Pool) -> 
         ]
 
 
+async def fire_steps(
+    conn: asyncpg.Connection,
+    task_id: uuid.UUID,
+    steps: list[tuple[str, str, str]],
+    to_status: str,
+    *,
+    attempt_delta: int = 0,
+    deadline_at: datetime | None = None,
+) -> None:
+    """Several status changes in one UPDATE, declared as steps (tasks.declare_fsm_steps)."""
+    async with conn.transaction():
+        await conn.execute("SELECT tasks.declare_fsm_steps($1::text[])", [list(s) for s in steps])
+        await conn.execute(
+            "UPDATE tasks.tasks SET status = $2, attempt = attempt + $3, assigned_to = 'conn-1', "
+            "deadline_at = $4 WHERE id = $1",
+            task_id,
+            to_status,
+            attempt_delta,
+            deadline_at,
+        )
+
+
+async def test_declared_steps_are_checked_and_audited_one_by_one(pool: asyncpg.Pool) -> None:
+    # One UPDATE takes a queued task through three rules; each is audited as if it had
+    # been its own UPDATE, chained in order, with its own actor and reason.
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn, status="queued")
+        await fire_steps(
+            conn,
+            task_id,
+            [
+                ("promoteNextTask", "vigil", "the role's active task ended"),
+                ("claimTask", "agent:builder", "claimed by c"),
+                ("startTask", "agent:builder", "started"),
+            ],
+            "in_progress",
+        )
+        assert await status_of(conn, task_id) == ("in_progress", 0)
+        audit = await audit_of(conn, task_id)
+        assert [
+            (r["from_status"], r["to_status"], r["trigger"], r["actor"], r["reason"])
+            for r in audit
+        ] == [
+            ("queued", "pending", "promoteNextTask", "vigil", "the role's active task ended"),
+            ("pending", "acknowledged", "claimTask", "agent:builder", "claimed by c"),
+            ("acknowledged", "in_progress", "startTask", "agent:builder", "started"),
+        ]  # fmt: skip
+        assert audit[0]["prev_hash"] is None
+        assert [r["prev_hash"] for r in audit[1:]] == [r["hash"] for r in audit[:-1]]
+        assert audit[0]["at"] < audit[1]["at"] < audit[2]["at"]
+        # The next single change chains on the last step.
+        await fire(conn, task_id, "completeTask", "completed")
+        assert (await audit_of(conn, task_id))[3]["prev_hash"] == audit[2]["hash"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "to_status", "words"),
+    [
+        # startTask is no rule from queued.
+        ([("startTask", "a", "r")], "in_progress", ["queued", "startTask", "step 1 of 1"]),
+        # Each step leaves from where the last one left the task.
+        (
+            [("promoteNextTask", "vigil", "r"), ("startTask", "a", "r")],
+            "in_progress",
+            ["pending", "startTask", "step 2 of 2"],
+        ),
+        # The steps must end where the UPDATE puts the task.
+        (
+            [("promoteNextTask", "vigil", "r"), ("claimTask", "a", "r")],
+            "in_progress",
+            ["acknowledged", "in_progress"],
+        ),
+        # Every step names an actor.
+        ([("promoteNextTask", "", "r")], "pending", ["vigil.fsm_actor"]),
+        # Declared steps do not let a status stand still with its attempt moved.
+        ([("promoteNextTask", "vigil", "r")], "queued", ["pending", "queued"]),
+    ],
+)
+async def test_declared_steps_that_are_not_the_fsm_are_refused(
+    pool: asyncpg.Pool, steps: list[tuple[str, str, str]], to_status: str, words: list[str]
+) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn, status="queued")
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await fire_steps(conn, task_id, steps, to_status)
+        message = refused(info)
+        assert all(w in message for w in words), message
+        assert await status_of(conn, task_id) == ("queued", 0)
+        assert await audit_of(conn, task_id) == []
+
+
+async def test_declared_steps_must_make_the_attempt_they_write(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn)
+        await fire(conn, task_id, "claimTask", "acknowledged", deadline_at=NOW)
+        await fire(conn, task_id, "startTask", "in_progress")
+        steps = [("recoverOrphaned", "vigil", "gone"), ("claimTask", "agent:b", "again")]
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await fire_steps(conn, task_id, steps, "acknowledged", deadline_at=NOW)
+        assert "attempt must go from 0 to 1" in refused(info)
+        await fire_steps(conn, task_id, steps, "acknowledged", attempt_delta=1, deadline_at=NOW)
+        assert await status_of(conn, task_id) == ("acknowledged", 1)
+        audit = await audit_of(conn, task_id)
+        assert [(r["trigger"], r["attempt"]) for r in audit] == [
+            ("claimTask", 0),
+            ("startTask", 0),
+            ("recoverOrphaned", 1),
+            ("claimTask", 1),
+        ]
+
+
+async def test_declared_steps_are_the_next_statement_exactly(pool: asyncpg.Pool) -> None:
+    declare = "SELECT tasks.declare_fsm_steps($1::text[])"
+    promote = [["promoteNextTask", "vigil", "r"]]
+    to_pending = "UPDATE tasks.tasks SET status = 'pending', deadline_at = $2 WHERE id = $1"
+    async with pool.acquire() as conn:
+        task_id = await new_task(conn, status="queued")
+        # Declared steps are made by the next UPDATE or refused: one that moves no
+        # status does not pass them by (a recovery, claim and start ends where it began).
+        with pytest.raises(asyncpg.PostgresError) as info:
+            async with conn.transaction():
+                await conn.execute(declare, promote)
+                await conn.execute("UPDATE tasks.tasks SET text = 'x' WHERE id = $1", task_id)
+        assert "writes queued" in refused(info)
+        # And they cover that one statement only.
+        with pytest.raises(asyncpg.PostgresError) as info:
+            async with conn.transaction():
+                await conn.execute(declare, promote)
+                await conn.execute(to_pending, task_id, NOW)
+                await conn.execute(
+                    "UPDATE tasks.tasks SET status = 'closed', deadline_at = NULL WHERE id = $1",
+                    task_id,
+                )
+        assert "vigil.fsm_trigger" in refused(info)
+        assert await status_of(conn, task_id) == ("queued", 0)
+
+
 async def test_an_invalid_pair_with_a_trigger_is_refused(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
         task_id = await new_task(conn)

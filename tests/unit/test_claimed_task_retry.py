@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from vigil.client import ClaimedTask, RPCError
+from vigil.client._errors import from_grpc
 from vigil.core.vocab import TaskStatus
 from vigil.v1 import tasks_pb2 as tpb
 
@@ -74,4 +75,28 @@ async def test_a_first_refusal_is_not_repeated_or_explained_away() -> None:
     client = FakeClient([REFUSED], now=_task(TaskStatus.IN_PROGRESS))
     with pytest.raises(RPCError):
         await _claimed(client).start()
+    assert client.calls == 1
+
+
+def _from_wire(code: grpc.StatusCode, details: str) -> RPCError:
+    return from_grpc(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details))
+
+
+async def test_a_call_a_stopping_replica_cancelled_is_repeated() -> None:
+    # A replica that stops cancels the calls it still holds (or that arrive as it stops):
+    # CANCELLED from the other side is a call lost in transit.
+    cancelled = _from_wire(grpc.StatusCode.CANCELLED, "CANCELLED")
+    assert cancelled.retryable and cancelled.cancelled_remotely
+    client = FakeClient([cancelled, _task(TaskStatus.COMPLETED)])
+    task = _claimed(client)
+    await task.complete()
+    assert client.calls == 2 and task.status == TaskStatus.COMPLETED
+
+
+async def test_a_cancellation_of_our_own_is_not_repeated() -> None:
+    ours = RPCError(grpc.StatusCode.CANCELLED, "the session was stopped")
+    assert not ours.retryable
+    client = FakeClient([ours])
+    with pytest.raises(RPCError):
+        await _claimed(client).complete()
     assert client.calls == 1

@@ -1,6 +1,6 @@
 """`Client.send` is exactly once across lost answers: every attempt carries the same
-request id, repeated only on UNAVAILABLE and DEADLINE_EXCEEDED, a bounded number of
-times, each within its own deadline."""
+request id, repeated only on UNAVAILABLE, DEADLINE_EXCEEDED and CANCELLED by the server
+(a replica that stops), a bounded number of times, each within its own deadline."""
 
 from __future__ import annotations
 
@@ -48,10 +48,15 @@ async def client() -> AsyncIterator[Client]:
 
 
 async def test_a_lost_answer_is_sent_again_with_the_same_request_id(client: Client) -> None:
-    fake = FakeTasks(grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, None)
+    fake = FakeTasks(
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        None,
+    )
     client.tasks = fake  # type: ignore[assignment]
     task = await client.send("room", "builder", "once")
-    assert task.id == "t1" and len(fake.requests) == 3
+    assert task.id == "t1" and len(fake.requests) == 4
     assert len({r.SerializeToString() for r in fake.requests}) == 1  # the same request
     assert uuid.UUID(fake.requests[0].request_id).version == 4
     assert all(0 < t <= _client.DEFAULT_TIMEOUT_S for t in fake.timeouts)

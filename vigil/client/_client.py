@@ -222,9 +222,10 @@ class Client:
         """Send a message to a role: it becomes a task (returned, pending or queued),
         exactly once. The request carries an idempotency key, `request_id` (a new UUID
         unless given), and is sent again, the same, while the answer is lost
-        (UNAVAILABLE, DEADLINE_EXCEEDED): at most SEND_ATTEMPTS times within
-        SEND_TIMEOUT_S. A repeat returns the task the first one created. Give your own
-        `request_id` (unique per sender) to retry across processes or after an RPCError."""
+        (UNAVAILABLE, DEADLINE_EXCEEDED, or CANCELLED by a stopping replica): at most
+        SEND_ATTEMPTS times within SEND_TIMEOUT_S. A repeat returns the task the first
+        one created. Give your own `request_id` (unique per sender) to retry across
+        processes or after an RPCError."""
         request = tpb.SendMessageRequest(
             chatroom=chatroom, role=role, text=text, request_id=request_id or str(uuid.uuid4())
         )
@@ -239,7 +240,7 @@ class Client:
                 )
             except RPCError as exc:
                 if (
-                    exc.code not in SEND_RETRIED
+                    not (exc.code in SEND_RETRIED or exc.cancelled_remotely)
                     or attempt == SEND_ATTEMPTS
                     or loop.time() + delay >= give_up
                 ):

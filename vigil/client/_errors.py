@@ -20,16 +20,23 @@ RETRYABLE = frozenset(
 
 class RPCError(VigilError):
     """A call Vigil refused or could not answer. `code` is the gRPC status;
-    `retryable` says whether the same request may succeed later."""
+    `retryable` says whether the same request may succeed later. `cancelled_remotely`:
+    CANCELLED came from the other side (a replica that stops cancels the calls it still
+    holds, or that arrive as it stops), so the call may be repeated like a lost one; a
+    cancellation of the caller's own is asyncio.CancelledError, never an RPCError, and
+    the client's own "session was stopped" is not remote."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, *, cancelled_remotely: bool = False
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.cancelled_remotely = cancelled_remotely and code == grpc.StatusCode.CANCELLED
 
     @property
     def retryable(self) -> bool:
-        return self.code in RETRYABLE
+        return self.code in RETRYABLE or self.cancelled_remotely
 
     def __str__(self) -> str:
         return f"{self.message} ({self.code.name})"
@@ -38,7 +45,11 @@ class RPCError(VigilError):
 def from_grpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> RPCError:
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
     details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
-    return RPCError(code, details or code.name.lower().replace("_", " "))
+    return RPCError(
+        code,
+        details or code.name.lower().replace("_", " "),
+        cancelled_remotely=code == grpc.StatusCode.CANCELLED,
+    )
 
 
 class ClientConfigError(ConfigError):
