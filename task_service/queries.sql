@@ -451,6 +451,15 @@ SELECT * FROM tasks.transitions WHERE task_id = ANY($1::uuid[]) ORDER BY task_id
 -- or NULL (0011_send_once.sql): the task's columns, and whether this call created it
 SELECT (s.task).*, s.created FROM tasks.send_task($1, $2, $3, $4, $5, $6, $7) s;
 
+-- name: send_tasks_fast
+-- Several sends in one statement (0013_send_batches.sql), each as send_task_fast: arrays
+-- $1 chatrooms, $2 roles, $3 texts, $4 nows, $5 pending deadlines, $6 senders, $7 request
+-- ids; a row (ord: the item's 1-based place, the task's columns, created) per item that
+-- has a task
+SELECT s.ord, (s.task).*, s.created
+FROM tasks.send_tasks($1::text[], $2::text[], $3::text[], $4::timestamptz[],
+                      $5::timestamptz[], $6::text[], $7::text[]) s;
+
 -- name: claim_task_fast
 -- $1 chatroom, $2 role, $3 connection_id, $4 epoch, $5 now, $6 deadline, $7 claimed_by,
 -- $8 claimed_by_token, $9 reason

@@ -20,6 +20,7 @@ import asyncpg
 
 from vigil.core import validation
 from vigil.core.auth.principal import SYSTEM
+from vigil.core.batch import Batcher
 from vigil.core.db import Constraints, Database, mapped_errors
 from vigil.core.errors import AlreadyExists, NotFound
 from vigil.core.paging import Page
@@ -223,9 +224,18 @@ class TaskTx(Tx):
         )
 
 
+# (chatroom, role, text, now, pending deadline, sent_by, request id): one send
+_Send = tuple[str, str, str, datetime, datetime | None, str, str | None]
+
+
 class TaskStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        # Sends that arrive while others are in the database go together (0013).
+        self._sends: Batcher[_Send, tuple[Task, bool] | None] = Batcher(
+            self._send_many,
+            self._send_one,
+        )
 
     @contextlib.asynccontextmanager
     async def tx(self) -> AsyncIterator[TaskTx]:
@@ -279,11 +289,24 @@ class TaskStore:
         """A new task (pending, or queued behind the role's active one) and True; or,
         when this sender already sent with `request_id`, the task that send created
         (as it is now, whatever its chatroom, role and text) and False; None when the
-        role does not exist or takes no tasks."""
-        row = await self.db.fetchrow(
-            Q["send_task_fast"], chatroom, role, text, now, pending_deadline, sent_by, request_id
+        role does not exist or takes no tasks. Concurrent sends share one statement and
+        one commit (a group commit, `vigil.core.batch`)."""
+        return await self._sends.submit(
+            (chatroom, role, text, now, pending_deadline, sent_by, request_id)
         )
+
+    async def _send_one(self, send: _Send) -> tuple[Task, bool] | None:
+        row = await self.db.fetchrow(Q["send_task_fast"], *send)
         return None if row is None else (Task.from_row(row), bool(row["created"]))
+
+    async def _send_many(self, sends: list[_Send]) -> list[tuple[Task, bool] | None]:
+        rows = await self.db.fetch(
+            Q["send_tasks_fast"], *(list(c) for c in zip(*sends, strict=True))
+        )
+        out: list[tuple[Task, bool] | None] = [None] * len(sends)
+        for row in rows:
+            out[row["ord"] - 1] = (Task.from_row(row), bool(row["created"]))
+        return out
 
     async def claim_fast(
         self,

@@ -204,3 +204,55 @@ async def test_the_previous_signature_still_sends_during_a_rolling_upgrade(db_ur
         "SELECT * FROM tasks.send_task('room', 'builder', 't', now(), NULL, 'user:x')",
     )
     assert len(rows) == 1 and rows[0]["status"] == "pending" and rows[0]["request_id"] is None
+
+
+async def test_concurrent_sends_share_a_statement_and_each_gets_its_own_answer(
+    db_url: str,
+) -> None:
+    # Sends that arrive while others are in the database go as one statement (a group
+    # commit): each still gets exactly its own task, repeat or refusal.
+    async with local_server(db_url, harness.fast_timings()) as srv:
+        await harness.make_room(srv, "room", "builder", "reviewer", "tester")
+        batches: list[int] = []
+        sends = srv.tasks.svc.store._sends
+        many = sends._many
+
+        async def counted(items: list[Any]) -> Any:
+            batches.append(len(items))
+            return await many(items)
+
+        sends._many = counted
+        roles = ["builder", "reviewer", "tester"]
+        firsts = [(roles[k % 3], f"task {k}", str(uuid.uuid4())) for k in range(30)]
+        repeats = firsts[:6]  # the same requests again, concurrently
+        calls = [*firsts, *repeats, ("nobody", "lost", str(uuid.uuid4()))]
+        got = await asyncio.gather(
+            *(_send(srv.addr, text, rid, role) for role, text, rid in calls),
+            return_exceptions=True,
+        )
+        assert max(batches) > 1, batches  # they did share statements
+        missing = got[-1]
+        assert isinstance(missing, grpc.aio.AioRpcError)
+        assert missing.code() == grpc.StatusCode.NOT_FOUND, missing
+        tasks = got[:-1]
+        assert all(isinstance(t, tpb.Task) for t in tasks), tasks
+        by_rid: dict[str, set[str]] = {}
+        for (role, text, rid), task in zip(calls[:-1], tasks, strict=True):
+            assert isinstance(task, tpb.Task)
+            assert (task.role, task.text) == (role, text)
+            by_rid.setdefault(rid, set()).add(task.id)
+        assert all(len(ids) == 1 for ids in by_rid.values()), by_rid  # a repeat: its task
+        rows = await _rows(
+            db_url,
+            "SELECT role, status, count(*) AS n FROM tasks.tasks "
+            "WHERE chatroom = 'room' GROUP BY role, status ORDER BY role, status",
+        )
+        # 30 tasks, once each; one active per role, the rest queued behind it.
+        assert [(r["role"], r["status"], r["n"]) for r in rows] == [
+            ("builder", "pending", 1),
+            ("builder", "queued", 9),
+            ("reviewer", "pending", 1),
+            ("reviewer", "queued", 9),
+            ("tester", "pending", 1),
+            ("tester", "queued", 9),
+        ]
