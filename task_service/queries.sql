@@ -46,6 +46,11 @@ WHERE ($1::text IS NULL OR chatroom = $1) AND ($2::text IS NULL OR chatroom > $2
 ORDER BY chatroom
 LIMIT $3;
 
+-- name: role_takes_tasks
+-- $1 chatroom, $2 role: a row if the role exists (not removed, its chatroom not deleted)
+SELECT 1 FROM tasks.roles r JOIN tasks.chatrooms c USING (chatroom)
+WHERE r.chatroom = $1 AND r.role = $2 AND r.removed_at IS NULL AND c.deleted_at IS NULL;
+
 -- name: roles_of
 -- $1 chatrooms (array); removed roles are gone
 SELECT * FROM tasks.roles WHERE chatroom = ANY($1::text[]) AND removed_at IS NULL

@@ -473,21 +473,24 @@ class TaskService:
         connection_id = validation.uuid_str(connection_id, "connection_id")
         validation.positive(epoch, "epoch")
         await self._held_by(chatroom, role, connection_id, epoch, by, wait=PRESENCE_WAIT_S)
-        ready = await self._claim(chatroom, role, connection_id, epoch, by, start)
-        if ready is not None:
-            return ready  # the common case: no need to look the role up
-        await self._role(chatroom, role)
+        # Listen first, then claim: a task sent after the claim found none wakes us.
         key = (chatroom, role)
         woken = asyncio.Event()
         self._waiters.setdefault(key, set()).add(woken)
         self.metrics.waiting_agents.inc()
         try:
+            first = True
             while True:
-                woken.clear()
-                await self._held_by(chatroom, role, connection_id, epoch, by)
+                if not first:
+                    woken.clear()
+                    await self._held_by(chatroom, role, connection_id, epoch, by)
                 task = await self._claim(chatroom, role, connection_id, epoch, by, start)
                 if task is not None:
                     return task
+                if first:
+                    if not await self.store.role_takes_tasks(chatroom, role):
+                        await self._role(chatroom, role)  # NOT_FOUND, saying precisely why
+                    first = False
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), SAFETY_WAKE_S)
         finally:

@@ -264,6 +264,9 @@ class TaskStore:
             for r in rows
         ]
 
+    async def role_takes_tasks(self, chatroom: str, role: str) -> bool:
+        return await self.db.fetchrow(Q["role_takes_tasks"], chatroom, role) is not None
+
     async def get_task(self, task_id: str) -> Task | None:
         row = await self.db.fetchrow(Q["get_task"], task_id)
         return Task.from_row(row) if row else None

@@ -274,7 +274,8 @@ $$;
 -- (two declared steps, two audit rows), and in complete_and_claim the next queued
 -- task's promotion, claim and start one UPDATE (three steps, three audit rows): the
 -- same statuses, in the same order, checked by the same guard, as the separate UPDATEs
--- made. The rows they return are unchanged too: one per status the task passed
+-- made. With nothing queued, complete_and_claim no longer looks for a pending task
+-- (there cannot be one: see below). The rows they return are unchanged too: one per status the task passed
 -- through, in order (the task as it ends up, with that status), so a caller still sees
 -- each step.
 CREATE OR REPLACE FUNCTION tasks.take_task(
@@ -410,11 +411,9 @@ BEGIN
             deadline_at = p_pending_deadline
         WHERE id = next_id RETURNING *;
         PERFORM pg_notify('vigil_tasks', p_chatroom || '/' || p_role);
-    ELSIF p_claim THEN
-        RETURN QUERY
-        SELECT * FROM tasks.take_task(p_chatroom, p_role, p_connection, p_epoch, p_now,
-                                      p_ack_deadline, p_actor, p_claim_token, p_reason,
-                                      p_start);
     END IF;
+    -- Nothing queued: nothing to claim either. The completed task was the role's one
+    -- active task (tasks_one_active), so no other is pending, and the participant holds
+    -- no other claim (one participant per role).
 END
 $$;

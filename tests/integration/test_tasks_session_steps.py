@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from vigil import testing as harness
+from vigil.client import RPCError
 from vigil.core.vocab import TaskStatus
 from vigil.testing import local_server
 from vigil.testing.agent import COMPLETE
@@ -281,3 +282,33 @@ async def test_complete_and_claim_next_refusals(db_url: str) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as exc:
                 await stub.CompleteAndClaimNext(step())
             assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_waiting_for_a_role_that_takes_no_tasks_is_not_found(db_url: str) -> None:
+    # AwaitTask listens before it claims; with nothing to claim it checks the role
+    # once (one cheap query), and says precisely why a role it cannot serve is missing.
+    async with local_server(db_url, harness.fast_timings()) as srv:
+        await _room(srv.addr, "builder", "reviewer")
+        async with (
+            harness.client(srv.addr) as client,
+            client.agent("room", "reviewer", handle_signals=False) as session,
+        ):
+            s = session.session
+            await s.joined.wait()
+            assert s.epoch is not None
+            waiting = asyncio.create_task(
+                client.await_task("room", "reviewer", s.connection_id, s.epoch, start=True)
+            )
+            await asyncio.sleep(0.3)
+            assert not waiting.done()  # it waits: the role takes tasks, none is pending
+            task = await _send(srv.addr, "review it", role="reviewer")
+            got = await asyncio.wait_for(waiting, 10)
+            assert got.id == task.id and got.status == IN_PROGRESS
+            await client.complete_task(got.id, got.attempt)
+            await client.update_chatroom("room", remove=["reviewer"])
+            with pytest.raises(RPCError) as missing:
+                await asyncio.wait_for(
+                    client.await_task("room", "reviewer", s.connection_id, s.epoch), 10
+                )
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND, missing.value
+        assert "has no role 'reviewer'" in missing.value.message
