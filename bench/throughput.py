@@ -702,6 +702,28 @@ def _top_statements(rounds: Sequence[Round], k: int = 8) -> str:
     return "; ".join(f"{c / n:.2f} x `{q}`" for q, c in total.most_common(k))
 
 
+def _send_statements(rounds: Sequence[Round]) -> str | None:
+    """How the measured rounds' sends reached the database: statements that sent one
+    task and statements that sent several (the server's group commit), from
+    pg_stat_statements; None for a system without them (procrastinate)."""
+    one = many = n = 0
+    for r in rounds:
+        if r.statements is None:
+            continue
+        n += r.n
+        for q, c in r.statements:
+            if "tasks.send_tasks(" in q:
+                many += c
+            elif "tasks.send_task(" in q:
+                one += c
+    if not n or not (one or many):
+        return None
+    return (
+        f"sends: {one + many:,} statements for {n:,} sends ({one:,} of one send, {many:,} "
+        f"of several: the server's group commit), {n / (one + many):.1f} sends a statement"
+    )
+
+
 def _cpu_line(rounds: Sequence[Round]) -> str:
     if not rounds:
         return ""
@@ -745,6 +767,7 @@ def _entry(
         f"{fig['statements_per_lifecycle']}; most called: {_top_statements(s.rounds)}"
         if fig["statements_per_lifecycle"] is not None
         else "statements not counted (pg_stat_statements unavailable)",
+        *([line] if (line := _send_statements(s.rounds)) else []),
         _cpu_line(s.rounds),
         *[f"round problem: {p}" for p in round_problems],
     ]
