@@ -69,7 +69,7 @@ AGENT_PROCS = 4  # Vigil agent processes (WORKERS / AGENT_PROCS agents each)
 WARMUP = 2 * WORKERS  # tasks of an unmeasured round first (connections, prepared statements)
 # Measured rounds: procrastinate and Vigil on long-lived sessions (one and two replicas)
 # take turns, as do one-shot agents on one and two replicas; medians are reported.
-ROUNDS = 3
+ROUNDS = 5  # medians of 5: a round on this shared machine varies by ±15 %
 ONESHOT_ROUNDS = 1
 ROUND_TIMEOUT_S = 180.0
 POLL_S = 0.05
