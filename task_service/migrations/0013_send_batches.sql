@@ -3,7 +3,7 @@
 -- so that they share a round trip and a commit (a group commit). Each item is exactly
 -- the send of tasks.send_task (0011_send_once.sql): its request id looked up first, its
 -- role locked, pending or queued, announced if pending.
--- Roles are locked in (chatroom, role) order, as every transaction that locks several
+-- Roles are taken in (chatroom, role) order, as every transaction that locks several
 -- roles does (a chatroom's roles: ORDER BY role), so two batches cannot deadlock; the
 -- database's deadlock detection and the service's retry cover anything else.
 -- Rows: (ord, the task's columns, created) for each item that has a task, ord its

@@ -256,3 +256,43 @@ async def test_concurrent_sends_share_a_statement_and_each_gets_its_own_answer(
             ("tester", "pending", 1),
             ("tester", "queued", 9),
         ]
+
+
+async def test_sends_to_one_idle_role_at_once_make_one_pending_and_queue_the_rest(
+    db_url: str,
+) -> None:
+    # Sends share the role's lock (0014): twenty separate transactions racing for one
+    # idle role — one task comes out pending, the others queued behind it, each once.
+    async with local_server(db_url, harness.fast_timings()) as srv:
+        await harness.make_room(srv, "room", "builder")
+        store = srv.tasks.svc.store
+        clock = srv.tasks.svc.clock
+
+        async def one(k: int) -> Any:
+            t = clock.now()
+            return await store._send_one(
+                ("room", "builder", f"t{k}", t, t, "admin:test", str(uuid.uuid4()))
+            )
+
+        # Hold the role as a completion would, so that the sends all wait, then all go
+        # at the moment it is let go: each finds the role idle.
+        holder = await asyncpg.connect(db_url)
+        try:
+            async with holder.transaction():
+                await holder.execute(
+                    "SELECT 1 FROM tasks.roles WHERE chatroom = 'room' AND role = 'builder' "
+                    "FOR UPDATE"
+                )
+                sends = [asyncio.create_task(one(k)) for k in range(20)]
+                await asyncio.sleep(0.5)
+                assert not any(s.done() for s in sends)  # a completion holds sends back
+        finally:
+            await holder.close()
+        got = await asyncio.gather(*sends)
+        assert all(g is not None and g[1] for g in got)  # each made its own task
+        statuses = sorted(str(g[0].status) for g in got)
+        assert statuses == ["pending"] + ["queued"] * 19, statuses
+        rows = await _rows(
+            db_url, "SELECT status, count(*) AS n FROM tasks.tasks GROUP BY status ORDER BY 1"
+        )
+        assert [(r["status"], r["n"]) for r in rows] == [("pending", 1), ("queued", 19)]
