@@ -125,6 +125,7 @@ def test_no_argv_gets_a_traceback(args: list[str], stdin: bytes) -> None:
         ["commands", "--limit", "9" * 20],
         ["wait-for-task", "--chatroom", "room", "--role", "r", "--timeout", ""],
         ["no-such-command"],
+        ["send", "--chatroom", "room", "--role", "r", "--token-file", "a\x00b", "x"],
     ],
 )
 def test_known_mistakes_are_usage_errors(args: list[str]) -> None:

@@ -47,6 +47,8 @@ def read_secret_file(path: Path, what: str) -> str:
         raise ClientConfigError(f"{where} does not exist") from None
     except OSError as exc:
         raise ClientConfigError(f"cannot read {where}: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL byte in the path: no file can have that name
+        raise ClientConfigError(f"{what} {str(path)!r} is not a valid path") from None
     try:
         secret = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
