@@ -4,6 +4,7 @@ caller, encode. Listings are narrowed to what the caller may see."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import TypeAlias
 
@@ -11,7 +12,8 @@ import grpc
 
 from vigil.core import paging
 from vigil.core.auth import Authenticator
-from vigil.core.auth.rules import visible_chatroom
+from vigil.core.auth.rules import permit, visible_chatroom
+from vigil.core.errors import InvalidArgument, status_for
 from vigil.core.rpc import caller, rpc
 from vigil.core.vocab import TaskStatus
 from vigil.task_service import codec
@@ -22,6 +24,9 @@ from vigil.v1 import tasks_pb2_grpc as pb_grpc
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tasks"].full_name
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
+
+SEND = f"{SERVICE_NAME}/SendMessage"  # the rule every message of SendMessages meets
+SENDS_IN_FLIGHT = 256  # per SendMessages stream; more wait (gRPC flow control) to be read
 
 
 class TasksServicer(pb_grpc.TasksServicer):
@@ -80,6 +85,57 @@ class TasksServicer(pb_grpc.TasksServicer):
             request.chatroom, request.role, request.text, caller(), request.request_id
         )
         return codec.task(task)
+
+    @rpc
+    async def SendMessages(  # type: ignore[override]  # read/write style, not an iterator
+        self, request_iterator: object, context: Ctx
+    ) -> None:
+        """Each message a send of its own, run as it arrives (sends in flight together
+        share a statement, as unary ones do), answered by request id as it commits."""
+        by = caller()
+        room = asyncio.Semaphore(SENDS_IN_FLIGHT)
+        writing = asyncio.Lock()  # one write at a time on a call
+        sends: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.SendMessageRequest) -> None:
+            try:
+                permit(by, SEND, request)
+                if not request.request_id:
+                    raise InvalidArgument(
+                        "request_id is required on SendMessages: it names the answer"
+                    )
+                task = await self.svc.send(
+                    request.chatroom, request.role, request.text, by, request.request_id
+                )
+                result = pb.SendResult(request_id=request.request_id, task=codec.task(task))
+            except Exception as exc:
+                code, message = status_for(exc)
+                error = pb.SendError(code=code.value[0], message=message)
+                result = pb.SendResult(request_id=request.request_id, error=error)
+            finally:
+                room.release()
+            async with writing:
+                # A write fails only when the call is over; the read loop ends it then.
+                with contextlib.suppress(Exception):
+                    await context.write(result)
+
+        try:
+            while True:
+                await room.acquire()
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    break
+                send = asyncio.create_task(one(request))
+                sends.add(send)
+                send.add_done_callback(sends.discard)
+            while sends:  # the sender is done sending: answer what is in flight, then end
+                await asyncio.wait(set(sends))
+        finally:
+            for send in sends:  # the call ended under them (cancelled, revoked)
+                send.cancel()
+            for send in list(sends):
+                with contextlib.suppress(BaseException):
+                    await send
 
     @rpc
     async def AwaitTask(

@@ -113,6 +113,22 @@ async def _bidi(call: Any, first: Any) -> None:
     await _first(call)
 
 
+async def _send_stream(call: Any, request: tpb.SendMessageRequest) -> None:
+    """SendMessages: a send's refusal is its answer (the stream goes on); raised here
+    as the status a unary SendMessage would have ended with."""
+    try:
+        await call.write(request)
+        result = await asyncio.wait_for(call.read(), 5)
+    finally:
+        call.cancel()
+    assert result.request_id == request.request_id
+    if result.WhichOneof("result") == "error":
+        code = {c.value[0]: c for c in grpc.StatusCode}[result.error.code]
+        raise grpc.aio.AioRpcError(
+            code, grpc.aio.Metadata(), grpc.aio.Metadata(), result.error.message
+        )
+
+
 def requests(fx: dict[str, Any]) -> dict[str, Call]:
     """For every RPC, a call aimed at chatroom A / role builder / machine m1 that a
     permitted caller can make without changing anything."""
@@ -180,6 +196,10 @@ def requests(fx: dict[str, Any]) -> dict[str, Call]:
         ),
         "vigil.v1.Tasks/SendMessage": lambda ch: tasks(ch).SendMessage(
             tpb.SendMessageRequest(chatroom="A", role="builder", text="")
+        ),
+        "vigil.v1.Tasks/SendMessages": lambda ch: _send_stream(
+            tasks(ch).SendMessages(),
+            tpb.SendMessageRequest(chatroom="A", role="builder", text="", request_id="m-1"),
         ),
         "vigil.v1.Tasks/AwaitTask": lambda ch: _first(
             tasks(ch).AwaitTask(

@@ -16,6 +16,7 @@ import grpc
 from vigil.client._channel import open_channel
 from vigil.client._config import ClientConfig
 from vigil.client._errors import RPCError, from_grpc
+from vigil.client._sends import SendStream
 from vigil.core.vocab import AgentKind, TaskStatus, TokenKind
 from vigil.v1 import liveness_pb2 as lpb
 from vigil.v1 import liveness_pb2_grpc as lpb_grpc
@@ -65,6 +66,7 @@ class Client:
         self.metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {config.token}"),) if config.token else ()
         )
+        self._sends = SendStream(self)
 
     async def __aenter__(self) -> Client:
         return self
@@ -78,6 +80,7 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
+        await self._sends.close()
         await self._liveness_ch.close()
         if self._tasks_ch is not self._liveness_ch:
             await self._tasks_ch.close()
@@ -225,7 +228,8 @@ class Client:
         (UNAVAILABLE, DEADLINE_EXCEEDED, or CANCELLED by a stopping replica): at most
         SEND_ATTEMPTS times within SEND_TIMEOUT_S. A repeat returns the task the first
         one created. Give your own `request_id` (unique per sender) to retry across
-        processes or after an RPCError."""
+        processes or after an RPCError. Sends go over the client's one SendMessages
+        stream (unary SendMessage calls to a server without it)."""
         request = tpb.SendMessageRequest(
             chatroom=chatroom, role=role, text=text, request_id=request_id or str(uuid.uuid4())
         )
@@ -233,11 +237,15 @@ class Client:
         give_up = loop.time() + SEND_TIMEOUT_S
         delay = 0.1
         for attempt in range(1, SEND_ATTEMPTS + 1):
-            left = max(0.1, give_up - loop.time())
+            left = min(DEFAULT_TIMEOUT_S, max(0.1, give_up - loop.time()))
             try:
-                return await self.call(
-                    self.tasks.SendMessage, request, timeout=min(DEFAULT_TIMEOUT_S, left)
-                )
+                if self._sends.supported:
+                    try:
+                        return await self._sends.send(request, left)
+                    except RPCError as exc:
+                        if self._sends.supported or exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                            raise
+                return await self.call(self.tasks.SendMessage, request, timeout=left)
             except RPCError as exc:
                 if (
                     not (exc.code in SEND_RETRIED or exc.cancelled_remotely)

@@ -80,6 +80,8 @@ RULES: dict[str, Rule] = {
     "vigil.v1.Tasks/GetChatroom": Rule(READERS, Scope.CHATROOM, lambda r: (r.name,)),
     "vigil.v1.Tasks/ListChatrooms": Rule(READERS, Scope.LISTED),
     "vigil.v1.Tasks/SendMessage": Rule(WORKERS, Scope.CHATROOM, _room),
+    # Every message is checked by the handler against the SendMessage rule.
+    "vigil.v1.Tasks/SendMessages": Rule(WORKERS, Scope.CHATROOM),
     "vigil.v1.Tasks/AwaitTask": Rule(WORKERS, Scope.ROLE, _role),
     "vigil.v1.Tasks/StartTask": Rule(WORKERS, Scope.OWNER),
     "vigil.v1.Tasks/CompleteTask": Rule(WORKERS, Scope.OWNER),
