@@ -4,7 +4,6 @@ caller, encode. Listings are narrowed to what the caller may see."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import TypeAlias
 
@@ -12,21 +11,24 @@ import grpc
 
 from vigil.core import paging
 from vigil.core.auth import Authenticator
+from vigil.core.auth.principal import Principal
 from vigil.core.auth.rules import permit, visible_chatroom
-from vigil.core.errors import InvalidArgument, status_for
-from vigil.core.rpc import caller, rpc
+from vigil.core.errors import InvalidArgument
+from vigil.core.rpc import answer_each, caller, rpc
 from vigil.core.vocab import TaskStatus
 from vigil.task_service import codec
 from vigil.task_service.service import TaskService
 from vigil.v1 import tasks_pb2 as pb
 from vigil.v1 import tasks_pb2_grpc as pb_grpc
+from vigil.v1.common_pb2 import CallError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tasks"].full_name
 
 Ctx: TypeAlias = grpc.aio.ServicerContext
 
-SEND = f"{SERVICE_NAME}/SendMessage"  # the rule every message of SendMessages meets
-SENDS_IN_FLIGHT = 256  # per SendMessages stream; more wait (gRPC flow control) to be read
+# The rules the messages of SendMessages and CompleteAndClaimNextStream meet, each.
+SEND = f"{SERVICE_NAME}/SendMessage"
+STEP = f"{SERVICE_NAME}/CompleteAndClaimNext"
 
 
 class TasksServicer(pb_grpc.TasksServicer):
@@ -90,52 +92,23 @@ class TasksServicer(pb_grpc.TasksServicer):
     async def SendMessages(  # type: ignore[override]  # read/write style, not an iterator
         self, request_iterator: object, context: Ctx
     ) -> None:
-        """Each message a send of its own, run as it arrives (sends in flight together
-        share a statement, as unary ones do), answered by request id as it commits."""
+        """Each message a SendMessage of its own, run as it arrives (sends in flight
+        together share a statement, as unary ones do), answered by request id."""
         by = caller()
-        room = asyncio.Semaphore(SENDS_IN_FLIGHT)
-        writing = asyncio.Lock()  # one write at a time on a call
-        sends: set[asyncio.Task[None]] = set()
 
-        async def one(request: pb.SendMessageRequest) -> None:
-            try:
-                permit(by, SEND, request)
-                if not request.request_id:
-                    raise InvalidArgument(
-                        "request_id is required on SendMessages: it names the answer"
-                    )
-                task = await self.svc.send(
-                    request.chatroom, request.role, request.text, by, request.request_id
-                )
-                result = pb.SendResult(request_id=request.request_id, task=codec.task(task))
-            except Exception as exc:
-                code, message = status_for(exc)
-                error = pb.SendError(code=code.value[0], message=message)
-                result = pb.SendResult(request_id=request.request_id, error=error)
-            finally:
-                room.release()
-            async with writing:
-                # A write fails only when the call is over; the read loop ends it then.
-                with contextlib.suppress(Exception):
-                    await context.write(result)
+        async def send(request: pb.SendMessageRequest) -> pb.SendResult:
+            permit(by, SEND, request)
+            if not request.request_id:
+                raise InvalidArgument("request_id is required on SendMessages: it names the answer")
+            task = await self.svc.send(
+                request.chatroom, request.role, request.text, by, request.request_id
+            )
+            return pb.SendResult(request_id=request.request_id, task=codec.task(task))
 
-        try:
-            while True:
-                await room.acquire()
-                request = await context.read()
-                if request is grpc.aio.EOF:
-                    break
-                send = asyncio.create_task(one(request))
-                sends.add(send)
-                send.add_done_callback(sends.discard)
-            while sends:  # the sender is done sending: answer what is in flight, then end
-                await asyncio.wait(set(sends))
-        finally:
-            for send in sends:  # the call ended under them (cancelled, revoked)
-                send.cancel()
-            for send in list(sends):
-                with contextlib.suppress(BaseException):
-                    await send
+        def refused(request: pb.SendMessageRequest, error: CallError) -> pb.SendResult:
+            return pb.SendResult(request_id=request.request_id, error=error)
+
+        await answer_each(context, send, refused)
 
     @rpc
     async def AwaitTask(
@@ -169,6 +142,27 @@ class TasksServicer(pb_grpc.TasksServicer):
     async def CompleteAndClaimNext(
         self, request: pb.CompleteAndClaimNextRequest, context: Ctx
     ) -> pb.CompleteAndClaimNextResponse:
+        return await self._step(request, caller())
+
+    @rpc
+    async def CompleteAndClaimNextStream(  # type: ignore[override]  # read/write style
+        self, request_iterator: object, context: Ctx
+    ) -> None:
+        """Each message a CompleteAndClaimNext of its own, answered by its task id."""
+        by = caller()
+
+        async def step(request: pb.CompleteAndClaimNextRequest) -> pb.StepResult:
+            permit(by, STEP, request)
+            return pb.StepResult(id=request.id, done=await self._step(request, by))
+
+        def refused(request: pb.CompleteAndClaimNextRequest, error: CallError) -> pb.StepResult:
+            return pb.StepResult(id=request.id, error=error)
+
+        await answer_each(context, step, refused)
+
+    async def _step(
+        self, request: pb.CompleteAndClaimNextRequest, by: Principal
+    ) -> pb.CompleteAndClaimNextResponse:
         done, taken = await self.svc.complete_and_claim_next(
             request.chatroom,
             request.role,
@@ -177,7 +171,7 @@ class TasksServicer(pb_grpc.TasksServicer):
             request.id,
             request.attempt,
             request.start,
-            caller(),
+            by,
         )
         return pb.CompleteAndClaimNextResponse(
             completed=codec.task(done), next=codec.task(taken) if taken is not None else None

@@ -113,15 +113,15 @@ async def _bidi(call: Any, first: Any) -> None:
     await _first(call)
 
 
-async def _send_stream(call: Any, request: tpb.SendMessageRequest) -> None:
-    """SendMessages: a send's refusal is its answer (the stream goes on); raised here
-    as the status a unary SendMessage would have ended with."""
+async def _one_on_stream(call: Any, request: Any) -> None:
+    """A stream of requests (SendMessages, CompleteAndClaimNextStream): a request's
+    refusal is its answer (the stream goes on); raised here as the status a unary call
+    of it would have ended with."""
     try:
         await call.write(request)
         result = await asyncio.wait_for(call.read(), 5)
     finally:
         call.cancel()
-    assert result.request_id == request.request_id
     if result.WhichOneof("result") == "error":
         code = {c.value[0]: c for c in grpc.StatusCode}[result.error.code]
         raise grpc.aio.AioRpcError(
@@ -197,7 +197,7 @@ def requests(fx: dict[str, Any]) -> dict[str, Call]:
         "vigil.v1.Tasks/SendMessage": lambda ch: tasks(ch).SendMessage(
             tpb.SendMessageRequest(chatroom="A", role="builder", text="")
         ),
-        "vigil.v1.Tasks/SendMessages": lambda ch: _send_stream(
+        "vigil.v1.Tasks/SendMessages": lambda ch: _one_on_stream(
             tasks(ch).SendMessages(),
             tpb.SendMessageRequest(chatroom="A", role="builder", text="", request_id="m-1"),
         ),
@@ -221,6 +221,18 @@ def requests(fx: dict[str, Any]) -> dict[str, Call]:
                 attempt=7,
                 start=True,
             )
+        ),
+        "vigil.v1.Tasks/CompleteAndClaimNextStream": lambda ch: _one_on_stream(
+            tasks(ch).CompleteAndClaimNextStream(),
+            tpb.CompleteAndClaimNextRequest(
+                chatroom="A",
+                role="builder",
+                connection_id=conn,
+                epoch=epoch,
+                id=task_id,
+                attempt=7,
+                start=True,
+            ),
         ),
         "vigil.v1.Tasks/ReleaseTask": lambda ch: tasks(ch).ReleaseTask(done),
         "vigil.v1.Tasks/CancelTask": lambda ch: tasks(ch).CancelTask(

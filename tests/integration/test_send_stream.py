@@ -22,33 +22,13 @@ from vigil.v1 import tasks_pb2 as tpb
 from vigil.v1 import tasks_pb2_grpc as tpb_grpc
 
 
-class Counted:
-    """A stub method that counts its calls."""
-
-    def __init__(self, method: Any) -> None:
-        self.method = method
-        self.calls = 0
-
-    def __call__(self, *args: Any, **kw: Any) -> Any:
-        self.calls += 1
-        return self.method(*args, **kw)
-
-
-def _count_calls(client: Any) -> tuple[Counted, Counted]:
-    streams = Counted(client.tasks.SendMessages)
-    unary = Counted(client.tasks.SendMessage)
-    client.tasks.SendMessages = streams
-    client.tasks.SendMessage = unary
-    return streams, unary
-
-
 async def test_concurrent_sends_of_one_client_share_one_stream_each_with_its_task(
     db_url: str,
 ) -> None:
     async with local_server(db_url, harness.fast_timings()) as srv:
         await harness.make_room(srv, "room", "builder", "reviewer")
         async with harness.client(srv.addr) as client:
-            streams, unary = _count_calls(client)
+            streams, unary = harness.count_calls(client, "SendMessages", "SendMessage")
             roles = ["builder", "reviewer"]
             got = await asyncio.gather(
                 *(client.send("room", roles[k % 2], f"task {k}") for k in range(40))
@@ -103,7 +83,7 @@ async def test_a_chatroom_token_sends_only_to_its_own_chatroom_on_the_stream(
         async with harness.client(srv.addr) as admin:
             made = await admin.create_token(TokenKind.CHATROOM, "sender", chatroom="room")
         async with harness.client(srv.addr, made.secret) as client:
-            streams, _unary = _count_calls(client)
+            streams, _unary = harness.count_calls(client, "SendMessages", "SendMessage")
             with pytest.raises(RPCError) as err:
                 await client.send("other", "builder", "not mine")
             assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
@@ -132,9 +112,9 @@ async def test_sends_in_flight_when_the_stream_breaks_are_sent_again_and_made_on
                 all_committed.set()
             await asyncio.Event().wait()
 
-        srv.tasks.svc.send = commit_then_never_answer  # type: ignore[method-assign]
+        srv.tasks.svc.send = commit_then_never_answer  # type: ignore[method-assign,assignment]
         client = harness.client(addr)
-        streams, _unary = _count_calls(client)
+        streams, _unary = harness.count_calls(client, "SendMessages", "SendMessage")
         sends = [asyncio.create_task(client.send("room", "builder", f"t{k}")) for k in range(10)]
         await asyncio.wait_for(all_committed.wait(), 10)
         assert not any(s.done() for s in sends)
@@ -155,8 +135,9 @@ async def test_sends_in_flight_when_the_stream_breaks_are_sent_again_and_made_on
     assert {r["request_id"] for r in rows} == set(committed)
 
 
-class _UnarySendOnly(tpb_grpc.TasksServicer):
-    """A server of an earlier version: SendMessage, but no SendMessages."""
+class _Unary(tpb_grpc.TasksServicer):
+    """A server of an earlier version: SendMessage and CompleteAndClaimNext, but not
+    their streams."""
 
     def __init__(self) -> None:
         self.sent: list[str] = []
@@ -165,20 +146,37 @@ class _UnarySendOnly(tpb_grpc.TasksServicer):
         self.sent.append(request.request_id)
         return tpb.Task(id=str(uuid.uuid4()), chatroom=request.chatroom, text=request.text)
 
+    async def CompleteAndClaimNext(
+        self, request: tpb.CompleteAndClaimNextRequest, context: Any
+    ) -> tpb.CompleteAndClaimNextResponse:
+        return tpb.CompleteAndClaimNextResponse(completed=tpb.Task(id=request.id))
 
-async def test_a_server_without_the_stream_gets_unary_sends() -> None:
+
+async def test_a_server_without_the_streams_gets_unary_calls() -> None:
     server = grpc.aio.server()
-    old = _UnarySendOnly()
+    old = _Unary()  # type: ignore[abstract]
     tpb_grpc.add_TasksServicer_to_server(old, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
         async with harness.client(f"127.0.0.1:{port}", "t") as client:
-            streams, unary = _count_calls(client)
+            streams, unary, step_streams, steps = harness.count_calls(
+                client,
+                "SendMessages",
+                "SendMessage",
+                "CompleteAndClaimNextStream",
+                "CompleteAndClaimNext",
+            )
             first = await client.send("room", "builder", "one")
             second = await client.send("room", "builder", "two")
+            for task in (first, second):
+                step = await client.complete_and_claim_next(
+                    "room", "builder", str(uuid.uuid4()), 1, task.id, 0
+                )
+                assert step.completed.id == task.id
         assert (first.text, second.text) == ("one", "two")
         assert streams.calls == 1 and unary.calls == 2  # tried once, then unary only
+        assert step_streams.calls == 1 and steps.calls == 2
         assert len(set(old.sent)) == 2
     finally:
         await server.stop(None)

@@ -10,6 +10,7 @@ import itertools
 import subprocess
 import sys
 import uuid
+from typing import Any
 
 import asyncpg
 import grpc
@@ -74,16 +75,19 @@ async def test_a_pipelined_session_takes_each_task_in_one_step(db_url: str) -> N
         await _room(srv.addr)
         sent = [await _send(srv.addr, f"t{i}") for i in range(4)]  # 1 pending, 3 queued
         taken: list[tuple[str, int, int]] = []
-        async with (
-            harness.client(srv.addr) as client,
-            client.agent("room", "builder", handle_signals=False) as session,
-        ):
-            async for task in session.tasks():
-                taken.append((task.id, task.attempt, task.message.status))
-                await task.start()  # it arrived in progress: nothing left to do
-                await task.complete()
-                if len(taken) == len(sent):
-                    break
+        async with harness.client(srv.addr) as client:
+            streams, unary = harness.count_calls(
+                client, "CompleteAndClaimNextStream", "CompleteAndClaimNext"
+            )
+            async with client.agent("room", "builder", handle_signals=False) as session:
+                async for task in session.tasks():
+                    taken.append((task.id, task.attempt, task.message.status))
+                    await task.start()  # it arrived in progress: nothing left to do
+                    await task.complete()
+                    if len(taken) == len(sent):
+                        break
+        # Every step on the client's one CompleteAndClaimNextStream, none unary.
+        assert (streams.calls, unary.calls) == (1, 0)
         assert [t[0] for t in taken] == [s.id for s in sent]  # in order, each once
         assert all(attempt == 0 and status == IN_PROGRESS for _, attempt, status in taken)
         histories = [await _history(db_url, s.id) for s in sent]
@@ -220,9 +224,12 @@ async def test_claim_and_start_asked_again_hands_back_the_same_task(db_url: str)
         ]
 
 
-async def test_complete_and_claim_next_refusals(db_url: str) -> None:
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+async def test_complete_and_claim_next_refusals(db_url: str, transport: str) -> None:
     """Bad input is INVALID_ARGUMENT, a stale attempt FAILED_PRECONDITION; nothing
-    changes. A participant that is not live completes but claims nothing."""
+    changes. A participant that is not live completes but claims nothing. On
+    CompleteAndClaimNextStream each refusal is its step's answer, the same status, and
+    the stream goes on."""
     async with local_server(db_url, harness.fast_timings()) as srv:
         await _room(srv.addr, "builder", "reviewer")
         first = await _send(srv.addr, "first")
@@ -254,6 +261,24 @@ async def test_complete_and_claim_next_refusals(db_url: str) -> None:
                 fields.update(kw)
                 return tpb.CompleteAndClaimNextRequest(**fields)  # type: ignore[arg-type]
 
+            steps = stub.CompleteAndClaimNextStream()
+            codes = {c.value[0]: c for c in grpc.StatusCode}
+
+            async def call(request: tpb.CompleteAndClaimNextRequest) -> Any:
+                if transport == "unary":
+                    return await stub.CompleteAndClaimNext(request)
+                await steps.write(request)
+                result = await steps.read()
+                assert result.id == request.id
+                if result.WhichOneof("result") == "error":
+                    raise grpc.aio.AioRpcError(
+                        codes[result.error.code],
+                        grpc.aio.Metadata(),
+                        grpc.aio.Metadata(),
+                        result.error.message,
+                    )
+                return result.done
+
             refusals = {
                 "not a uuid": (step(id="nope"), grpc.StatusCode.INVALID_ARGUMENT),
                 "no epoch": (step(epoch=0), grpc.StatusCode.INVALID_ARGUMENT),
@@ -267,21 +292,26 @@ async def test_complete_and_claim_next_refusals(db_url: str) -> None:
             }
             for what, (request, code) in refusals.items():
                 with pytest.raises(grpc.aio.AioRpcError) as exc:
-                    await stub.CompleteAndClaimNext(request)
+                    await call(request)
                 assert exc.value.code() == code, what
             still = await stub.GetTask(tpb.GetTaskRequest(id=first.id))
             assert still.status == IN_PROGRESS
             # Not the live participant (an old epoch): the task completes, nothing is
             # claimed (a claim is bound to a live participant).
-            reply = await stub.CompleteAndClaimNext(step(epoch=p.epoch + 1))
+            reply = await call(step(epoch=p.epoch + 1))
             assert reply.completed.id == first.id and reply.completed.status == COMPLETED
             assert not reply.HasField("next")
             nxt = await stub.GetTask(tpb.GetTaskRequest(id=second.id))
             assert nxt.status == PENDING
             # Completing it again: refused, already completed.
             with pytest.raises(grpc.aio.AioRpcError) as exc:
-                await stub.CompleteAndClaimNext(step())
+                await call(step())
             assert exc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            await steps.done_writing()
+            if transport == "stream":
+                assert await steps.code() == grpc.StatusCode.OK  # it went on to the end
+            else:
+                steps.cancel()
 
 
 async def test_waiting_for_a_role_that_takes_no_tasks_is_not_found(db_url: str) -> None:

@@ -16,7 +16,7 @@ import grpc
 from vigil.client._channel import open_channel
 from vigil.client._config import ClientConfig
 from vigil.client._errors import RPCError, from_grpc
-from vigil.client._sends import SendStream
+from vigil.client._streamed import StreamedCalls
 from vigil.core.vocab import AgentKind, TaskStatus, TokenKind
 from vigil.v1 import liveness_pb2 as lpb
 from vigil.v1 import liveness_pb2_grpc as lpb_grpc
@@ -66,7 +66,20 @@ class Client:
         self.metadata: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {config.token}"),) if config.token else ()
         )
-        self._sends = SendStream(self)
+        self._sends = StreamedCalls(
+            lambda: self.tasks.SendMessages(metadata=self.metadata),
+            lambda request: request.request_id,
+            "request_id",
+            "task",
+            "send",
+        )
+        self._steps = StreamedCalls(
+            lambda: self.tasks.CompleteAndClaimNextStream(metadata=self.metadata),
+            lambda request: request.id,
+            "id",
+            "done",
+            "step",
+        )
 
     async def __aenter__(self) -> Client:
         return self
@@ -81,6 +94,7 @@ class Client:
 
     async def close(self) -> None:
         await self._sends.close()
+        await self._steps.close()
         await self._liveness_ch.close()
         if self._tasks_ch is not self._liveness_ch:
             await self._tasks_ch.close()
@@ -241,7 +255,7 @@ class Client:
             try:
                 if self._sends.supported:
                     try:
-                        return await self._sends.send(request, left)
+                        return await self._sends.call(request, left)
                     except RPCError as exc:
                         if self._sends.supported or exc.code != grpc.StatusCode.UNIMPLEMENTED:
                             raise
@@ -292,19 +306,27 @@ class Client:
     ) -> tpb.CompleteAndClaimNextResponse:
         """Complete a task this participant holds and, in the same transaction, claim
         (with `start`, and start) its role's next pending task for it, if there is one
-        (`next` unset: none)."""
-        return await self.call(
-            self.tasks.CompleteAndClaimNext,
-            tpb.CompleteAndClaimNextRequest(
-                chatroom=chatroom,
-                role=role,
-                connection_id=connection_id,
-                epoch=epoch,
-                id=task_id,
-                attempt=attempt,
-                start=start,
-            ),
+        (`next` unset: none). Over the client's CompleteAndClaimNextStream (unary to a
+        server without it)."""
+        request = tpb.CompleteAndClaimNextRequest(
+            chatroom=chatroom,
+            role=role,
+            connection_id=connection_id,
+            epoch=epoch,
+            id=task_id,
+            attempt=attempt,
+            start=start,
         )
+        if self._steps.supported:
+            try:
+                reply: tpb.CompleteAndClaimNextResponse = await self._steps.call(
+                    request, DEFAULT_TIMEOUT_S
+                )
+                return reply
+            except RPCError as exc:
+                if self._steps.supported or exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+        return await self.call(self.tasks.CompleteAndClaimNext, request)
 
     async def cancel_task(self, task_id: str, reason: str = "") -> tpb.Task:
         return await self.call(self.tasks.CancelTask, tpb.TaskRef(id=task_id, reason=reason))

@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -23,6 +23,7 @@ import grpc
 from vigil.core.auth.principal import Principal
 from vigil.core.auth.rules import permit
 from vigil.core.errors import Internal, Unauthenticated, status_for
+from vigil.v1 import common_pb2
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,6 +50,55 @@ async def _enter(self: Any, method: str, request: Any, context: Any) -> Principa
 async def _fail(context: Any, exc: BaseException) -> None:
     code, message = status_for(exc)
     await context.abort(code, message)
+
+
+IN_FLIGHT = 256  # requests of one stream handled at once; more wait (flow control) unread
+
+
+async def answer_each(
+    context: Any,
+    handle: Callable[[Any], Awaitable[Any]],
+    refused: Callable[[Any, common_pb2.CallError], Any],
+) -> None:
+    """Serve a stream of requests, each a call of its own: handle each as it arrives
+    (concurrently, up to IN_FLIGHT), write its answer as it is ready, in any order. A
+    request that fails is answered with `refused(request, CallError)` — the status a
+    unary call would have ended with — and the stream goes on. Ends once the caller has
+    sent its last request and every answer is written."""
+    room = asyncio.Semaphore(IN_FLIGHT)
+    writing = asyncio.Lock()  # one write at a time on a call
+    running: set[asyncio.Task[None]] = set()
+
+    async def one(request: Any) -> None:
+        try:
+            answer = await handle(request)
+        except Exception as exc:
+            code, message = status_for(exc)
+            answer = refused(request, common_pb2.CallError(code=code.value[0], message=message))
+        finally:
+            room.release()
+        async with writing:
+            # A write fails only when the call is over; the read loop ends it then.
+            with contextlib.suppress(Exception):
+                await context.write(answer)
+
+    try:
+        while True:
+            await room.acquire()
+            request = await context.read()
+            if request is grpc.aio.EOF:
+                break
+            task = asyncio.create_task(one(request))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        while running:
+            await asyncio.wait(set(running))
+    finally:
+        for task in running:  # the call ended under them (cancelled, revoked)
+            task.cancel()
+        for task in list(running):
+            with contextlib.suppress(BaseException):
+                await task
 
 
 def rpc(fn: F) -> F:

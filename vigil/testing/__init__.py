@@ -602,6 +602,27 @@ def stream_failures() -> Iterator[StreamFailures]:
         logger.setLevel(old)
 
 
+class CountedCalls:
+    """Stands in for a client stub's method and counts the calls made through it
+    (`client.tasks.SendMessages = CountedCalls(client.tasks.SendMessages)`)."""
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        self.calls += 1
+        return self.method(*args, **kw)
+
+
+def count_calls(client: Client, *names: str) -> list[CountedCalls]:
+    """Count the calls of these methods of `client.tasks`, one counter each."""
+    counters = [CountedCalls(getattr(client.tasks, name)) for name in names]
+    for name, counter in zip(names, counters, strict=True):
+        setattr(client.tasks, name, counter)
+    return counters
+
+
 def free_port() -> int:
     import socket
 

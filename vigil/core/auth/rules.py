@@ -87,6 +87,8 @@ RULES: dict[str, Rule] = {
     "vigil.v1.Tasks/CompleteTask": Rule(WORKERS, Scope.OWNER),
     # The participant's role, from the request; the task's claimer, by the service.
     "vigil.v1.Tasks/CompleteAndClaimNext": Rule(WORKERS, Scope.OWNER, _role),
+    # Every message is checked by the handler against the CompleteAndClaimNext rule.
+    "vigil.v1.Tasks/CompleteAndClaimNextStream": Rule(WORKERS, Scope.OWNER),
     "vigil.v1.Tasks/ReleaseTask": Rule(WORKERS, Scope.OWNER),
     "vigil.v1.Tasks/CancelTask": Rule(frozenset({ADMIN})),
     "vigil.v1.Tasks/GetTask": Rule(READERS, Scope.OWNER),
