@@ -16,6 +16,7 @@ import pytest
 from vigil import testing as harness
 from vigil.client import RPCError
 from vigil.client import _client as client_module
+from vigil.core.limits import Limits
 from vigil.core.vocab import TokenKind
 from vigil.testing import local_server
 from vigil.v1 import tasks_pb2 as tpb
@@ -180,3 +181,20 @@ async def test_a_server_without_the_streams_gets_unary_calls() -> None:
         assert len(set(old.sent)) == 2
     finally:
         await server.stop(None)
+
+
+async def test_a_credential_at_its_stream_limit_still_sends_unary(db_url: str) -> None:
+    # The replica holds as many streams of this credential as it allows (1 here: a
+    # watch): the send stream is refused RESOURCE_EXHAUSTED, and each send goes unary.
+    limits = Limits(streams_per_token=1)
+    async with local_server(db_url, harness.fast_timings(), limits=limits) as srv:
+        await harness.make_room(srv, "room", "builder")
+        async with harness.client(srv.addr) as watcher, harness.client(srv.addr) as client:
+            watch = watcher.watch_participants(0)
+            first_event = asyncio.ensure_future(anext(watch))
+            await asyncio.sleep(0.3)  # the watch holds the one stream
+            streams, unary = harness.count_calls(client, "SendMessages", "SendMessage")
+            got = [await client.send("room", "builder", f"t{k}") for k in range(2)]
+            assert [t.text for t in got] == ["t0", "t1"]
+            assert (streams.calls, unary.calls) == (2, 2)  # tried each time, then unary
+            first_event.cancel()

@@ -68,6 +68,7 @@ class Client:
         )
         self._sends = StreamedCalls(
             lambda: self.tasks.SendMessages(metadata=self.metadata),
+            lambda request, timeout: self.call(self.tasks.SendMessage, request, timeout=timeout),
             lambda request: request.request_id,
             "request_id",
             "task",
@@ -75,6 +76,9 @@ class Client:
         )
         self._steps = StreamedCalls(
             lambda: self.tasks.CompleteAndClaimNextStream(metadata=self.metadata),
+            lambda request, timeout: self.call(
+                self.tasks.CompleteAndClaimNext, request, timeout=timeout
+            ),
             lambda request: request.id,
             "id",
             "done",
@@ -253,13 +257,8 @@ class Client:
         for attempt in range(1, SEND_ATTEMPTS + 1):
             left = min(DEFAULT_TIMEOUT_S, max(0.1, give_up - loop.time()))
             try:
-                if self._sends.supported:
-                    try:
-                        return await self._sends.call(request, left)
-                    except RPCError as exc:
-                        if self._sends.supported or exc.code != grpc.StatusCode.UNIMPLEMENTED:
-                            raise
-                return await self.call(self.tasks.SendMessage, request, timeout=left)
+                task: tpb.Task = await self._sends.call(request, left)
+                return task
             except RPCError as exc:
                 if (
                     not (exc.code in SEND_RETRIED or exc.cancelled_remotely)
@@ -317,16 +316,8 @@ class Client:
             attempt=attempt,
             start=start,
         )
-        if self._steps.supported:
-            try:
-                reply: tpb.CompleteAndClaimNextResponse = await self._steps.call(
-                    request, DEFAULT_TIMEOUT_S
-                )
-                return reply
-            except RPCError as exc:
-                if self._steps.supported or exc.code != grpc.StatusCode.UNIMPLEMENTED:
-                    raise
-        return await self.call(self.tasks.CompleteAndClaimNext, request)
+        reply: tpb.CompleteAndClaimNextResponse = await self._steps.call(request, DEFAULT_TIMEOUT_S)
+        return reply
 
     async def cancel_task(self, task_id: str, reason: str = "") -> tpb.Task:
         return await self.call(self.tasks.CancelTask, tpb.TaskRef(id=task_id, reason=reason))

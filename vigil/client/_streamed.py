@@ -3,15 +3,17 @@ opened at the first call and kept, because a message on an open stream costs the
 and the server a fraction of a unary call. Each request is written and waits for the
 answer that names it (answers come in any order). When the stream ends, every call
 still waiting fails with the stream's status, and the next call opens a new stream. A
-server that does not know the stream (an earlier version) answers UNIMPLEMENTED:
-`supported` turns False and the caller goes unary from then on.
+stream the server will not open is no reason to fail the call: one that does not know
+the stream (an earlier version: UNIMPLEMENTED) gets unary calls from then on, and one
+that refuses another stream to this credential (RESOURCE_EXHAUSTED: it holds as many as
+a replica allows) gets this call unary.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -19,21 +21,25 @@ import grpc
 from vigil.client._errors import RPCError, from_grpc
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_UNARY_INSTEAD = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 class StreamedCalls:
-    """`open()` starts the stream; a request's key is `request_key(request)`, an
-    answer's `answer.<answer_key>`; an answer carries `<ok>` or `error` (a CallError)."""
+    """`open()` starts the stream, `unary(request, timeout)` makes one call without it;
+    a request's key is `request_key(request)`, an answer's `answer.<answer_key>`; an
+    answer carries `<ok>` or `error` (a CallError)."""
 
     def __init__(
         self,
         open: Callable[[], grpc.aio.StreamStreamCall],
+        unary: Callable[[Any, float], Awaitable[Any]],
         request_key: Callable[[Any], str],
         answer_key: str,
         ok: str,
         what: str,
     ) -> None:
         self._open_call = open
+        self._unary = unary
         self._request_key = request_key
         self._answer_key = answer_key
         self._ok = ok
@@ -43,10 +49,21 @@ class StreamedCalls:
         self._reader: asyncio.Task[None] | None = None
         self._waiting: dict[str, list[asyncio.Future[Any]]] = {}
         self._writing = asyncio.Lock()
+        self._ended: RPCError | None = None  # how the last stream ended
 
     async def call(self, request: Any, timeout: float) -> Any:
         """The answer to `request`; RPCError if it was refused, if no answer came within
         `timeout` (DEADLINE_EXCEEDED), or if the stream ended first (its status)."""
+        if not self.supported:
+            return await self._unary(request, timeout)
+        try:
+            return await self._on_stream(request, timeout)
+        except RPCError as exc:
+            if exc is self._ended and exc.code in _UNARY_INSTEAD:
+                return await self._unary(request, timeout)
+            raise
+
+    async def _on_stream(self, request: Any, timeout: float) -> Any:
         key = self._request_key(request)
         call = self._open()
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -104,6 +121,7 @@ class StreamedCalls:
         finally:
             if self._call is call:
                 self._call = None
+        self._ended = error
         for futures in self._waiting.values():
             for future in futures:
                 if not future.done():
