@@ -224,6 +224,11 @@ class Daemon:
                 what = cmd.harness or cmd.command
                 try:
                     if child is None:
+                        # The exit of the role's previous process is reported before
+                        # its next start is: nobody sees the new pid while the old one's
+                        # exit is still on its way. (If the server cannot be reached,
+                        # the report goes first on the next session.)
+                        await self.outbox.send_pending(self.client, self.machine_id)
                         argv = self.harnesses.argv(cmd.harness, cmd.command)
                         child = await self.children.spawn(
                             cmd.chatroom, cmd.role, argv, cmd.agent_token

@@ -146,6 +146,15 @@ def requests(fx: dict[str, Any]) -> dict[str, Call]:
         exited_at=now,
         classification=mpb.EXIT_CLASSIFICATION_CRASHED,
     )
+    step = tpb.CompleteAndClaimNextRequest(
+        chatroom="A",
+        role="builder",
+        connection_id=conn,
+        epoch=epoch,
+        id=task_id,
+        attempt=7,
+        start=True,
+    )
     resume = lpb.SessionRequest(
         resume=lpb.HeartbeatRequest(chatroom="A", role="builder", epoch=stale, connection_id=conn)
     )
@@ -211,28 +220,9 @@ def requests(fx: dict[str, Any]) -> dict[str, Call]:
         "vigil.v1.Tasks/StartTask": lambda ch: tasks(ch).StartTask(done),
         "vigil.v1.Tasks/CompleteTask": lambda ch: tasks(ch).CompleteTask(done),
         # The participant's own claimer only (its token): a stale attempt changes nothing.
-        "vigil.v1.Tasks/CompleteAndClaimNext": lambda ch: tasks(ch).CompleteAndClaimNext(
-            tpb.CompleteAndClaimNextRequest(
-                chatroom="A",
-                role="builder",
-                connection_id=conn,
-                epoch=epoch,
-                id=task_id,
-                attempt=7,
-                start=True,
-            )
-        ),
+        "vigil.v1.Tasks/CompleteAndClaimNext": lambda ch: tasks(ch).CompleteAndClaimNext(step),
         "vigil.v1.Tasks/CompleteAndClaimNextStream": lambda ch: _one_on_stream(
-            tasks(ch).CompleteAndClaimNextStream(),
-            tpb.CompleteAndClaimNextRequest(
-                chatroom="A",
-                role="builder",
-                connection_id=conn,
-                epoch=epoch,
-                id=task_id,
-                attempt=7,
-                start=True,
-            ),
+            tasks(ch).CompleteAndClaimNextStream(), step
         ),
         "vigil.v1.Tasks/ReleaseTask": lambda ch: tasks(ch).ReleaseTask(done),
         "vigil.v1.Tasks/CancelTask": lambda ch: tasks(ch).CancelTask(

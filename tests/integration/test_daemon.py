@@ -10,6 +10,7 @@ import signal
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
@@ -451,6 +452,54 @@ async def test_a_start_while_a_stop_is_pending_shows_the_old_process_until_its_e
                 exits = await mpb_grpc.MachinesStub(ch).ListExits(
                     mpb.ListExitsRequest(chatroom="room", role="builder")
                 )
+            assert [x.child.pid for x in exits.exits] == [old.pid]
+        finally:
+            await m.stop()
+
+
+async def test_a_role_shows_its_next_process_only_once_the_previous_exit_is_recorded(
+    db_url: str, tmp: Path
+) -> None:
+    """A stop and a start of a role (a restart): its exit report is on its way (made
+    slow here) when the start arrives; the daemon reports the exit first, so the agent is
+    never shown with the new pid while the old process's exit is unrecorded (the chaos
+    soak's invariant 6, seed 34)."""
+    async with local_server(db_url, TIMINGS) as srv:
+        m = await register(srv.addr, "m1", tmp)
+        await room(srv.addr, worker("idle"))
+        m.start()
+        try:
+
+            async def running() -> mpb.Agent | None:
+                a = await agent(srv.addr)
+                return a if a.status == AgentStatus.RUNNING.to_pb() and a.pid else None
+
+            async with harness.channel(srv.addr) as ch:
+                await mpb_grpc.MachinesStub(ch).StartAgent(
+                    mpb.AgentRef(chatroom="room", role="builder")
+                )
+            old = await harness.wait_for(running, 15, what="agent running")
+            agents = srv.tasks.svc.agents
+            record_exit = agents.report_exit
+
+            async def slowly(*args: Any) -> Any:
+                await asyncio.sleep(0.8)
+                return await record_exit(*args)
+
+            agents.report_exit = slowly  # type: ignore[method-assign,assignment]
+            async with harness.channel(srv.addr) as ch:
+                stub = mpb_grpc.MachinesStub(ch)
+                await stub.StopAgent(mpb.AgentRef(chatroom="room", role="builder"))
+                await stub.StartAgent(mpb.AgentRef(chatroom="room", role="builder"))
+                loop = asyncio.get_running_loop()
+                give_up = loop.time() + 15
+                while True:
+                    shown = await running()
+                    if shown is not None and shown.pid != old.pid:
+                        break
+                    assert loop.time() < give_up, "the new agent never ran"
+                    await asyncio.sleep(0.01)
+                exits = await stub.ListExits(mpb.ListExitsRequest(chatroom="room", role="builder"))
             assert [x.child.pid for x in exits.exits] == [old.pid]
         finally:
             await m.stop()
