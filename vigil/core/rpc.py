@@ -94,11 +94,10 @@ async def answer_each(
         while running:
             await asyncio.wait(set(running))
     finally:
-        for task in running:  # the call ended under them (cancelled, revoked)
+        # The call ended under them (cancelled, revoked, the server stopping): they end
+        # too. Not awaited: a coroutine being closed must not wait for anything.
+        for task in running:
             task.cancel()
-        for task in list(running):
-            with contextlib.suppress(BaseException):
-                await task
 
 
 def rpc(fn: F) -> F:
