@@ -153,10 +153,11 @@ class TasksServicer(pb_grpc.TasksServicer):
 
         async def step(request: pb.CompleteAndClaimNextRequest) -> pb.StepResult:
             permit(by, STEP, request)
-            return pb.StepResult(id=request.id, done=await self._step(request, by))
+            done = await self._step(request, by)
+            return pb.StepResult(id=request.id, attempt=request.attempt, done=done)
 
         def refused(request: pb.CompleteAndClaimNextRequest, error: CallError) -> pb.StepResult:
-            return pb.StepResult(id=request.id, error=error)
+            return pb.StepResult(id=request.id, attempt=request.attempt, error=error)
 
         await answer_each(context, step, refused)
 

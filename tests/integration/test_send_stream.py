@@ -56,6 +56,29 @@ async def test_concurrent_sends_of_one_client_share_one_stream_each_with_its_tas
             await conn.close()
 
 
+async def test_sends_whose_callers_are_cancelled_leave_the_others_on_the_stream(
+    db_url: str,
+) -> None:
+    # A caller that gives up (cancelled while its send is queued or being written)
+    # must not end the stream the other sends share: they all get their tasks.
+    async with local_server(db_url, harness.fast_timings()) as srv:
+        await harness.make_room(srv, "room", "builder")
+        async with harness.client(srv.addr) as client:
+            streams, unary = harness.count_calls(client, "SendMessages", "SendMessage")
+            sends = [
+                asyncio.create_task(client.send("room", "builder", f"t{k}")) for k in range(30)
+            ]
+            await asyncio.sleep(0)  # every send queued, some being written
+            for k in range(0, 30, 3):
+                sends[k].cancel()
+            done = await asyncio.gather(*sends, return_exceptions=True)
+            kept = [t for k, t in enumerate(done) if k % 3 and isinstance(t, tpb.Task)]
+            assert len(kept) == 20, done
+            assert sorted(t.text for t in kept) == sorted(f"t{k}" for k in range(30) if k % 3)
+            after = await client.send("room", "builder", "after")
+            assert after.text == "after" and (streams.calls, unary.calls) == (1, 0)
+
+
 async def test_a_message_without_request_id_is_refused_and_the_stream_answers_the_next(
     db_url: str,
 ) -> None:

@@ -70,7 +70,7 @@ class Client:
             lambda: self.tasks.SendMessages(metadata=self.metadata),
             lambda request, timeout: self.call(self.tasks.SendMessage, request, timeout=timeout),
             lambda request: request.request_id,
-            "request_id",
+            lambda answer: answer.request_id,
             "task",
             "send",
         )
@@ -79,8 +79,8 @@ class Client:
             lambda request, timeout: self.call(
                 self.tasks.CompleteAndClaimNext, request, timeout=timeout
             ),
-            lambda request: request.id,
-            "id",
+            lambda request: f"{request.id}/{request.attempt}",
+            lambda answer: f"{answer.id}/{answer.attempt}",
             "done",
             "step",
         )

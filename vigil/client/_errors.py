@@ -42,6 +42,15 @@ class RPCError(VigilError):
         return f"{self.message} ({self.code.name})"
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def from_call_error(code: int, message: str) -> RPCError:
+    """A request refused on a stream of requests (its `CallError`)."""
+    status = _CODES.get(code, grpc.StatusCode.UNKNOWN)
+    return RPCError(status, message or status.name.lower().replace("_", " "))
+
+
 def from_grpc(exc: grpc.aio.AioRpcError | grpc.RpcError) -> RPCError:
     code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
     details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)

@@ -1,12 +1,14 @@
 """Calls of one kind carried on one stream (`SendMessages`, `CompleteAndClaimNextStream`):
 opened at the first call and kept, because a message on an open stream costs the client
-and the server a fraction of a unary call. Each request is written and waits for the
-answer that names it (answers come in any order). When the stream ends, every call
-still waiting fails with the stream's status, and the next call opens a new stream. A
-stream the server will not open is no reason to fail the call: one that does not know
-the stream (an earlier version: UNIMPLEMENTED) gets unary calls from then on, and one
-that refuses another stream to this credential (RESOURCE_EXHAUSTED: it holds as many as
-a replica allows) gets this call unary.
+and the server a fraction of a unary call. A call queues its request for the stream's
+one writer and waits for the answer that names it (answers come in any order); its
+timeout covers both. A caller cancelled while it waits leaves the stream alone (only
+the writer writes, so nobody cancels the RPC in the middle of a write). When the stream
+ends, every call still waiting fails with the stream's status, and the next call opens
+a new stream. A stream the server will not open is no reason to fail the call: one that
+does not know the stream (an earlier version: UNIMPLEMENTED) gets unary calls from then
+on, and one that refuses another stream to this credential (RESOURCE_EXHAUSTED before
+any answer: it holds as many as a replica allows) gets this call unary.
 """
 
 from __future__ import annotations
@@ -14,19 +16,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from vigil.client._errors import RPCError, from_grpc
+from vigil.client._errors import RPCError, from_call_error, from_grpc
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _UNARY_INSTEAD = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+class _Refused(RPCError):
+    """The server would not open the stream (no answer came on it): go unary."""
+
+
+@dataclass
+class _Stream:
+    call: grpc.aio.StreamStreamCall
+    outbox: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 class StreamedCalls:
     """`open()` starts the stream, `unary(request, timeout)` makes one call without it;
-    a request's key is `request_key(request)`, an answer's `answer.<answer_key>`; an
+    `request_key(request)` and `answer_key(answer)` name the call an answer is for; an
     answer carries `<ok>` or `error` (a CallError)."""
 
     def __init__(
@@ -34,7 +47,7 @@ class StreamedCalls:
         open: Callable[[], grpc.aio.StreamStreamCall],
         unary: Callable[[Any, float], Awaitable[Any]],
         request_key: Callable[[Any], str],
-        answer_key: str,
+        answer_key: Callable[[Any], str],
         ok: str,
         what: str,
     ) -> None:
@@ -45,11 +58,8 @@ class StreamedCalls:
         self._ok = ok
         self._what = what
         self.supported = True
-        self._call: grpc.aio.StreamStreamCall | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._stream: _Stream | None = None
         self._waiting: dict[str, list[asyncio.Future[Any]]] = {}
-        self._writing = asyncio.Lock()
-        self._ended: RPCError | None = None  # how the last stream ended
 
     async def call(self, request: Any, timeout: float) -> Any:
         """The answer to `request`; RPCError if it was refused, if no answer came within
@@ -58,29 +68,22 @@ class StreamedCalls:
             return await self._unary(request, timeout)
         try:
             return await self._on_stream(request, timeout)
-        except RPCError as exc:
-            if exc is self._ended and exc.code in _UNARY_INSTEAD:
-                return await self._unary(request, timeout)
-            raise
+        except _Refused:
+            return await self._unary(request, timeout)
 
     async def _on_stream(self, request: Any, timeout: float) -> Any:
         key = self._request_key(request)
-        call = self._open()
+        stream = self._open()
         answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, []).append(answer)
+        stream.outbox.put_nowait(request)
         try:
-            async with self._writing:
-                with contextlib.suppress(
-                    grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError
-                ):
-                    await call.write(request)  # if the stream is over, the reader says so
-            try:
-                return await asyncio.wait_for(answer, timeout)
-            except TimeoutError:
-                raise RPCError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"no answer to the {self._what} in {timeout:g} s",
-                ) from None
+            return await asyncio.wait_for(answer, timeout)
+        except TimeoutError:
+            raise RPCError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer to the {self._what} in {timeout:g} s",
+            ) from None
         finally:
             waiting = self._waiting.get(key)
             if waiting is not None:
@@ -89,50 +92,74 @@ class StreamedCalls:
                 if not waiting:
                     del self._waiting[key]
 
-    def _open(self) -> grpc.aio.StreamStreamCall:
-        if self._call is None:
-            call = self._open_call()
-            self._call = call
-            self._reader = asyncio.create_task(self._read(call), name=f"vigil-{self._what}s")
-        return self._call
+    def _open(self) -> _Stream:
+        if self._stream is None:
+            stream = _Stream(self._open_call())
+            stream.tasks = [
+                asyncio.create_task(self._write(stream), name=f"vigil-{self._what}s-out"),
+                asyncio.create_task(self._read(stream), name=f"vigil-{self._what}s-in"),
+            ]
+            self._stream = stream
+        return self._stream
 
-    async def _read(self, call: grpc.aio.StreamStreamCall) -> None:
-        error: RPCError
+    @staticmethod
+    async def _write(stream: _Stream) -> None:
+        """The stream's one writer: each queued request in turn, until the stream ends
+        (the reader says why)."""
+        with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+            while True:
+                await stream.call.write(await stream.outbox.get())
+
+    async def _read(self, stream: _Stream) -> None:
+        answered = False
+        error: RPCError = RPCError(
+            grpc.StatusCode.UNAVAILABLE, f"the server ended the {self._what} stream"
+        )
         try:
-            async for answer in call:
-                for waiting in self._waiting.get(getattr(answer, self._answer_key), ()):
+            async for answer in stream.call:
+                answered = True
+                for waiting in self._waiting.get(self._answer_key(answer), ()):
                     if waiting.done():
                         continue
                     if answer.WhichOneof("result") == self._ok:
                         waiting.set_result(getattr(answer, self._ok))
+                    elif answer.WhichOneof("result") == "error":
+                        waiting.set_exception(
+                            from_call_error(answer.error.code, answer.error.message)
+                        )
                     else:
-                        code = _CODES.get(answer.error.code, grpc.StatusCode.UNKNOWN)
-                        waiting.set_exception(RPCError(code, answer.error.message))
+                        waiting.set_exception(
+                            RPCError(grpc.StatusCode.UNKNOWN, f"an empty {self._what} answer")
+                        )
                     break  # one answer, one call
-            error = RPCError(
-                grpc.StatusCode.UNAVAILABLE, f"the server ended the {self._what} stream"
-            )
         except grpc.aio.AioRpcError as exc:
             error = from_grpc(exc)
             if error.code == grpc.StatusCode.UNIMPLEMENTED:
                 self.supported = False
+            if error.code in _UNARY_INSTEAD and not answered:
+                error = _Refused(error.code, error.message)
         except asyncio.CancelledError:
             error = RPCError(grpc.StatusCode.CANCELLED, "the client was closed")
         finally:
-            if self._call is call:
-                self._call = None
-        self._ended = error
+            self._end(stream, error)
+
+    def _end(self, stream: _Stream, error: RPCError) -> None:
+        """The stream is over: its writer stops, and every call still waiting fails."""
+        if self._stream is stream:
+            self._stream = None
+        stream.tasks[0].cancel()
         for futures in self._waiting.values():
             for future in futures:
                 if not future.done():
                     future.set_exception(error)
 
     async def close(self) -> None:
-        call, reader = self._call, self._reader
-        self._call = None
-        if call is not None:
-            call.cancel()
-        if reader is not None:
-            reader.cancel()
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        stream.call.cancel()
+        for task in stream.tasks:
+            task.cancel()
+        for task in stream.tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await reader
+                await task

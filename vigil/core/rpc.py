@@ -75,12 +75,14 @@ async def answer_each(
         except Exception as exc:
             code, message = status_for(exc)
             answer = refused(request, common_pb2.CallError(code=code.value[0], message=message))
+        try:
+            async with writing:
+                # A write fails only when the call is over; the read loop ends it then.
+                with contextlib.suppress(Exception):
+                    await context.write(answer)
         finally:
-            room.release()
-        async with writing:
-            # A write fails only when the call is over; the read loop ends it then.
-            with contextlib.suppress(Exception):
-                await context.write(answer)
+            room.release()  # in flight until its answer is written: a caller that reads
+            # no answers stops being read
 
     try:
         while True:
