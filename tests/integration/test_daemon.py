@@ -408,6 +408,24 @@ async def test_late_commands_expire_and_credentials_are_per_machine(db_url: str,
         assert await fetch(db_url, "SELECT * FROM tasks.agent_exits") == []
 
 
+async def running(addr: str) -> mpb.Agent | None:
+    """room/builder, if it is shown running with a pid."""
+    a = await agent(addr)
+    return a if a.status == AgentStatus.RUNNING.to_pb() and a.pid else None
+
+
+async def start_running(addr: str) -> mpb.Agent:
+    """A person starts room/builder; the agent once it is shown running."""
+    async with harness.channel(addr) as ch:
+        await mpb_grpc.MachinesStub(ch).StartAgent(mpb.AgentRef(chatroom="room", role="builder"))
+
+    async def shown() -> mpb.Agent | None:
+        return await running(addr)
+
+    started: mpb.Agent = await harness.wait_for(shown, 15, what="agent running")
+    return started
+
+
 async def test_a_start_while_a_stop_is_pending_shows_the_old_process_until_its_exit(
     db_url: str, tmp: Path
 ) -> None:
@@ -419,16 +437,7 @@ async def test_a_start_while_a_stop_is_pending_shows_the_old_process_until_its_e
         await room(srv.addr, worker("idle"))
         m.start()
         try:
-
-            async def running() -> mpb.Agent | None:
-                a = await agent(srv.addr)
-                return a if a.status == AgentStatus.RUNNING.to_pb() and a.pid else None
-
-            async with harness.channel(srv.addr) as ch:
-                await mpb_grpc.MachinesStub(ch).StartAgent(
-                    mpb.AgentRef(chatroom="room", role="builder")
-                )
-            old = await harness.wait_for(running, 15, what="agent running")
+            old = await start_running(srv.addr)
             os.kill(old.pid, signal.SIGSTOP)  # its SIGTERM waits for the SIGCONT
             try:
                 async with harness.channel(srv.addr) as ch:
@@ -443,7 +452,7 @@ async def test_a_start_while_a_stop_is_pending_shows_the_old_process_until_its_e
                 os.kill(old.pid, signal.SIGCONT)
 
             async def replaced() -> mpb.Agent | None:
-                a = await running()
+                a = await running(srv.addr)
                 return a if a is not None and a.pid != old.pid else None
 
             new = await harness.wait_for(replaced, 15, what="the new agent running")
@@ -469,16 +478,7 @@ async def test_a_role_shows_its_next_process_only_once_the_previous_exit_is_reco
         await room(srv.addr, worker("idle"))
         m.start()
         try:
-
-            async def running() -> mpb.Agent | None:
-                a = await agent(srv.addr)
-                return a if a.status == AgentStatus.RUNNING.to_pb() and a.pid else None
-
-            async with harness.channel(srv.addr) as ch:
-                await mpb_grpc.MachinesStub(ch).StartAgent(
-                    mpb.AgentRef(chatroom="room", role="builder")
-                )
-            old = await harness.wait_for(running, 15, what="agent running")
+            old = await start_running(srv.addr)
             agents = srv.tasks.svc.agents
             record_exit = agents.report_exit
 
@@ -494,7 +494,7 @@ async def test_a_role_shows_its_next_process_only_once_the_previous_exit_is_reco
                 loop = asyncio.get_running_loop()
                 give_up = loop.time() + 15
                 while True:
-                    shown = await running()
+                    shown = await running(srv.addr)
                     if shown is not None and shown.pid != old.pid:
                         break
                     assert loop.time() < give_up, "the new agent never ran"
@@ -517,14 +517,7 @@ async def test_a_start_waiting_behind_a_frozen_stop_is_not_run_after_a_later_sto
         m.start()
         try:
             ref = mpb.AgentRef(chatroom="room", role="builder")
-            async with harness.channel(srv.addr) as ch:
-                await mpb_grpc.MachinesStub(ch).StartAgent(ref)
-
-            async def running() -> mpb.Agent | None:
-                a = await agent(srv.addr)
-                return a if a.status == AgentStatus.RUNNING.to_pb() and a.pid else None
-
-            old = await harness.wait_for(running, 15, what="agent running")
+            old = await start_running(srv.addr)
             os.kill(old.pid, signal.SIGSTOP)
             try:
                 async with harness.channel(srv.addr) as ch:
